@@ -1,0 +1,29 @@
+# The two entry points of the README. Both set up .venv from scratch when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup build demo test bench
+
+$(VENV)/.deps: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "torch" "torchvision" "scikit-build-core>=0.10" "pybind11>=2.12"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,bench,dev]"
+	touch $@
+
+setup: $(VENV)/.deps build
+
+# Rebuild the compiled core (incremental: build/ keeps the CMake tree).
+build: $(VENV)/.deps
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import fastassoc, fastassoc._C as C; print('fastassoc', fastassoc.__version__, '| compiled core: cpu yes, cuda', 'yes' if C.has_cuda() else 'no')"
+
+demo: setup
+	$(VENV)/bin/fastassoc demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) -m pytest -q bench --benchmark-only

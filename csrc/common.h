@@ -1,0 +1,39 @@
+// Shared helpers for the fastassoc core. Python validates every argument
+// (shapes, dtypes, ranges); C++ receives raw pointers and sizes the faiss way
+// and only re-checks what would make it write out of bounds.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <pybind11/pybind11.h>
+
+namespace fastassoc {
+
+namespace py = pybind11;
+
+// Pointers travel as Python ints (tensor.data_ptr()).
+template <typename T>
+inline T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+inline void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument(message);
+}
+
+// Registration hooks: one per op family, defined in csrc/cpu/<family>.cpp and
+// csrc/cuda/<family>.cu, called from bindings.cpp.
+void register_core(py::module_& m);
+void register_cpu_knn(py::module_& m);
+void register_cpu_graph(py::module_& m);
+void register_cpu_loss(py::module_& m);
+void register_cpu_cluster(py::module_& m);
+void register_cpu_memory(py::module_& m);
+void register_cpu_evaluation(py::module_& m);
+#ifdef FASTASSOC_WITH_CUDA
+void register_cuda(py::module_& m);
+#endif
+
+}  // namespace fastassoc

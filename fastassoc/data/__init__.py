@@ -1,0 +1,1 @@
+"""Tracklet datasets: synthetic world, on-disk layouts, samplers."""

@@ -1,0 +1,1 @@
+"""Backend implementations; see fastassoc._backend for how one is chosen."""

@@ -1,0 +1,1 @@
+"""cpu backend: one module per op family, functions named <op>_cpu."""

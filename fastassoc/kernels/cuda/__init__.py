@@ -1,0 +1,1 @@
+"""cuda backend: one module per op family, functions named <op>_cuda."""

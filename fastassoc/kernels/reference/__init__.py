@@ -1,0 +1,1 @@
+"""reference backend: one module per op family, functions named <op>_reference."""

@@ -1,0 +1,1 @@
+"""triton backend: one module per op family, functions named <op>_triton."""

@@ -1,0 +1,1 @@
+"""Trainers of the five methods (DAL, UTAL, UGA, EEA, TSSL) built on fastassoc ops."""

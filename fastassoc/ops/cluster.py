@@ -1,0 +1,59 @@
+"""One progressive agglomerative merging step (TSSL Eq. 8, BUC, centroid linkage)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from . import _checks
+
+LINKAGES = ("tssl", "centroid", "buc")
+
+
+def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, *, linkage: str = "tssl",
+                        neighbours: int = 4, size_penalty: float = 0.0, precision: str = "highest",
+                        backend: str = "auto") -> torch.Tensor:
+    r"""Merge the closest cluster pairs greedily; returns new labels.
+
+    Clusters are the distinct values of ``labels``; cluster ``i`` is the ``i``-th smallest
+    label value. Linkages (Euclidean distances of the rows of ``x``):
+
+    * ``"centroid"``: :math:`D_{ij} = \|\mu_i - \mu_j\|` between cluster means.
+    * ``"tssl"``: TSSL Eq. 8 read as :math:`D_{ij} + \exp(2 D_{ij} - (a_i + a_j))` with
+      :math:`D` the centroid distance and :math:`a_i` the mean centroid distance of cluster
+      ``i`` to its ``neighbours`` nearest other clusters (all others if fewer).
+    * ``"buc"``: minimum sample-to-sample distance + ``size_penalty`` (|C_i| + |C_j|)
+      (BUC's minimum-distance criterion with its diversity regulariser).
+
+    All unordered cluster pairs are ordered by linkage (ties by ``(i, j)``) and walked
+    greedily, merging pairs not yet in one cluster (union-find), until ``num_merges``
+    merges are done; distances and sizes stay frozen during the step. Never holds the
+    full cluster-pair matrix beyond a bounded tile.
+
+    Parameters
+    ----------
+    x : Tensor [N, D], float
+    labels : Tensor [N], integer >= 0
+    num_merges : int, 0 <= num_merges < number of clusters (or 0 when there are none)
+    linkage : {"tssl", "centroid", "buc"}
+    neighbours : int >= 1, for ``"tssl"``
+    size_penalty : float >= 0, for ``"buc"``
+    precision : {"highest", "tf32"}
+    backend : {"auto", "reference", "cpu", "triton", "cuda"}
+
+    Returns
+    -------
+    Tensor [N], int64: clusters renumbered ``0..C'-1`` in order of first appearance in ``x``.
+    """
+    x = _checks.features("x", x)
+    labels = _checks.index_vector("labels", labels, length=x.shape[0], low=0, high=2**62, device=x.device)
+    num_merges = _checks.non_negative_int("num_merges", num_merges)
+    linkage = _checks.choice("linkage", linkage, LINKAGES)
+    neighbours = _checks.non_negative_int("neighbours", neighbours, minimum=1)
+    size_penalty = _checks.real("size_penalty", size_penalty, low=0.0)
+    precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    num_clusters = int(torch.unique(labels).numel())
+    if num_merges > max(num_clusters - 1, 0):
+        raise ValueError(f"num_merges must be at most the number of clusters minus one "
+                         f"({max(num_clusters - 1, 0)}), got {num_merges}")
+    _, impl = _backend.resolve("agglomerative_merge", backend, {"x": x, "labels": labels})
+    return impl(x, labels, num_merges, linkage, neighbours, size_penalty, precision)
