@@ -209,12 +209,12 @@ def resolve(op: str, backend: str, tensors: dict[str, torch.Tensor | None]) -> t
                 if function is not None:
                     return candidate, function
         raise RuntimeError(f"no backend implements {op} on {device_type}")  # reference always does
-    ok, reason = _built(backend)
+    ok, reason = _built(backend)  # also rejects unknown backend names
+    device_ok, device_reason = _device_ok(backend, device_type)
+    if not device_ok:
+        raise ValueError(f"{op}: {device_reason}")
     if not ok:
         raise RuntimeError(f"{op}: backend={backend!r} is not available: {reason}")
-    ok, reason = _device_ok(backend, device_type)
-    if not ok:
-        raise ValueError(f"{op}: {reason}")
     function = _implementation(op, backend)
     if function is None:
         raise NotImplementedError(f"{op} has no {backend!r} implementation yet; use backend='auto' or 'reference'")
