@@ -1,0 +1,230 @@
+"""Triton agglomerative merging step: ``agglomerative_merge_triton`` (TSSL Eq. 8, BUC, centroid).
+
+Algorithm
+---------
+Pair linkages are computed on the GPU by the fused distance + top-k kernel
+(``_common._fused_topk_kernel``) with a linkage epilogue, and the smallest pairs are
+*streamed*: no pair matrix, only per-row lists of the next best pairs.
+
+* ``centroid`` / ``tssl``: rows and columns are the cluster means (fp32, fp64 for fp64
+  inputs; the reference's ``index_add_`` means). For ``tssl`` a first fused launch
+  gives every cluster's ``neighbours`` nearest other clusters, ``a_i`` is their sum in
+  ascending order divided by the count; the pair launch then evaluates
+  ``D + exp(2D - (a_i + a_j))`` in registers. Only ``j > i`` is visited (upper
+  triangle: blocks skip the column tiles left of their first row).
+* ``buc``: rows and columns are the samples; pairs ``s < t`` of *different* clusters
+  (group mask) with value ``sqrt(d^2(s, t)) + size_penalty * (|C_s| + |C_t|)``. The
+  cluster-pair linkage is the minimum over its sample pairs, so walking sample pairs
+  in ``(value, i, j)`` order (``i < j`` their clusters) visits every cluster pair first
+  at its linkage; later sample pairs of a joined pair are skipped by the union-find.
+
+Streaming selection: every row keeps its ``r`` smallest pairs by ``(value, column)``
+(``r`` from ``num_merges / rows``, at least 8). The union ``U`` of the lists is sorted
+by ``(value, i, j)`` and walked greedily (host union-find) until ``num_merges`` merges,
+stopping at value ``tau``. The walk is exact when every pair with value ``<= tau`` is
+in ``U``: a row whose list is full and whose last value is ``<= tau`` may hide more
+such pairs, so those rows alone are rescanned for their next 64 pairs strictly after
+their last one (the kernel's lower-bound mask) and the walk is redone, until no row is
+deficient. Typically one full pass (two for ``tssl``) plus small rescans of dense rows.
+
+Greedy union: on the host. The walk is inherently sequential (each merge decides the
+next skip), touches ~``num_merges`` (plus skipped) pairs and needs only their keys: a
+copy of a few thousand int64 keys and a Python union-find costs milliseconds at
+W-merge-100k (5,000 merges), below the GPU pair pass (a 100k x 100k x 2048 GEMM
+triangle); a single-thread GPU walk would save those milliseconds at the price of a
+second kernel with serialized global-memory latency per step. Not measured (no GPU
+in this session).
+
+Must equal ``fastassoc.kernels.reference.cluster.agglomerative_merge_reference``:
+identical labels on exact or well-separated data (ties by ``(i, j)``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _common
+from ._common import Operand, RowGroup
+from .knn import topk_anchors_triton
+
+_RESCAN = _common.K_MAX
+_MIN_FIRST = 8
+
+
+class _PairStream:
+    """Per-row sorted pair lists of one merging step (rows: clusters or samples)."""
+
+    def __init__(self, operand: Operand, num_rows: int, num_clusters: int, precision: str, *,
+                 cluster_of_row: torch.Tensor | None, linkage: int, row_bias: torch.Tensor | None,
+                 bias_scale: float):
+        self.operand = operand
+        self.num_rows = num_rows
+        self.num_clusters = num_clusters
+        self.precision = precision
+        self.cluster_of_row = cluster_of_row   # buc: cluster of each sample (group mask)
+        self.linkage = linkage
+        self.row_bias = row_bias
+        self.bias_scale = bias_scale
+
+    def scan(self, rows: torch.Tensor, count: int, lower=None):
+        """The ``count`` next pairs (j > row) of ``rows`` -> (values [R, count], columns [R, count])."""
+        group = self.cluster_of_row
+        result = _common.fused_topk(
+            self.operand, self.operand, count, [RowGroup(0, rows.numel(), [(0, self.num_rows, 0)])], 1,
+            row_ids=rows, precision=self.precision, row_ref=rows, ref_mode=_common.REF_UPPER,
+            row_group=group[rows].contiguous() if group is not None else None, col_group=group,
+            linkage=self.linkage,
+            row_bias=self.row_bias[rows].contiguous() if self.row_bias is not None else None,
+            col_bias=self.row_bias, bias_scale=self.bias_scale, lower=lower)
+        return result.values[:, 0], result.indices[:, 0]
+
+    def pair_keys(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Cluster-pair keys ``i * C + j`` (i < j) of sample/cluster pairs (rows [R, 1], columns [R, c])."""
+        if self.cluster_of_row is None:
+            return rows * self.num_clusters + columns
+        first = self.cluster_of_row[rows].expand_as(columns)
+        second = self.cluster_of_row[columns.clamp(max=self.num_rows - 1)]
+        return torch.minimum(first, second) * self.num_clusters + torch.maximum(first, second)
+
+
+def _walk(values: torch.Tensor, keys: torch.Tensor, num_clusters: int, num_merges: int):
+    """Greedy union-find walk of pairs sorted by (value, key); returns (parent, stop value)."""
+    parent = list(range(num_clusters))
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    merges, position, total = 0, 0, keys.numel()
+    batch = max(4 * num_merges, 1024)
+    while merges < num_merges and position < total:
+        for offset, key in enumerate(keys[position:position + batch].tolist()):
+            root_i, root_j = find(key // num_clusters), find(key % num_clusters)
+            if root_i != root_j:
+                parent[max(root_i, root_j)] = min(root_i, root_j)
+                merges += 1
+                if merges == num_merges:
+                    return parent, find, values[position + offset]
+        position += batch
+        batch *= 2
+    return parent, find, None
+
+
+def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) -> torch.Tensor:
+    num_rows, num_clusters = stream.num_rows, stream.num_clusters
+    all_rows = torch.arange(num_rows, device=device)
+    wanted = math.ceil(4 * num_merges / num_rows)   # ~4 pairs per merge over all rows
+    first = min(_common.K_MAX, max(_MIN_FIRST, 1 << max(wanted - 1, 0).bit_length()))
+    values, columns = stream.scan(all_rows, first)
+    found = columns < _common.PAD_INDEX
+    pool_values = [values[found]]
+    pool_keys = [stream.pair_keys(all_rows.unsqueeze(1), columns)[found]]
+    full = found[:, -1].clone()
+    last_value, last_column = values[:, -1].clone(), columns[:, -1].clone()
+    while True:
+        pool_value = torch.cat(pool_values)
+        pool_key = torch.cat(pool_keys)
+        by_key = torch.argsort(pool_key)
+        pool_value, pool_key = pool_value[by_key], pool_key[by_key]
+        by_value = torch.sort(pool_value, stable=True).indices
+        pool_value, pool_key = pool_value[by_value], pool_key[by_value]
+        parent, find, stop_value = _walk(pool_value, pool_key, num_clusters, num_merges)
+        # Rows whose next (unseen) pair may be <= the stop value must be rescanned.
+        deficient = full if stop_value is None else full & (last_value <= stop_value)
+        rows = torch.nonzero(deficient).squeeze(1)
+        if rows.numel() == 0:
+            if stop_value is None:
+                raise RuntimeError("agglomerative_merge: ran out of cluster pairs before num_merges merges")
+            break
+        lower = (last_value[rows].contiguous(), last_column[rows].contiguous())
+        values, columns = stream.scan(rows, _RESCAN, lower=lower)
+        found = columns < _common.PAD_INDEX
+        pool_values = [pool_value, values[found]]
+        pool_keys = [pool_key, stream.pair_keys(rows.unsqueeze(1), columns)[found]]
+        full[rows] = found[:, -1]
+        last_value[rows] = values[:, -1]
+        last_column[rows] = columns[:, -1]
+    return torch.tensor([find(node) for node in range(num_clusters)], dtype=torch.int64, device=device)
+
+
+def _renumber_by_first_appearance(ids: torch.Tensor) -> torch.Tensor:
+    """Map int64 ids [N] to 0..K-1 in order of first appearance."""
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(ids.numel(), device=ids.device)
+    first = torch.full((unique_ids.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
+    first.scatter_reduce_(0, inverse, positions, "amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(first.numel(), device=ids.device)
+    return rank[inverse]
+
+
+def _mean_neighbour_distance(means: Operand, num_clusters: int, neighbours: int, precision: str) -> torch.Tensor:
+    """a_i: mean distance of cluster i to its ``neighbours`` nearest other clusters [C]."""
+    device = means.features.device
+    k = min(neighbours, num_clusters - 1)
+    everyone = torch.arange(num_clusters, device=device)
+    if k <= _common.K_MAX:
+        result = _common.fused_topk(means, means, k, [RowGroup(0, num_clusters, [(0, num_clusters, 0)])], 1,
+                                    row_ids=everyone, precision=precision, row_ref=everyone,
+                                    ref_mode=_common.REF_EXCLUDE)
+        nearest = result.values[:, 0]
+    else:
+        zeros = torch.zeros(num_clusters, dtype=torch.int64, device=device)
+        nearest, _ = topk_anchors_triton(means.features, means.features, k, "euclidean",
+                                         torch.tensor([0, num_clusters], device=device), zeros, everyone, precision)
+        nearest = nearest.to(means.features.dtype)
+    # Summed in ascending order, as the reference, so the value is defined to the last bit.
+    total = nearest[:, 0].clone()
+    for column in range(1, k):
+        total += nearest[:, column]
+    return total / k
+
+
+def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage: str,
+                               neighbours: int, size_penalty: float, precision: str) -> torch.Tensor:
+    """One greedy merging step (see the module docstring).
+
+    Parameters
+    ----------
+    x : Tensor [N, D], float
+    labels : Tensor [N], int64 >= 0
+    num_merges : int, 0 <= num_merges <= C - 1
+    linkage : {"tssl", "centroid", "buc"}
+    neighbours : int >= 1
+    size_penalty : float >= 0
+    precision : {"highest", "tf32"}
+
+    Returns
+    -------
+    Tensor [N], int64, labels renumbered 0..C'-1 by first appearance.
+    """
+    device = x.device
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    _, cluster_of_sample = torch.unique(labels, sorted=True, return_inverse=True)
+    num_clusters = int(cluster_of_sample.max()) + 1
+    root = torch.arange(num_clusters, device=device)
+    if num_merges > 0 and num_clusters > 1:
+        dtype = _common.compute_dtype(x.dtype)
+        sizes = torch.bincount(cluster_of_sample, minlength=num_clusters).to(dtype)
+        if linkage == "buc":
+            operand = _common.prepare(x, "euclidean")
+            stream = _PairStream(operand, x.shape[0], num_clusters, precision, cluster_of_row=cluster_of_sample,
+                                 linkage=_common.LINKAGE_ADD, row_bias=sizes[cluster_of_sample].contiguous(),
+                                 bias_scale=size_penalty)
+        else:
+            means = torch.zeros(num_clusters, x.shape[1], dtype=dtype, device=device)
+            means.index_add_(0, cluster_of_sample, x.to(dtype))
+            means /= sizes.unsqueeze(1)
+            operand = _common.prepare(means, "euclidean")
+            density = None
+            if linkage == "tssl":
+                density = _mean_neighbour_distance(operand, num_clusters, neighbours, precision).contiguous()
+            stream = _PairStream(operand, num_clusters, num_clusters, precision, cluster_of_row=None,
+                                 linkage=_common.LINKAGE_TSSL if density is not None else _common.LINKAGE_NONE,
+                                 row_bias=density, bias_scale=0.0)
+        root = _greedy_merge(stream, num_merges, device)
+    return _renumber_by_first_appearance(root[cluster_of_sample])
