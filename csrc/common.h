@@ -33,7 +33,9 @@ void register_cpu_cluster(py::module_& m);
 void register_cpu_memory(py::module_& m);
 void register_cpu_evaluation(py::module_& m);
 #ifdef FASTASSOC_WITH_CUDA
-void register_cuda(py::module_& m);
+void register_cuda(py::module_& m);  // calls the per-family CUDA hooks below
+void register_cuda_memory(py::module_& m);
+void register_cuda_cluster(py::module_& m);
 #endif
 
 }  // namespace fastassoc

@@ -8,6 +8,8 @@
 namespace fastassoc {
 
 void register_cuda(py::module_& m) {
+  register_cuda_memory(m);
+  register_cuda_cluster(m);
   m.def(
       "cuda_device_count",
       []() {
