@@ -1,8 +1,402 @@
-// CPU kernels for the knn op family (filled in by the CPU backend work).
+// CPU kernels for the knn op family: bounded top-k selection over dot-product tiles.
+//
+// Algorithm. Python computes one tile of inner products at a time with torch's GEMM
+// (dots[r, c] = row_r . col_c, a [rows x cols] block with leading dimension ld, so a
+// sub-block of a larger tile can be passed without a copy) and hands it here.
+// knn_tile_update turns each dot into the metric value
+//   sqeuclidean  max(|row|^2 + |col|^2 - 2 dot, 0)   (the reference's formula and order)
+//   cosine       1 - dot                              (rows pre-normalised)
+// and merges it into bounded per-row lists (the k smallest columns of each row) and,
+// when asked, per-column lists (the k smallest rows of each column) in the same pass.
+// Euclidean is ranked here as sqeuclidean; the launcher takes torch's square root of
+// the selected values and re-sorts, so values and ties match the reference's sqrt.
+// Rows are split across OpenMP threads; each thread keeps private column lists (their
+// gates start at the shared lists' gates) merged into the shared ones after the pass,
+// so no atomics are needed. Gates are tested 16 columns at a time with a branch-free
+// reduction; the row kernel is compiled for AVX-512, AVX2 and baseline x86-64 and
+// picked at load time.
+//
+// Tie-breaking. Every list is ordered by (value, id) lexicographically and every
+// insertion compares lexicographically, so a list holds the k smallest (value, id)
+// pairs whatever the tile shape, thread count or arrival order. Lists start as
+// (inf, -1) padding; an excluded pair gets the value inf and can never enter.
+// k <= 32: sorted insertion lists; larger k: binary max-heaps, put in order by
+// knn_sort_lists.
+//
+// Limits. Values are compared in the compute dtype (float32, or float64 for float64
+// inputs); all offsets are int64 (flat_index), so B*N and N*k beyond 2^31 are safe.
+// Must equal fastassoc/kernels/reference/knn.py (topk_anchors_reference,
+// mutual_knn_reference) given the same dot products.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include <pybind11/numpy.h>
+
 #include "common.h"
 
 namespace fastassoc {
 
-void register_cpu_knn(py::module_& m) { (void)m; }
+namespace {
+
+enum Metric : int { kSqEuclidean = 0, kCosine = 1 };
+enum Filter : int { kNoFilter = 0, kAtMost = 1 };
+
+// Lists up to this length use sorted insertion (cheap shifts); longer ones a heap.
+constexpr int64_t kSortedListMax = 32;
+// Tiles smaller than this run on one thread: the fork/join would cost more.
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+// All flat offsets go through here so that row * stride is formed in int64.
+inline int64_t flat_index(int64_t row, int64_t stride, int64_t col) { return row * stride + col; }
+
+template <typename T>
+inline bool lex_less(T value_a, int64_t index_a, T value_b, int64_t index_b) {
+  return value_a < value_b || (value_a == value_b && index_a < index_b);
+}
+
+// The entry a candidate must beat: the last of a sorted list, the root of a heap.
+template <typename T>
+inline T list_gate(const T* values, int64_t k) {
+  return k <= kSortedListMax ? values[k - 1] : values[0];
+}
+
+// Offer (value, index) to a bounded list of k entries.
+template <typename T>
+inline void list_push(T* values, int64_t* indices, int64_t k, T value, int64_t index) {
+  if (k <= kSortedListMax) {
+    if (!lex_less(value, index, values[k - 1], indices[k - 1])) return;
+    int64_t pos = k - 1;
+    while (pos > 0 && lex_less(value, index, values[pos - 1], indices[pos - 1])) {
+      values[pos] = values[pos - 1];
+      indices[pos] = indices[pos - 1];
+      --pos;
+    }
+    values[pos] = value;
+    indices[pos] = index;
+    return;
+  }
+  if (!lex_less(value, index, values[0], indices[0])) return;
+  int64_t pos = 0;
+  for (;;) {
+    int64_t child = 2 * pos + 1;
+    if (child >= k) break;
+    if (child + 1 < k && lex_less(values[child], indices[child], values[child + 1], indices[child + 1])) ++child;
+    if (!lex_less(value, index, values[child], indices[child])) break;
+    values[pos] = values[child];
+    indices[pos] = indices[child];
+    pos = child;
+  }
+  values[pos] = value;
+  indices[pos] = index;
+}
+
+template <typename T>
+void sort_list(T* values, int64_t* indices, int64_t k, std::vector<std::pair<T, int64_t>>& scratch) {
+  scratch.resize(k);
+  for (int64_t s = 0; s < k; ++s) scratch[s] = {values[s], indices[s]};
+  std::sort(scratch.begin(), scratch.end(),
+            [](const auto& a, const auto& b) { return lex_less(a.first, a.second, b.first, b.second); });
+  for (int64_t s = 0; s < k; ++s) {
+    values[s] = scratch[s].first;
+    indices[s] = scratch[s].second;
+  }
+}
+
+template <typename T>
+struct TileArgs {
+  const T* dots;
+  int64_t rows, cols, ld;
+  int metric;
+  const T* row_norms;       // [rows] squared norms (sqeuclidean) or null
+  const T* col_norms;       // [cols]
+  int64_t row_base;         // global index of tile row 0 (what column lists store)
+  int64_t col_base;         // global index of tile column 0 (what row lists store)
+  const int64_t* row_ids;   // [rows] or null: ids column lists store instead of row_base + r
+  const int64_t* col_ids;   // [cols] or null: ids row lists store instead of col_base + j
+  const int64_t* exclude;   // [rows] column each row skips, compared with col_base + j (-1 none) or null
+  int64_t k;
+  T* row_values;            // [rows, k] or null
+  int64_t* row_indices;
+  T* col_values;            // [cols, k] or null
+  int64_t* col_indices;
+};
+
+template <typename T>
+struct RowScratch {
+  T* values;               // [cols] this row's metric values
+  T* col_values;           // [cols, k] this thread's column lists (or null)
+  int64_t* col_indices;
+  T* col_gates;            // [cols] gate of each of this thread's column lists
+};
+
+// Candidates are rare once the lists have filled, so gates are tested a block at a time
+// with a branch-free (vectorised) reduction and only blocks holding a candidate are
+// walked element by element.
+constexpr int64_t kScanBlock = 16;
+
+template <typename T>
+[[gnu::always_inline]] inline void process_row(const TileArgs<T>& a, int64_t r, const RowScratch<T>& s) {
+  const int64_t k = a.k, cols = a.cols;
+  T* values = s.values;
+  const T* dot_row = a.dots + flat_index(r, a.ld, 0);
+  if (a.metric == kSqEuclidean) {
+    const T row_norm = a.row_norms[r];
+    for (int64_t j = 0; j < cols; ++j) {
+      const T v = (row_norm + a.col_norms[j]) - T(2) * dot_row[j];
+      values[j] = v > T(0) ? v : T(0);
+    }
+  } else {
+    for (int64_t j = 0; j < cols; ++j) values[j] = T(1) - dot_row[j];
+  }
+  if (a.exclude) {
+    const int64_t skip = a.exclude[r] - a.col_base;
+    if (a.exclude[r] >= 0 && skip >= 0 && skip < cols) values[skip] = std::numeric_limits<T>::infinity();
+  }
+  if (a.row_values) {
+    T* list_values = a.row_values + flat_index(r, k, 0);
+    int64_t* list_indices = a.row_indices + flat_index(r, k, 0);
+    T gate = list_gate(list_values, k);
+    for (int64_t j0 = 0; j0 < cols; j0 += kScanBlock) {
+      const int64_t j1 = std::min(j0 + kScanBlock, cols);
+      int hit = 0;
+      for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= gate;
+      if (!hit) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (values[j] <= gate) {
+          list_push(list_values, list_indices, k, values[j], a.col_ids ? a.col_ids[j] : a.col_base + j);
+          gate = list_gate(list_values, k);
+        }
+      }
+    }
+  }
+  if (s.col_values) {
+    const int64_t row_id = a.row_ids ? a.row_ids[r] : a.row_base + r;
+    for (int64_t j0 = 0; j0 < cols; j0 += kScanBlock) {
+      const int64_t j1 = std::min(j0 + kScanBlock, cols);
+      int hit = 0;
+      for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= s.col_gates[j];
+      if (!hit) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (values[j] <= s.col_gates[j]) {
+          T* list_values = s.col_values + flat_index(j, k, 0);
+          list_push(list_values, s.col_indices + flat_index(j, k, 0), k, values[j], row_id);
+          s.col_gates[j] = std::min(s.col_gates[j], list_gate(list_values, k));
+        }
+      }
+    }
+  }
+}
+
+// One clone per ISA level, picked at load time (the module is built for x86-64-v2).
+#define FASTASSOC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<float>& a, int64_t r, const RowScratch<float>& s) {
+  process_row(a, r, s);
+}
+FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<double>& a, int64_t r, const RowScratch<double>& s) {
+  process_row(a, r, s);
+}
+
+template <typename T>
+void tile_update(const TileArgs<T>& a) {
+  const int64_t k = a.k;
+  if (a.rows <= 0 || a.cols <= 0 || k <= 0) return;
+  const bool want_rows = a.row_values != nullptr;
+  const bool want_cols = a.col_values != nullptr;
+  const int num_threads =
+      a.rows * a.cols >= kParallelMinElements ? std::max(1, std::min<int>(omp_get_max_threads(), int(a.rows))) : 1;
+  const T inf = std::numeric_limits<T>::infinity();
+
+  // Private column lists per thread, merged below.
+  std::vector<T> local_values;
+  std::vector<int64_t> local_indices;
+  std::vector<T> local_gates;
+  if (want_cols) {
+    local_values.assign(size_t(num_threads) * a.cols * k, inf);
+    local_indices.assign(size_t(num_threads) * a.cols * k, -1);
+    // A thread's column gate starts at the shared list's gate: a row that cannot beat the
+    // shared list's k-th entry cannot be among the merged k smallest either.
+    local_gates.resize(size_t(num_threads) * a.cols);
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const T shared_gate = list_gate(a.col_values + flat_index(j, k, 0), k);
+      for (int t = 0; t < num_threads; ++t) local_gates[flat_index(t, a.cols, j)] = shared_gate;
+    }
+  }
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int64_t tid = omp_get_thread_num();
+    std::vector<T> values(a.cols);
+    RowScratch<T> scratch{values.data(), nullptr, nullptr, nullptr};
+    if (want_cols) {
+      scratch.col_values = local_values.data() + flat_index(tid, a.cols * k, 0);
+      scratch.col_indices = local_indices.data() + flat_index(tid, a.cols * k, 0);
+      scratch.col_gates = local_gates.data() + flat_index(tid, a.cols, 0);
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.rows; ++r) process_row_dispatch(a, r, scratch);
+    // (implicit barrier) Merge the threads' column lists, now split across columns.
+    if (want_cols) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < a.cols; ++j) {
+        T* list_values = a.col_values + flat_index(j, k, 0);
+        int64_t* list_indices = a.col_indices + flat_index(j, k, 0);
+        for (int64_t t = 0; t < num_threads; ++t) {
+          const int64_t base = flat_index(flat_index(t, a.cols, j), k, 0);
+          for (int64_t s = 0; s < k; ++s) {
+            if (local_indices[base + s] >= 0)
+              list_push(list_values, list_indices, k, local_values[base + s], local_indices[base + s]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void sort_lists(T* values, int64_t* indices, int64_t num_lists, int64_t k) {
+#pragma omp parallel if (num_lists * k >= kParallelMinElements)
+  {
+    std::vector<std::pair<T, int64_t>> scratch;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_lists; ++i) sort_list(values + flat_index(i, k, 0), indices + flat_index(i, k, 0), k, scratch);
+  }
+}
+
+// Pairs (i, j) with j in row list i and i in column list j, sorted by (i, j).
+template <typename T>
+py::tuple mutual_pairs(const T* row_values, const int64_t* row_indices, int64_t num_rows, const int64_t* col_indices,
+                       int64_t num_cols, int64_t k, int64_t row_base, int64_t col_base, int filter, double threshold) {
+  std::vector<int64_t> offsets(num_rows + 1, 0);
+  auto is_pair = [&](int64_t i, int64_t s) {
+    const int64_t j = row_indices[flat_index(i, k, s)];
+    if (j < 0) return false;
+    const int64_t local = j - col_base;
+    if (local < 0 || local >= num_cols) return false;
+    // The float32 value that is returned is what must satisfy the bound, compared in float64.
+    const double value = double(float(row_values[flat_index(i, k, s)]));
+    if (filter == kAtMost && !(value <= threshold)) return false;
+    const int64_t* back = col_indices + flat_index(local, k, 0);
+    for (int64_t t = 0; t < k; ++t)
+      if (back[t] == row_base + i) return true;
+    return false;
+  };
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) if (num_rows * k >= kParallelMinElements)
+    for (int64_t i = 0; i < num_rows; ++i) {
+      int64_t count = 0;
+      for (int64_t s = 0; s < k; ++s) count += is_pair(i, s);
+      offsets[i + 1] = count;
+    }
+    for (int64_t i = 0; i < num_rows; ++i) offsets[i + 1] += offsets[i];
+  }
+  const int64_t total = offsets[num_rows];
+  py::array_t<int64_t> out_rows(total), out_cols(total);
+  py::array_t<T> out_values(total);
+  int64_t* rows_ptr = out_rows.mutable_data();
+  int64_t* cols_ptr = out_cols.mutable_data();
+  T* values_ptr = out_values.mutable_data();
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel if (num_rows * k >= kParallelMinElements)
+    {
+      std::vector<std::pair<int64_t, T>> found;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < num_rows; ++i) {
+        if (offsets[i + 1] == offsets[i]) continue;
+        found.clear();
+        for (int64_t s = 0; s < k; ++s)
+          if (is_pair(i, s)) found.emplace_back(row_indices[flat_index(i, k, s)], row_values[flat_index(i, k, s)]);
+        std::sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+        int64_t out = offsets[i];
+        for (const auto& [j, value] : found) {
+          rows_ptr[out] = row_base + i;
+          cols_ptr[out] = j;
+          values_ptr[out] = value;
+          ++out;
+        }
+      }
+    }
+  }
+  return py::make_tuple(out_rows, out_cols, out_values);
+}
+
+}  // namespace
+
+void register_cpu_knn(py::module_& m) {
+  m.def(
+      "knn_tile_update",
+      [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t cols, int64_t ld, int metric,
+         std::uintptr_t row_norms, std::uintptr_t col_norms, int64_t row_base, int64_t col_base,
+         std::uintptr_t row_ids, std::uintptr_t col_ids, std::uintptr_t exclude, int64_t k, std::uintptr_t row_values, std::uintptr_t row_indices,
+         std::uintptr_t col_values, std::uintptr_t col_indices) {
+        require(rows >= 0 && cols >= 0 && k >= 0 && ld >= cols, "knn_tile_update: bad sizes");
+        require(metric == kSqEuclidean || metric == kCosine, "knn_tile_update: unknown metric code");
+        require(metric != kSqEuclidean || (row_norms && col_norms), "knn_tile_update: sqeuclidean needs norms");
+        require(row_values || col_values, "knn_tile_update: nothing to update");
+        py::gil_scoped_release release;
+        auto run = [&](auto zero) {
+          using T = decltype(zero);
+          TileArgs<T> a{as_ptr<const T>(dots), rows, cols, ld, metric,
+                        as_ptr<const T>(row_norms), as_ptr<const T>(col_norms), row_base, col_base,
+                        as_ptr<const int64_t>(row_ids), as_ptr<const int64_t>(col_ids),
+                        as_ptr<const int64_t>(exclude), k,
+                        as_ptr<T>(row_values), as_ptr<int64_t>(row_indices),
+                        as_ptr<T>(col_values), as_ptr<int64_t>(col_indices)};
+          tile_update(a);
+        };
+        if (is_double) run(double(0)); else run(float(0));
+      },
+      py::arg("dots"), py::arg("is_double"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("metric"),
+      py::arg("row_norms"), py::arg("col_norms"), py::arg("row_base"), py::arg("col_base"), py::arg("row_ids"),
+      py::arg("col_ids"), py::arg("exclude"),
+      py::arg("k"), py::arg("row_values"), py::arg("row_indices"), py::arg("col_values"), py::arg("col_indices"),
+      "Merge one [rows x cols] tile of dot products (leading dimension ld) into per-row lists\n"
+      "[rows, k] (the k smallest (value, column) pairs of each row; column = col_base + j) and,\n"
+      "when col_values != 0, per-column lists [cols, k] (row = row_base + r). Lists hold values in\n"
+      "the compute dtype (float64 when is_double) and int64 indices, padded with (inf, -1).\n"
+      "metric: 0 sqeuclidean (row_norms, col_norms: squared norms), 1 cosine (1 - dot).\n"
+      "row_ids / col_ids (0 or int64 [rows] / [cols]): ids stored (and tie-broken on) instead of\n"
+      "row_base + r / col_base + j. exclude (0 or int64 [rows]): the column col_base + j each row\n"
+      "must skip (-1 none).");
+  m.def(
+      "knn_sort_lists",
+      [](std::uintptr_t values, std::uintptr_t indices, bool is_double, int64_t num_lists, int64_t k) {
+        require(num_lists >= 0 && k >= 0, "knn_sort_lists: bad sizes");
+        py::gil_scoped_release release;
+        if (is_double) sort_lists(as_ptr<double>(values), as_ptr<int64_t>(indices), num_lists, k);
+        else sort_lists(as_ptr<float>(values), as_ptr<int64_t>(indices), num_lists, k);
+      },
+      py::arg("values"), py::arg("indices"), py::arg("is_double"), py::arg("num_lists"), py::arg("k"),
+      "Sort each of num_lists lists [k] into ascending (value, index) order, in place\n"
+      "(lists with k > 32 are heaps until then).");
+  m.def(
+      "knn_mutual_pairs",
+      [](std::uintptr_t row_values, std::uintptr_t row_indices, int64_t num_rows, std::uintptr_t col_indices,
+         int64_t num_cols, int64_t k, bool is_double, int64_t row_base, int64_t col_base, int filter,
+         double threshold) -> py::tuple {
+        require(num_rows >= 0 && num_cols >= 0 && k >= 0, "knn_mutual_pairs: bad sizes");
+        require(filter == kNoFilter || filter == kAtMost, "knn_mutual_pairs: unknown filter code");
+        if (is_double)
+          return mutual_pairs(as_ptr<const double>(row_values), as_ptr<const int64_t>(row_indices), num_rows,
+                              as_ptr<const int64_t>(col_indices), num_cols, k, row_base, col_base, filter, threshold);
+        return mutual_pairs(as_ptr<const float>(row_values), as_ptr<const int64_t>(row_indices), num_rows,
+                            as_ptr<const int64_t>(col_indices), num_cols, k, row_base, col_base, filter, threshold);
+      },
+      py::arg("row_values"), py::arg("row_indices"), py::arg("num_rows"), py::arg("col_indices"),
+      py::arg("num_cols"), py::arg("k"), py::arg("is_double"), py::arg("row_base"), py::arg("col_base"),
+      py::arg("filter"), py::arg("threshold"),
+      "Mutual pairs of sorted row lists [num_rows, k] (entries: columns col_base..) and column lists\n"
+      "[num_cols, k] (entries: rows row_base..): (i, j) with j in list i and i in list j, and, for\n"
+      "filter 1, the value rounded to float32 <= threshold (compared in float64).\n"
+      "Returns numpy (rows int64, cols int64, values in the compute dtype) sorted by (row, col).");
+  m.def("knn_flat_index", &flat_index, py::arg("row"), py::arg("stride"), py::arg("col"),
+        "The int64 flat offset row * stride + col every CPU kernel uses (exposed for tests).");
+}
 
 }  // namespace fastassoc

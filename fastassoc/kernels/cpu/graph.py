@@ -1,0 +1,161 @@
+"""Compiled CPU backend of the graph family: ``cross_camera_graph_cpu`` and ``knn_soft_labels_cpu``.
+
+Algorithm: rows are grouped by camera once (stable order). The neighbour lists come
+from the knn tile kernels (``fastassoc.kernels.cpu.knn.block_topk``: torch GEMM tiles
++ C++/OpenMP bounded top-k, csrc/cpu/knn.cpp), and the CSR matrix is assembled in
+C++ (``fastassoc._C.graph_csr_from_edges``, csrc/cpu/graph.cpp) with columns sorted
+per row.
+
+- cross_camera_graph ranks by cosine distance ``1 - x_hat_i . x_hat_j`` (as the
+  reference). pairwise: every unordered camera pair (t, m) is one block
+  ``x_t @ x_m.T`` whose tiles update the rows' lists (k nearest in m) and the
+  columns' lists (k nearest in t) in the same pass, so the GEMM work is half of the
+  ordered pairs'. pooled: the same blocks (t < m) feed one list per tracklet over all
+  other cameras (row side for t, column side for m). Mutual pairs come from
+  ``knn_mutual_pairs``; the edge weight is the float32 dot product of the normalised
+  rows ``min(i, j)`` and ``max(i, j)`` (once per unordered pair, so exactly symmetric)
+  and ``min_similarity`` is applied to it in float64, as in the reference.
+- knn_soft_labels: one block ``x_t @ x_t.T`` per camera with the diagonal excluded;
+  sigma_t^2, the Gaussian weights and the row sums are O(N k) torch expressions written
+  exactly as in the reference.
+
+Ties go to the smaller index; tile shape and thread count do not change results.
+Peak extra memory: one tile plus ``N * k`` list entries per side. Must equal
+``fastassoc.kernels.reference.graph.cross_camera_graph_reference`` and
+``knn_soft_labels_reference``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _core
+from .knn import block_topk, mutual_pairs, new_lists, self_join_topk, sort_lists
+
+
+def _group_by_camera(cameras: torch.Tensor, num_cameras: int) -> tuple[torch.Tensor | None, list[int]]:
+    """(stable order grouping rows by camera, or None when already grouped; camera offsets)."""
+    counts = torch.bincount(cameras, minlength=num_cameras)
+    offsets = [0] + torch.cumsum(counts, 0).tolist()
+    grouped = cameras.numel() < 2 or bool((cameras[1:] >= cameras[:-1]).all())
+    return (None if grouped else torch.argsort(cameras, stable=True)), offsets
+
+
+def _csr(num_nodes: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
+         symmetrize: bool, diagonal: float | None) -> torch.Tensor:
+    """Sparse CSR [num_nodes, num_nodes] float32 from an edge list (see graph_csr_from_edges)."""
+    sources = sources.to(torch.int64).contiguous()
+    targets = targets.to(torch.int64).contiguous()
+    weights = weights.to(torch.float64).contiguous()
+    crow, col, values = _core.kernel("graph_csr_from_edges")(
+        num_nodes, _core.ptr(sources), _core.ptr(targets), _core.ptr(weights), sources.shape[0], symmetrize,
+        diagonal is not None, 0.0 if diagonal is None else float(diagonal))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(values),
+                                       size=(num_nodes, num_nodes), check_invariants=False)
+
+
+# Edges per chunk of the weight pass: the gathered rows stay in cache instead of
+# page-faulting two fresh E x D buffers (each row's sum is the same either way).
+_EDGE_CHUNK = 512
+
+
+def _pair_dots(xn: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``(xn[low] * xn[high]).sum(1)``, the reference's edge weights bit for bit, in chunks."""
+    out = torch.empty(low.shape[0], dtype=xn.dtype)
+    for start in range(0, low.shape[0], _EDGE_CHUNK):
+        stop = start + _EDGE_CHUNK
+        torch.sum(xn[low[start:stop]] * xn[high[start:stop]], 1, out=out[start:stop])
+    return out
+
+
+def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int, k: int,
+                           min_similarity: float | None, self_loops: bool, mode: str,
+                           precision: str) -> torch.Tensor:
+    """See :func:`fastassoc.cross_camera_graph`; ``precision`` is ignored (full float32 on CPU)."""
+    num_nodes = x.shape[0]
+    diagonal = 1.0 if self_loops else None
+    empty_index = torch.empty(0, dtype=torch.int64)
+    if num_nodes == 0 or k == 0:
+        return _csr(num_nodes, empty_index, empty_index, torch.empty(0, dtype=torch.float64),
+                    symmetrize=False, diagonal=diagonal)
+    order, offsets = _group_by_camera(cameras, num_cameras)
+    dtype = _core.compute_dtype(x)
+    xn = _core.prepare(x, "cosine")
+    xs = xn if order is None else xn[order]
+    pairs = [(t, m) for t in range(num_cameras) for m in range(t + 1, num_cameras)
+             if offsets[t + 1] > offsets[t] and offsets[m + 1] > offsets[m]]
+    tiles = _core.DotTiles.for_blocks(
+        [(offsets[t + 1] - offsets[t], offsets[m + 1] - offsets[m]) for t, m in pairs], dtype)
+    if mode == "pairwise":
+        edges = [(empty_index, empty_index)]
+        for t, m in pairs:
+            t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]
+            row_lists = new_lists(t1 - t0, k, dtype)
+            col_lists = new_lists(m1 - m0, k, dtype)
+            block_topk(tiles, xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0,
+                       row_lists=row_lists, col_lists=col_lists)
+            edges.append(mutual_pairs(row_lists, col_lists, row_base=t0, col_base=m0)[:2])
+        # A block's lists only meet one camera, whose grouped order is its original order,
+        # so positions rank ties like original indices; map them back once at the end.
+        sources = torch.cat([e[0] for e in edges])
+        targets = torch.cat([e[1] for e in edges])
+        if order is not None:
+            sources, targets = order[sources], order[targets]
+    else:
+        # Lists span several cameras: store original indices so ties go to the smaller one.
+        values, indices = new_lists(num_nodes, k, dtype)
+        for t, m in pairs:
+            t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]
+            block_topk(tiles, xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0,
+                       row_ids=None if order is None else order[t0:t1],
+                       col_ids=None if order is None else order[m0:m1],
+                       row_lists=(values[t0:t1], indices[t0:t1]), col_lists=(values[m0:m1], indices[m0:m1]))
+        if order is not None:
+            values = torch.empty_like(values).index_copy_(0, order, values)
+            indices = torch.empty_like(indices).index_copy_(0, order, indices)
+        # One list per tracklet: keep each mutual pair once (i < j), symmetrised in the CSR.
+        sources, targets, _ = mutual_pairs((values, indices), (values, indices))
+        upper = sources < targets
+        sources, targets = sources[upper], targets[upper]
+    del tiles
+    low, high = torch.minimum(sources, targets), torch.maximum(sources, targets)
+    weights = _pair_dots(xn, low, high)
+    if min_similarity is not None:
+        strong = weights.to(torch.float64) > min_similarity
+        low, high, weights = low[strong], high[strong], weights[strong]
+    return _csr(num_nodes, low, high, weights, symmetrize=True, diagonal=diagonal)
+
+
+def knn_soft_labels_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int, k: int,
+                        precision: str) -> torch.Tensor:
+    """See :func:`fastassoc.knn_soft_labels`; ``precision`` is ignored (full float32 on CPU)."""
+    num_nodes = x.shape[0]
+    order, offsets = _group_by_camera(cameras, num_cameras)
+    dtype = _core.compute_dtype(x)
+    xs = _core.prepare(x if order is None else x[order], "sqeuclidean")
+    norms = _core.squared_norms(xs, "sqeuclidean")
+    positions = torch.arange(num_nodes, dtype=torch.int64)
+    self_weights = torch.ones(num_nodes, dtype=dtype)
+    blocks = [(offsets[t], offsets[t + 1]) for t in range(num_cameras) if min(k, offsets[t + 1] - offsets[t] - 1) > 0]
+    sources, targets, weights = [positions], [positions], [self_weights]
+    for t0, t1 in blocks:
+        width = min(k, t1 - t0 - 1)
+        values, indices = new_lists(t1 - t0, width, dtype)
+        self_join_topk(xs[t0:t1], "sqeuclidean", width, (values, indices), norms=norms[t0:t1], base=t0,
+                       exclude_self=True)
+        sort_lists(values, indices)
+        # UTAL Eqs. 5-6, written as the reference writes them so the float rounding matches.
+        sigma_sq = (values.to(torch.float64).sum() / values.numel()).to(dtype)
+        weight = torch.exp(-values / sigma_sq) if bool(sigma_sq > 0) else torch.ones_like(values)
+        row_sums = 1.0 + weight.sum(1)
+        self_weights[t0:t1] = 1.0 / row_sums
+        sources.append(positions[t0:t1].unsqueeze(1).expand_as(indices).reshape(-1))
+        targets.append(indices.reshape(-1))
+        weights.append((weight / row_sums.unsqueeze(1)).reshape(-1))
+    sources, targets, weights = torch.cat(sources), torch.cat(targets), torch.cat(weights)
+    if order is not None:
+        sources, targets = order[sources], order[targets]
+    return _csr(num_nodes, sources, targets, weights, symmetrize=False, diagonal=None)

@@ -1,0 +1,267 @@
+"""Compiled CPU backend of the knn family: ``topk_anchors_cpu`` and ``mutual_knn_cpu``.
+
+Algorithm: per segment, bounded tiles of inner products come from torch's GEMM
+(``_core.DotTiles``, at most ``_backend.tile_elements()`` entries);
+``fastassoc._C.knn_tile_update`` (csrc/cpu/knn.cpp) converts each tile into distances
+with precomputed norms and merges it into per-row top-k lists, and for mutual kNN into
+per-column lists in the same pass; ``knn_mutual_pairs`` then intersects the two.
+When every anchor queries its own segment (queries and anchors are one tensor, the
+segments match, ``exclude`` is ``-1`` or the query itself), :func:`self_join_topk`
+computes only the upper triangle of each segment's Gram matrix and feeds both
+directions from it: about half the GEMM work. Euclidean is ranked as squared
+Euclidean and finished with torch's ``sqrt`` (:func:`finish_lists`), as the reference.
+Queries not ordered by segment are gathered into segment order once (one B x D copy)
+and scattered back. Peak extra memory: one tile plus ``(B + N) * k`` list entries.
+
+Ties go to the smaller index (lists are ordered by (distance, index)); tile shape
+and thread count do not change results. Must equal
+``fastassoc.kernels.reference.knn.topk_anchors_reference`` and
+``mutual_knn_reference`` (values to float32 rounding of the GEMM).
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import _backend
+from . import _core
+
+_NO_FILTER, _AT_MOST = 0, 1  # knn_mutual_pairs filter codes
+
+
+def new_lists(num_lists: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty top-k lists: values ``inf`` [num_lists, k] (compute dtype), indices -1 (int64)."""
+    return (torch.full((num_lists, k), float("inf"), dtype=dtype),
+            torch.full((num_lists, k), -1, dtype=torch.int64))
+
+
+def block_topk(tiles: _core.DotTiles, rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, *,
+               row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None,
+               row_base: int = 0, col_base: int = 0, row_ids: torch.Tensor | None = None,
+               col_ids: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
+               row_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
+               col_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Merge every ``rows x cols`` distance into the given top-k lists, tile by tile.
+
+    Parameters
+    ----------
+    tiles : DotTiles, buffer for the inner-product tiles (compute dtype)
+    rows : Tensor [R, D], cols : Tensor [C, D], prepared (``_core.prepare``)
+    metric : {"sqeuclidean", "cosine"}
+        Euclidean searches pass "sqeuclidean" and finish with :func:`finish_lists`.
+    k : int >= 1
+    row_norms, col_norms : Tensor [R], [C], squared norms for Euclidean metrics
+    row_base, col_base : int, global index of ``rows[0]`` / ``cols[0]`` stored in the lists
+    row_ids, col_ids : Tensor [R], [C] int64, optional
+        Ids stored in (and tie-broken on by) the lists instead of ``row_base + r`` /
+        ``col_base + j``, for rows gathered out of their original order.
+    exclude : Tensor [R] int64, optional, column ``col_base + j`` each row skips (-1 none)
+    row_lists : (values [R, k], indices [R, k]), optional, updated in place
+    col_lists : (values [C, k], indices [C, k]), optional, updated in place
+    """
+    num_rows, num_cols = rows.shape[0], cols.shape[0]
+    if num_rows == 0 or num_cols == 0 or k == 0:
+        return
+    update = _core.kernel("knn_tile_update")
+    code = _core.METRIC_CODES[metric]
+    double = _core.is_double(rows)
+    row_values, row_indices = row_lists if row_lists is not None else (None, None)
+    col_values, col_indices = col_lists if col_lists is not None else (None, None)
+    for r0, r1, c0, c1 in _core.tiles(num_rows, num_cols):
+        dots = tiles.mm(rows[r0:r1], cols[c0:c1])
+        update(
+            _core.ptr(dots), double, r1 - r0, c1 - c0, c1 - c0, code,
+            _core.ptr(row_norms[r0:r1]) if row_norms is not None else 0,
+            _core.ptr(col_norms[c0:c1]) if col_norms is not None else 0,
+            row_base + r0, col_base + c0,
+            _core.ptr(row_ids[r0:r1]) if row_ids is not None else 0,
+            _core.ptr(col_ids[c0:c1]) if col_ids is not None else 0,
+            _core.ptr(exclude[r0:r1]) if exclude is not None else 0, k,
+            _core.ptr(row_values[r0:r1]) if row_values is not None else 0,
+            _core.ptr(row_indices[r0:r1]) if row_indices is not None else 0,
+            _core.ptr(col_values[c0:c1]) if col_values is not None else 0,
+            _core.ptr(col_indices[c0:c1]) if col_indices is not None else 0)
+
+
+# Row-panel height of the symmetric (self-join) path: small panels skip more of the
+# lower triangle, large ones keep the GEMM efficient; 256 x n x D GEMMs run near peak.
+SELF_JOIN_PANEL_ROWS = 256
+
+
+def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor], *,
+                   norms: torch.Tensor | None = None, base: int = 0, exclude_self: bool = False) -> None:
+    """Every row of ``x`` searches all rows of ``x``: the k smallest of each row into ``lists``.
+
+    The Gram matrix is symmetric, so only its upper triangle is computed: row panel
+    ``[p0, p1)`` is multiplied with rows ``[p0, n)``; the panel's diagonal block updates
+    the panel's lists, the block right of it updates the panel's lists (row side) and the
+    lists of rows ``>= p1`` (column side) from the same dot products. About half the GEMM
+    work of :func:`block_topk` for the same result (each distance is computed once, so
+    ``d(i, j)`` and ``d(j, i)`` are bit-identical).
+
+    Parameters
+    ----------
+    x : Tensor [n, D], prepared rows
+    metric : {"sqeuclidean", "cosine"}
+    k : int >= 1
+    lists : (values [n, k], indices [n, k]), updated in place; ids stored are ``base + j``
+    norms : Tensor [n], squared norms for "sqeuclidean"
+    exclude_self : bool, skip the pair (i, i)
+    """
+    n = x.shape[0]
+    if n == 0 or k == 0:
+        return
+    update = _core.kernel("knn_tile_update")
+    code = _core.METRIC_CODES[metric]
+    double = _core.is_double(x)
+    values, indices = lists
+    limit = _backend.tile_elements()
+    height = max(1, min(n, SELF_JOIN_PANEL_ROWS, limit // n if limit >= n else 1))
+    width_limit = max(1, limit // height)
+    tiles = _core.DotTiles(height * min(n, width_limit), x.dtype)
+    itself = torch.arange(base, base + n, dtype=torch.int64) if exclude_self else None
+    element = x.element_size()
+    norm_ptr = (lambda start: _core.ptr(norms[start:]) if norms is not None else 0)  # noqa: E731
+    for p0 in range(0, n, height):
+        p1 = min(p0 + height, n)
+        for c0 in range(p0, n, width_limit):
+            c1 = min(c0 + width_limit, n)
+            dots = tiles.mm(x[p0:p1], x[c0:c1])
+            width = c1 - c0
+            # Columns inside the panel: both (i, j) and (j, i) are in the tile, row side only.
+            split = min(max(p1, c0), c1)
+            if split > c0:
+                update(dots.data_ptr(), double, p1 - p0, split - c0, width, code, norm_ptr(p0),
+                       norm_ptr(c0), base + p0, base + c0, 0, 0,
+                       _core.ptr(itself[p0:p1]) if itself is not None else 0, k,
+                       _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]), 0, 0)
+            # Columns past the panel: this tile is the only place (i, j) and (j, i) meet.
+            if c1 > split:
+                offset = split - c0
+                update(dots.data_ptr() + offset * element, double, p1 - p0, c1 - split, width, code,
+                       norm_ptr(p0), norm_ptr(split), base + p0, base + split, 0, 0, 0, k,
+                       _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]),
+                       _core.ptr(values[split:c1]), _core.ptr(indices[split:c1]))
+
+
+def sort_lists(values: torch.Tensor, indices: torch.Tensor) -> None:
+    """Put lists filled by :func:`block_topk` into ascending (value, index) order, in place."""
+    if values.numel():
+        _core.kernel("knn_sort_lists")(_core.ptr(values), _core.ptr(indices), _core.is_double(values),
+                                    values.shape[0], values.shape[1])
+
+
+def ranking_metric(metric: str) -> str:
+    """The metric the tile kernels rank by: Euclidean ranks as squared Euclidean."""
+    return "sqeuclidean" if metric == "euclidean" else metric
+
+
+def finish_lists(values: torch.Tensor, indices: torch.Tensor, metric: str) -> None:
+    """Sort lists after :func:`block_topk`; for Euclidean take torch's square root first.
+
+    torch's float sqrt (MKL VML) is not always correctly rounded, so the reference's
+    Euclidean values come from torch; re-sorting by (sqrt value, index) keeps its tie rule
+    where two squared distances round to one square root.
+    """
+    if metric == "euclidean":
+        values.sqrt_()
+    sort_lists(values, indices)
+
+
+def mutual_pairs(row_lists, col_lists, *, row_base: int = 0, col_base: int = 0, filter_code: int = _NO_FILTER,
+                 threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i, j, value) with j in row list i and i in column list j, sorted by (i, j) (global indices)."""
+    row_values, row_indices = row_lists
+    _, col_indices = col_lists
+    k = row_values.shape[1]
+    rows, cols, values = _core.kernel("knn_mutual_pairs")(
+        _core.ptr(row_values), _core.ptr(row_indices), row_values.shape[0], _core.ptr(col_indices),
+        col_indices.shape[0], k, _core.is_double(row_values), row_base, col_base, filter_code, threshold)
+    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(values)
+
+
+def _segment_runs(query_segments: torch.Tensor, num_segments: int) -> tuple[torch.Tensor | None, list[int]]:
+    """(order or None when already grouped, query offsets per segment)."""
+    counts = torch.bincount(query_segments, minlength=num_segments)
+    starts = [0] + torch.cumsum(counts, 0).tolist()
+    grouped = query_segments.numel() < 2 or bool((query_segments[1:] >= query_segments[:-1]).all())
+    order = None if grouped else torch.argsort(query_segments, stable=True)
+    return order, starts
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` are the same contiguous rows (one tensor passed twice)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _excludes_only_self(exclude: torch.Tensor) -> bool:
+    """True when ``exclude`` is all -1 or exactly ``arange(B)`` (each query skips itself)."""
+    if exclude.numel() == 0:
+        return True
+    if int(exclude[0]) == -1:
+        return bool((exclude == -1).all())
+    return bool((exclude == torch.arange(exclude.numel())).all())
+
+
+def topk_anchors_cpu(queries: torch.Tensor, anchors: torch.Tensor, k: int, metric: str,
+                     anchor_offsets: torch.Tensor, query_segments: torch.Tensor, exclude: torch.Tensor,
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`fastassoc.topk_anchors`; ``precision`` is ignored (full float32 on CPU)."""
+    num_queries = queries.shape[0]
+    dtype = _core.compute_dtype(queries)
+    values, indices = new_lists(num_queries, k, dtype)
+    if num_queries == 0 or k == 0 or anchors.shape[0] == 0:
+        return values.to(torch.float32), indices
+    num_segments = anchor_offsets.shape[0] - 1
+    order, query_starts = _segment_runs(query_segments, num_segments)
+    q = _core.prepare(queries if order is None else queries[order], metric)
+    same = order is None and _same_rows(queries, anchors)
+    a = q if same else _core.prepare(anchors, metric)
+    skip = exclude if order is None else exclude[order].contiguous()
+    q_norms = _core.squared_norms(q, metric)
+    a_norms = q_norms if a is q else _core.squared_norms(a, metric)
+    ranking = ranking_metric(metric)
+    bounds = anchor_offsets.tolist()
+    blocks = [(query_starts[s], query_starts[s + 1], bounds[s], bounds[s + 1]) for s in range(num_segments)]
+    blocks = [b for b in blocks if b[1] > b[0] and b[3] > b[2]]
+    if same and query_starts == bounds and _excludes_only_self(exclude):
+        # Every anchor queries its own segment: symmetric blocks, half the GEMM work.
+        exclude_self = bool(exclude.numel()) and int(exclude[0]) == 0
+        for q0, q1, _, _ in blocks:
+            self_join_topk(q[q0:q1], ranking, k, (values[q0:q1], indices[q0:q1]),
+                           norms=q_norms[q0:q1] if q_norms is not None else None, base=q0,
+                           exclude_self=exclude_self)
+    else:
+        tiles = _core.DotTiles.for_blocks([(q1 - q0, a1 - a0) for q0, q1, a0, a1 in blocks], dtype)
+        for q0, q1, a0, a1 in blocks:
+            block_topk(tiles, q[q0:q1], a[a0:a1], ranking, k,
+                       row_norms=q_norms[q0:q1] if q_norms is not None else None,
+                       col_norms=a_norms[a0:a1] if a_norms is not None else None,
+                       col_base=a0, exclude=skip[q0:q1], row_lists=(values[q0:q1], indices[q0:q1]))
+    finish_lists(values, indices, metric)
+    values = values.to(torch.float32)
+    if order is not None:
+        values = torch.empty_like(values).index_copy_(0, order, values)
+        indices = torch.empty_like(indices).index_copy_(0, order, indices)
+    return values, indices
+
+
+def mutual_knn_cpu(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, max_distance: float | None,
+                   precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See :func:`fastassoc.mutual_knn`; ``precision`` is ignored (full float32 on CPU)."""
+    if k == 0 or a.shape[0] == 0 or b.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty.clone(), torch.empty(0, dtype=torch.float32)
+    dtype = _core.compute_dtype(a)
+    pa, pb = _core.prepare(a, metric), _core.prepare(b, metric)
+    row_lists = new_lists(pa.shape[0], k, dtype)
+    col_lists = new_lists(pb.shape[0], k, dtype)
+    tiles = _core.DotTiles.for_blocks([(pa.shape[0], pb.shape[0])], dtype)
+    block_topk(tiles, pa, pb, ranking_metric(metric), k, row_norms=_core.squared_norms(pa, metric),
+               col_norms=_core.squared_norms(pb, metric), row_lists=row_lists, col_lists=col_lists)
+    del tiles
+    finish_lists(*row_lists, metric)  # column lists only serve membership tests: order is irrelevant
+    if max_distance is None:
+        ia, ib, values = mutual_pairs(row_lists, col_lists)
+    else:
+        ia, ib, values = mutual_pairs(row_lists, col_lists, filter_code=_AT_MOST, threshold=max_distance)
+    return ia, ib, values.to(torch.float32)
