@@ -1,0 +1,284 @@
+"""Pure-torch reference of one progressive agglomerative merging step.
+
+Algorithm (the spec every backend's ``agglomerative_merge_<backend>`` must equal):
+
+1. Clusters are the distinct label values; cluster ``i`` is the ``i``-th smallest value.
+2. Linkage of every unordered cluster pair ``i < j``, in the compute dtype (float32, or
+   float64 for float64 features):
+
+   * ``centroid``: ``D_ij = sqrt(max(|mu_i|^2 + |mu_j|^2 - 2 mu_i.mu_j, 0))`` between
+     cluster means ``mu`` (sums in the compute dtype divided by the sizes).
+   * ``tssl`` (TSSL Eq. 8): ``D_ij + exp(2 D_ij - (a_i + a_j))`` where ``a_i`` is the mean
+     of the ``k = min(neighbours, C - 1)`` smallest ``D_il`` over ``l != i``, summed in
+     ascending order and divided by ``k``. Large exponents overflow to ``inf``; such
+     pairs tie and fall back to ``(i, j)`` order.
+   * ``buc``: ``sqrt(min over samples s in i, t in j of the clamped squared distance)
+     + size_penalty * (|C_i| + |C_j|)`` (BUC's minimum distance with its diversity term).
+
+3. Pairs are ordered by ``(linkage, i, j)`` lexicographically and walked greedily with a
+   union-find; a pair whose clusters are already joined is skipped. The walk stops after
+   ``num_merges`` merges. Distances and sizes are frozen for the whole step.
+4. Output labels are the merged clusters renumbered ``0..C'-1`` by first appearance.
+
+Memory: the C x C pair matrix is never held. Cluster-pair linkages are produced in row
+tiles of at most ``_backend.tile_elements()`` entries (``j > i`` only); a running buffer
+keeps the smallest ``M`` pairs in ``(linkage, i, j)`` order. When those ``M`` pairs yield
+too few merges, the stream is replayed for the next pairs strictly after the last one
+walked, with ``M`` doubled (at most ``tile_elements()``). ``tssl`` first computes every
+``a_i`` in one pass over the tiles ``j >= i``, keeping a running k-smallest per row and,
+through the transpose, per column. ``buc`` sorts the samples by
+cluster and tiles over groups of whole clusters, so the sample-to-sample minimum reduces
+to a cluster-pair minimum inside one tile (a cluster larger than a tile is reduced over
+several row sub-tiles). Tile sizes change only the number of passes, never the result
+(except through float rounding of non-exact inputs, which the tile shape may affect).
+
+``precision`` is accepted for the common signature; the reference always computes at full
+precision of its compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from ... import _backend
+from . import _tiles
+
+# Smallest first batch of pairs kept for the greedy walk (and how much it exceeds
+# num_merges): redundant pairs inside already-joined clusters are common.
+_MIN_PAIR_BUFFER = 1024
+_PAIRS_PER_MERGE = 4
+
+# A block of linkages: (first row cluster, linkage tile [rows, C - first - 1]) where
+# tile[a, b] is the linkage of clusters (first + a, first + 1 + b); entries with j <= i
+# are ignored by the consumer.
+LinkageBlocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+
+
+def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage: str,
+                                  neighbours: int, size_penalty: float, precision: str) -> torch.Tensor:
+    """One greedy merging step; see the module docstring for the exact spec.
+
+    Parameters
+    ----------
+    x : Tensor [N, D], float (validated, contiguous)
+    labels : Tensor [N], int64 >= 0
+    num_merges : int, 0 <= num_merges <= C - 1
+    linkage : {"tssl", "centroid", "buc"}
+    neighbours : int >= 1
+    size_penalty : float >= 0
+    precision : {"highest", "tf32"} (ignored: the reference is always exact)
+
+    Returns
+    -------
+    Tensor [N], int64, labels renumbered 0..C'-1 by first appearance.
+    """
+    device = x.device
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    _, cluster_of_sample = torch.unique(labels, sorted=True, return_inverse=True)
+    num_clusters = int(cluster_of_sample.max()) + 1
+    root = torch.arange(num_clusters, device=device)
+    if num_merges > 0 and num_clusters > 1:
+        x = _tiles.prepare(x, "euclidean")
+        if linkage == "buc":
+            blocks = _buc_blocks(x, cluster_of_sample, num_clusters, size_penalty)
+        else:
+            blocks = _centroid_blocks(x, cluster_of_sample, num_clusters, linkage, neighbours)
+        root = _greedy_merge(blocks, num_clusters, num_merges, device)
+    return _renumber_by_first_appearance(root[cluster_of_sample])
+
+
+def _centroid_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, linkage: str,
+                     neighbours: int) -> LinkageBlocks:
+    sizes = torch.bincount(cluster_of_sample, minlength=num_clusters).to(x.dtype)
+    means = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
+    means.index_add_(0, cluster_of_sample, x)
+    means /= sizes.unsqueeze(1)
+    sq_norms = (means * means).sum(1)
+    density = _mean_neighbour_distance(means, sq_norms, neighbours) if linkage == "tssl" else None
+
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in _tiles.row_chunks(num_clusters, num_clusters):
+            distances = _tiles.distance_tile(means[start:stop], means[start + 1:], "euclidean", sq_norms[start + 1:])
+            if density is not None:
+                # TSSL Eq. 8: D + exp(2D - (a_i + a_j)); a_i + a_j rounds first. In place:
+                # -(s - 2D) is exactly 2D - s, since 2D and negation are exact.
+                exponent = density[start:stop, None] + density[None, start + 1:]
+                exponent.sub_(distances, alpha=2.0).neg_().exp_()
+                distances = exponent.add_(distances)
+            yield start, distances
+
+    return blocks
+
+
+def _mean_neighbour_distance(means: torch.Tensor, sq_norms: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """a_i: mean centroid distance of cluster i to its k nearest other clusters [C]."""
+    num_clusters = means.shape[0]
+    k = min(neighbours, num_clusters - 1)
+    # Only tiles with j >= i are computed (half the work): a tile row feeds its own
+    # running k-smallest, and its columns beyond the chunk feed theirs through the transpose.
+    nearest = torch.full((num_clusters, k), float("inf"), dtype=means.dtype, device=means.device)
+
+    def merge(current: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+        if new.shape[dim] > k:
+            new = torch.topk(new, k, dim=dim, largest=False).values
+        candidates = torch.cat([current, new if dim == 1 else new.T], dim=1)
+        return torch.topk(candidates, k, dim=1, largest=False, sorted=True).values
+
+    for start, stop in _tiles.row_chunks(num_clusters, num_clusters):
+        distances = _tiles.distance_tile(means[start:stop], means[start:], "euclidean", sq_norms[start:])
+        rows = torch.arange(stop - start, device=means.device)
+        distances[rows, rows] = float("inf")  # exclude self by index, not by value
+        nearest[start:stop] = merge(nearest[start:stop], distances, 1)
+        if stop < num_clusters:
+            nearest[stop:] = merge(nearest[stop:], distances[:, stop - start:], 0)
+    # Summed in ascending order so that the value is defined up to the last bit.
+    total = nearest[:, 0].clone()
+    for column in range(1, k):
+        total += nearest[:, column]
+    return total / k
+
+
+def _buc_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int,
+                size_penalty: float) -> LinkageBlocks:
+    device = x.device
+    order = torch.argsort(cluster_of_sample, stable=True)
+    x = x[order]
+    sample_cluster = cluster_of_sample[order]
+    counts = torch.bincount(sample_cluster, minlength=num_clusters)
+    offsets = torch.zeros(num_clusters + 1, dtype=torch.int64, device=device)
+    offsets[1:] = counts.cumsum(0)
+    offsets_list = offsets.tolist()
+    sizes = counts.to(x.dtype)
+    sq_norms = (x * x).sum(1)
+    num_samples = x.shape[0]
+
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        rows_per_tile = max(1, _backend.tile_elements() // num_samples)
+        first = 0
+        while first < num_clusters - 1:
+            # Whole clusters first..last-1 whose samples fit in one row tile (at least one cluster).
+            last = int(torch.searchsorted(offsets, offsets[first] + rows_per_tile, right=True)) - 1
+            last = min(max(last, first + 1), num_clusters)
+            column_start = offsets_list[first + 1]
+            column_cluster = (sample_cluster[column_start:] - (first + 1)).unsqueeze(0)
+            columns = x[column_start:]
+            column_norms = sq_norms[column_start:]
+            minimum = torch.full((last - first, num_clusters - first - 1), float("inf"), dtype=x.dtype,
+                                 device=device)
+            for row_start in range(offsets_list[first], offsets_list[last], rows_per_tile):
+                row_stop = min(row_start + rows_per_tile, offsets_list[last])
+                squared = _tiles.distance_tile(x[row_start:row_stop], columns, "sqeuclidean", column_norms)
+                per_sample = torch.full((row_stop - row_start, minimum.shape[1]), float("inf"), dtype=x.dtype,
+                                        device=device)
+                per_sample.scatter_reduce_(1, column_cluster.expand(squared.shape[0], -1), squared, "amin")
+                row_cluster = (sample_cluster[row_start:row_stop] - first).unsqueeze(1)
+                minimum.scatter_reduce_(0, row_cluster.expand(-1, per_sample.shape[1]), per_sample, "amin")
+            # sqrt is monotone, so sqrt(min) equals min(sqrt): the same value as the spec.
+            linkages = minimum.sqrt_() + size_penalty * (sizes[first:last, None] + sizes[None, first + 1:])
+            yield first, linkages
+            first = last
+
+    return blocks
+
+
+def _smallest_pairs(blocks: LinkageBlocks, num_clusters: int, capacity: int,
+                    after: tuple[torch.Tensor, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``capacity`` smallest pairs ``i < j`` in (linkage, i, j) order, strictly after ``after``.
+
+    Returns (linkages [M'], keys [M'] = i * C + j), sorted, M' <= capacity.
+    """
+    kept_values = kept_keys = None
+    threshold = None  # largest kept linkage once the buffer is full
+    for first, tile in blocks():
+        _mark_unwanted(tile, first, after)
+        cutoff = threshold
+        if cutoff is None and tile.numel() > capacity:
+            # The capacity-th smallest of this tile bounds the final cutoff from above.
+            local = torch.kthvalue(tile.flatten(), capacity).values
+            cutoff = None if bool(torch.isnan(local)) else local
+        wanted = ~torch.isnan(tile) if cutoff is None else tile <= cutoff
+        row_index, column_index = wanted.nonzero(as_tuple=True)
+        values = tile[row_index, column_index]
+        keys = (row_index + first) * num_clusters + (column_index + first + 1)
+        if kept_values is not None:
+            values = torch.cat([kept_values, values])
+            keys = torch.cat([kept_keys, keys])
+        if values.numel() > capacity:
+            small = values <= torch.kthvalue(values, capacity).values
+            values, keys = _lexsort(values[small], keys[small])
+            values, keys = values[:capacity], keys[:capacity]
+            threshold = values[-1]
+        kept_values, kept_keys = values, keys
+    if kept_values is None:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return _lexsort(kept_values, kept_keys)
+
+
+def _mark_unwanted(tile: torch.Tensor, first: int, after: tuple[torch.Tensor, int, int] | None) -> None:
+    """Set to NaN (never selected, sorted last) the pairs j <= i and those not after ``after``.
+
+    ``tile[a, b]`` is pair (first + a, first + 1 + b); linkages themselves are never NaN.
+    """
+    num_rows, num_columns = tile.shape
+    lead = min(num_rows, num_columns)
+    below_diagonal = torch.ones(num_rows, lead, dtype=torch.bool, device=tile.device).tril_(-1)
+    tile[:, :lead].masked_fill_(below_diagonal, float("nan"))
+    if after is None:
+        return
+    after_value, after_row, after_column = after
+    tile.masked_fill_(tile < after_value, float("nan"))
+    tie_rows, tie_columns = (tile == after_value).nonzero(as_tuple=True)
+    rows, columns = tie_rows + first, tie_columns + first + 1
+    not_later = (rows < after_row) | ((rows == after_row) & (columns <= after_column))
+    tile[tie_rows[not_later], tie_columns[not_later]] = float("nan")
+
+
+def _lexsort(values: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort by (value, key): keys first, then a stable sort by value."""
+    by_key = torch.argsort(keys)
+    values, keys = values[by_key], keys[by_key]
+    by_value = torch.argsort(values, stable=True)
+    return values[by_value], keys[by_value]
+
+
+def _greedy_merge(blocks: LinkageBlocks, num_clusters: int, num_merges: int, device: torch.device) -> torch.Tensor:
+    """Walk pairs in (linkage, i, j) order with a union-find; returns a root per cluster [C]."""
+    parent = list(range(num_clusters))
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    capacity = min(max(_PAIRS_PER_MERGE * num_merges, _MIN_PAIR_BUFFER), _backend.tile_elements())
+    merges = 0
+    after = None
+    while merges < num_merges:
+        values, keys = _smallest_pairs(blocks, num_clusters, capacity, after)
+        if keys.numel() == 0:
+            raise RuntimeError("agglomerative_merge: ran out of cluster pairs before num_merges merges")
+        for key in keys.tolist():
+            root_i, root_j = find(key // num_clusters), find(key % num_clusters)
+            if root_i != root_j:
+                parent[max(root_i, root_j)] = min(root_i, root_j)
+                merges += 1
+                if merges == num_merges:
+                    break
+        last_key = int(keys[-1])
+        after = (values[-1], last_key // num_clusters, last_key % num_clusters)
+        capacity = min(2 * capacity, _backend.tile_elements())
+    return torch.tensor([find(node) for node in range(num_clusters)], dtype=torch.int64, device=device)
+
+
+def _renumber_by_first_appearance(ids: torch.Tensor) -> torch.Tensor:
+    """Map arbitrary int64 ids [N] to 0..K-1 in order of first appearance."""
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(ids.numel(), device=ids.device)
+    first = torch.full((unique_ids.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
+    first.scatter_reduce_(0, inverse, positions, "amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(first.numel(), device=ids.device)
+    return rank[inverse]

@@ -1,0 +1,97 @@
+"""Pure-torch reference of re-id ranking evaluation (CMC, mAP, mINP; Market-1501 / MARS protocol).
+
+Algorithm (the spec every backend's ``evaluate_ranking_<backend>`` must equal), per query:
+
+1. Distances to every gallery entry with the shared formulas of ``_tiles.distance_tile``
+   (squared Euclidean ``|q|^2 + |g|^2 - 2 q.g`` clamped at 0, its square root for
+   ``euclidean``, ``1 - q_hat.g_hat`` for ``cosine``) in float32 (float64 inputs: float64).
+2. Gallery sorted by ascending distance, ties by gallery index (stable sort).
+3. Junk removed: entries with the query's identity *and* camera, and entries with
+   identity -1. Ranks are counted over the remaining entries, from 1.
+4. A query without a true match (same identity, kept) is skipped. Otherwise, with the
+   true matches at kept ranks ``r_1 < ... < r_m``:
+   first-match rank ``r_1`` (CMC), AP ``= (1/m) sum_t t / r_t``, INP ``= m / r_m``.
+5. ``cmc[r]`` = fraction of valid queries with ``r_1 <= r + 1`` for ``r < max_rank`` (ranks
+   past the gallery size repeat the last value); mAP and mINP are means over valid
+   queries, accumulated in float64.
+
+Queries are processed in row chunks, fully vectorised inside a chunk. A chunk holds at
+most ``tile_elements() / 4`` query-gallery entries because the sort and the per-entry
+int64 workspace take several times the distances' memory. Raises ``ValueError`` when
+no query is valid. ``precision`` is accepted for the common signature; the reference
+always computes at full precision of its compute dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ops.evaluation import RankingResult
+from . import _tiles
+
+# The sort, the gathered identities/cameras and the cumulative sums hold several int64
+# entries per distance; chunks are shrunk by this factor to keep memory near one tile.
+_WORKSPACE_FACTOR = 4
+
+
+def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch.Tensor,
+                               gallery_pids: torch.Tensor, query_cameras: torch.Tensor,
+                               gallery_cameras: torch.Tensor, metric: str, max_rank: int,
+                               precision: str) -> RankingResult:
+    """CMC, mAP and mINP of ranking ``gallery`` for every query; see the module docstring.
+
+    Parameters
+    ----------
+    query : Tensor [Q, D], float; gallery : Tensor [G, D], same dtype
+    query_pids, gallery_pids : Tensor [Q], [G], int64 (gallery -1: junk)
+    query_cameras, gallery_cameras : Tensor [Q], [G], int64
+    metric : {"euclidean", "sqeuclidean", "cosine"}
+    max_rank : int >= 1
+    precision : {"highest", "tf32"} (ignored: the reference is always exact)
+
+    Returns
+    -------
+    RankingResult with ``cmc`` float64 [max_rank] on the inputs' device.
+    """
+    device = query.device
+    num_query, num_gallery = query.shape[0], gallery.shape[0]
+    first_match_counts = torch.zeros(max_rank, dtype=torch.float64, device=device)
+    # Per-query values (0 for skipped queries) are summed once at the end so that the
+    # float64 sums do not depend on the chunking.
+    average_precision = torch.zeros(num_query, dtype=torch.float64, device=device)
+    inverse_negative_penalty = torch.zeros(num_query, dtype=torch.float64, device=device)
+    num_valid = torch.zeros((), dtype=torch.int64, device=device)
+    if num_gallery > 0:
+        query = _tiles.prepare(query, metric)
+        gallery = _tiles.prepare(gallery, metric)
+        gallery_sq_norms = (gallery * gallery).sum(1)
+        for start, stop in _tiles.row_chunks(num_query, num_gallery * _WORKSPACE_FACTOR):
+            distances = _tiles.distance_tile(query[start:stop], gallery, metric, gallery_sq_norms)
+            order = torch.argsort(distances, dim=1, stable=True)
+            del distances
+            ranked_pids = gallery_pids[order]
+            same_pid = ranked_pids == query_pids[start:stop, None]
+            junk = same_pid & (gallery_cameras[order] == query_cameras[start:stop, None])
+            junk |= ranked_pids == -1
+            del order, ranked_pids
+            keep = ~junk
+            matches = same_pid & keep
+            kept_rank = keep.cumsum(1)  # 1-based rank among kept entries
+            matches_so_far = matches.cumsum(1)
+            num_matches = matches_so_far[:, -1]
+            valid = num_matches > 0
+            first_rank = torch.where(matches, kept_rank, num_gallery + 1).amin(1)
+            last_rank = torch.where(matches, kept_rank, 0).amax(1)
+            precision_at_match = torch.where(matches, matches_so_far.double() / kept_rank.clamp_min(1), 0.0)
+            average_precision[start:stop] = precision_at_match.sum(1) / num_matches.clamp_min(1)
+            inverse_negative_penalty[start:stop] = num_matches.double() / last_rank.clamp_min(1)
+            num_valid += valid.sum()
+            counted = first_rank[valid & (first_rank <= max_rank)] - 1
+            first_match_counts += torch.bincount(counted, minlength=max_rank).to(torch.float64)
+    valid_queries = int(num_valid)
+    if valid_queries == 0:
+        raise ValueError(f"evaluate_ranking: none of the {num_query} queries has a true match among the "
+                         f"{num_gallery} gallery entries (same identity, not junk); nothing to evaluate")
+    cmc = first_match_counts.cumsum(0) / valid_queries
+    return RankingResult(cmc=cmc, mAP=float(average_precision.sum()) / valid_queries,
+                         mINP=float(inverse_negative_penalty.sum()) / valid_queries,
+                         num_valid_queries=valid_queries)
