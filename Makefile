@@ -9,7 +9,7 @@ $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch" "torchvision" "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PY) -m pip install -q -c constraints.txt -e ".[train,bench,dev]"
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[train,bench,dev]"
 	touch $@
 
 setup: $(VENV)/.deps build
