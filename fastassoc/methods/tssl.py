@@ -1,0 +1,379 @@
+"""TSSL: Tracklet Self-Supervised Learning (Wu, Zhu and Gong, AAAI 2020).
+
+No camera labels: batches are random tracklets, neighbourhoods and clusters span all cameras.
+Every batch holds ``L`` frames of each tracklet twice, once with the training transform
+(flip, crop) and once with the surrogate transform (flip, crop, rotation, colour jitter).
+Tracklet vectors are mean-pooled frame features, L2-normalised; ``D`` is the Euclidean
+distance. The loss is ``L = L_f + L_n + L_c`` (Eq. 2):
+
+- Eq. 3-4, frame coherence: the tracklet ``T_i`` is reformulated as its ``L`` frames plus
+  ``L - 1`` surrogate frames; the held-out surrogate frame ``t*_ip`` (random ``p``) is the
+  positive, ``L_f = [alpha + D(V_Ti, V_t*) - D(V_Ti, V_Tn)]+`` with alpha = 2 and a negative
+  ``T_n`` from the batch chosen with cyclic ranking: the batch's nearest other tracklet
+  unless the two are each other's nearest (cyclic-consistent, likely one person), then the
+  second nearest (:func:`fastassoc.topk_anchors` on the batch).
+- Eq. 5-6, neighbourhood compactness over a tracklet memory ``M`` updated by EMA
+  (``V_t = (1 - eta) V + eta V_{t-1}``, eta = 0.5, :func:`fastassoc.ema_update_`) before the
+  loss as in Algorithm 1: ``L_n = -lambda log(exp(-s D(V_i, M_K)) / sum_{j != i} exp(-s D(V_i, M_j)))``
+  with ``K`` the memory's nearest neighbour of ``V_i`` (itself excluded, topk_anchors), s = 10,
+  lambda = 0.1. The denominator runs over the whole memory in bounded tiles
+  (:class:`NeighbourhoodNLL`, exact gradient, never a B x N matrix beyond one tile).
+- Eq. 7, cluster structure: softmax over a cluster memory ``V_c`` with temperature
+  tau = 0.1 (:func:`fastassoc.segmented_cross_entropy`, one segment, scale 1/tau), ``V_c``
+  updated by the EMA of Eq. 6 after each step and re-initialised (mean of its members'
+  memory rows, normalised) after every merge.
+- Eq. 8, progressive merging (:func:`fastassoc.agglomerative_merge`): starting from one
+  cluster per tracklet, after the first stage (``first_stage_epochs``, 20 in the paper) and
+  then every ``epochs_per_stage`` (5) epochs, ``round(delta * N)`` merges (delta = 0.05) with
+  the distribution-aware distance, N_k = 4 neighbour clusters.
+
+Readings and options
+--------------------
+``linkage``
+    Eq. 8 is typeset as ``D + exp(2 D) - (a_i + a_j)`` but the text says the exponential
+    "models the difference between" the pair's centroid distance and the clusters' mean
+    neighbour distances; the default ``"tssl"`` is that text reading,
+    ``D + exp(2 D - (a_i + a_j))`` (the op's ``tssl`` linkage). ``"centroid"`` and ``"buc"``
+    (BUC's minimum distance, Fig. 5's variants) are the alternatives the op offers.
+``merge_features``
+    ``"cluster_memory"`` (default): ``D_c`` between cluster-memory vectors ``V_c`` as Eq. 8
+    writes it; ``"tracklet_memory"``: between the means of the members' tracklet-memory rows.
+``negative``
+    ``"cyclic"`` (default, above), ``"hardest"`` (nearest other tracklet of the batch),
+    ``"random"``.
+``frame_weight``, ``cluster_weight``, ``lambda_neighbour``
+    Weights of L_f, L_c and L_n (1, 1, 0.1); 0 removes a term (the paper's Table 3 ablations).
+``max_merge_steps``
+    Algorithm 1 runs ``1 / delta`` merging steps of ``delta * N`` merges each, i.e. down to one
+    cluster, and keeps the best of the models after each step judged on the test set. That
+    uses test labels, so this trainer returns the last model and can stop merging after
+    ``max_merge_steps`` steps instead (None: merge at every stage end, as the paper).
+Distances are between L2-normalised vectors throughout (the scale s = 10 and temperature
+tau = 0.1 assume unit vectors); with alpha = 2 the hinge of Eq. 4 is then never inactive.
+
+On the synthetic world (measured, small CNN from scratch) TSSL does not lift rank-1 over the
+untrained network: with no camera labels its instance-level losses (L_c over one cluster per
+tracklet, L_n over the whole memory) also push apart same-identity tracklets of different
+cameras, most easily with the cameras' own colour casts and scenes, which the synthetic
+cameras exaggerate; L_f alone keeps rank-1 and raises neighbour precision. The papers start
+from ImageNet-pretrained networks, which this world cannot offer.
+
+Diagnostics each epoch (ground truth known): ``clusters``, ``purity`` (cluster majority
+identity), ``nn_precision`` (fraction of tracklets whose memory nearest neighbour shares
+their identity), ``merges`` done at that epoch's end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .. import _backend, agglomerative_merge, ema_update_, segmented_cross_entropy, topk_anchors
+from .. import data as fdata
+from .base import Trainer, TrainConfig, one_hot_csr
+
+NEGATIVES = ("cyclic", "hardest", "random")
+MERGE_FEATURES = ("cluster_memory", "tracklet_memory")
+
+
+@dataclass
+class TSSLConfig(TrainConfig):
+    """TSSL hyper-parameters (paper defaults); the rest as :class:`TrainConfig`."""
+
+    alpha: float = 2.0
+    frame_weight: float = 1.0
+    cluster_weight: float = 1.0
+    scale: float = 10.0
+    lambda_neighbour: float = 0.1
+    eta: float = 0.5
+    tau: float = 0.1
+    delta: float = 0.05
+    neighbours: int = 4
+    linkage: str = "tssl"
+    merge_features: str = "cluster_memory"
+    negative: str = "cyclic"
+    first_stage_epochs: int = 20
+    epochs_per_stage: int = 5
+    max_merge_steps: int | None = None
+    tracklets_per_batch: int = 16
+    train_erasing: float = 0.0
+    rotation: float = 10.0
+    colour_jitter: float = 0.4
+
+
+class _SurrogateFrames(Dataset):
+    """Item ``i``: ``(frames [2L, 3, H, W], i, camera)``, the same ``L`` frames through the
+    training transform (first ``L``) and the surrogate transform (last ``L``)."""
+
+    def __init__(self, tracklets, load_frame, frames_per_tracklet, transform, surrogate):
+        self.tracklets, self.load_frame = tracklets, load_frame
+        self.count, self.transform, self.surrogate = frames_per_tracklet, transform, surrogate
+
+    def __len__(self):
+        return len(self.tracklets)
+
+    def __getitem__(self, index):
+        tracklet = self.tracklets[index]
+        images = [self.load_frame(tracklet.frames[p]) for p in fdata.sample_frames(len(tracklet), self.count)]
+        frames = [self.transform(im) for im in images] + [self.surrogate(im) for im in images]
+        return torch.stack(frames), int(index), tracklet.camera
+
+
+class NeighbourhoodNLL(torch.autograd.Function):
+    r"""Per-row :math:`s D(v_i, m_{k_i}) + \log \sum_{j \ne e_i} \exp(-s D(v_i, m_j))` (TSSL Eq. 5
+    without lambda), ``D`` Euclidean, streamed over memory tiles of at most
+    ``_backend.tile_elements()`` entries in the forward and the backward pass.
+
+    ``apply(v [B, D], memory [N, D], exclude [B] (-1: none), target [B], scale)`` -> [B];
+    gradient with respect to ``v`` only (the memory is not learned).
+    """
+
+    @staticmethod
+    def _tiles(num_rows, num_memory):
+        step = max(1, _backend.tile_elements() // max(num_rows, 1))
+        return range(0, num_memory, step), step
+
+    @staticmethod
+    def _distances(v, v_sq, memory_tile):
+        sq = (v_sq[:, None] + memory_tile.pow(2).sum(1)[None, :] - 2.0 * v @ memory_tile.T).clamp_min(0)
+        return sq.sqrt()
+
+    @staticmethod
+    def forward(ctx, v, memory, exclude, target, scale):
+        v32, mem32 = v.detach().float(), memory.detach().float()
+        v_sq = v32.pow(2).sum(1)
+        lse = torch.full((v.shape[0],), float("-inf"), device=v.device)
+        starts, step = NeighbourhoodNLL._tiles(v.shape[0], memory.shape[0])
+        for start in starts:
+            logits = -scale * NeighbourhoodNLL._distances(v32, v_sq, mem32[start:start + step])
+            cols = torch.arange(start, start + logits.shape[1], device=v.device)
+            logits = logits.masked_fill(cols[None, :] == exclude[:, None], float("-inf"))
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, 1))
+        d_target = (v32 - mem32[target]).pow(2).sum(1).clamp_min(0).sqrt()
+        ctx.save_for_backward(v, memory, exclude, target, lse)
+        ctx.scale = scale
+        return (scale * d_target + lse).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, memory, exclude, target, lse = ctx.saved_tensors
+        scale = ctx.scale
+        v32, mem32 = v.detach().float(), memory.detach().float()
+        v_sq = v32.pow(2).sum(1)
+        eps = 1e-6
+        # d/dv D(v, m) = (v - m) / D; the softmax part contributes -s * sum_j p_j (v - m_j) / D_j.
+        weight_sum = torch.zeros(v.shape[0], device=v.device)
+        weighted_memory = torch.zeros_like(v32)
+        starts, step = NeighbourhoodNLL._tiles(v.shape[0], memory.shape[0])
+        for start in starts:
+            tile = mem32[start:start + step]
+            dist = NeighbourhoodNLL._distances(v32, v_sq, tile)
+            cols = torch.arange(start, start + tile.shape[0], device=v.device)
+            prob = torch.exp(-scale * dist - lse[:, None]).masked_fill(cols[None, :] == exclude[:, None], 0.0)
+            coeff = prob / dist.clamp_min(eps)
+            weight_sum += coeff.sum(1)
+            weighted_memory += coeff @ tile
+        grad = -scale * (v32 * weight_sum[:, None] - weighted_memory)
+        diff = v32 - mem32[target]
+        grad += scale * diff / diff.pow(2).sum(1).sqrt().clamp_min(eps)[:, None]
+        return (grad * grad_out.float()[:, None]).to(v.dtype), None, None, None, None
+
+
+def neighbourhood_loss(v: torch.Tensor, memory: torch.Tensor, exclude: torch.Tensor, target: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """Mean over rows of TSSL Eq. 5 without lambda (see :class:`NeighbourhoodNLL`)."""
+    return NeighbourhoodNLL.apply(v, memory, exclude, target, float(scale)).mean()
+
+
+class TSSLTrainer(Trainer):
+    """Tracklet Self-Supervised Learning; see the module docstring."""
+
+    name = "tssl"
+    Config = TSSLConfig
+    PRESETS = {
+        "smoke": dict(optimizer="adam", lr=1e-3, epochs=4, first_stage_epochs=2, epochs_per_stage=1, delta=0.1,
+                      tracklets_per_batch=12, frames_per_tracklet=2),
+        "demo": dict(optimizer="adam", lr=3e-4, epochs=10, first_stage_epochs=3, epochs_per_stage=1, delta=0.08,
+                     max_merge_steps=6, tracklets_per_batch=32, frames_per_tracklet=2),
+        # ResNet-50 (ImageNet weights via --weights), L = 16 frames (video), SGD 0.01, x0.1 after 15 epochs,
+        # 20 epochs then 5 per merging step, 1/delta steps. The batch size is not given; 16 tracklets is ours.
+        "paper": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, scheduler="multistep",
+                      milestones=(15,), gamma=0.1, epochs=115, first_stage_epochs=20, epochs_per_stage=5,
+                      tracklets_per_batch=16, frames_per_tracklet=16),
+    }
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    def surrogate_transform(self):
+        from torchvision import transforms as T
+
+        c = self.config
+        h, w = c.image_size
+        jitter = c.colour_jitter
+        return T.Compose([
+            T.Resize((h, w)), T.RandomHorizontalFlip(), T.Pad(max(1, round(h / 25.6))), T.RandomCrop((h, w)),
+            T.RandomRotation(c.rotation), T.ColorJitter(jitter, jitter, jitter, min(jitter / 4, 0.5)), T.ToTensor(),
+            T.Normalize(fdata.IMAGENET_MEAN, fdata.IMAGENET_STD)])
+
+    def build_loader(self):
+        c = self.config
+        # No camera labels: one pseudo-camera, so the camera-balanced sampler draws plain random batches.
+        sampler = fdata.CameraBalancedSampler(torch.zeros(len(self.train), dtype=torch.int64),
+                                              min(c.tracklets_per_batch, len(self.train)),
+                                              num_batches=c.batches_per_epoch, seed=c.seed)
+        dataset = _SurrogateFrames(self.train, self.dataset.load_frame, c.frames_per_tracklet,
+                                   self.train_transform(), self.surrogate_transform())
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=c.num_workers,
+                          persistent_workers=c.num_workers > 0, pin_memory=self.device.type == "cuda")
+
+    def calibrate_batchnorm(self, batches: int) -> None:
+        # Only the training-transform half of each batch, as at test time.
+        count = self.config.frames_per_tracklet
+        forward = self.frame_features
+        self.frame_features = lambda frames, model=None: forward(frames[:, :count], model)
+        try:
+            super().calibrate_batchnorm(batches)
+        finally:
+            del self.frame_features
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        c = self.config
+        for name, value, options in (("negative", c.negative, NEGATIVES),
+                                     ("merge_features", c.merge_features, MERGE_FEATURES)):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        with self.association("init memory"):
+            self.memory = self.train_features("mean", normalize=True, desc="init memory").contiguous()
+        self.labels = torch.arange(len(self.train), device=self.device)
+        self.cluster_memory = self.memory.clone()
+        self.merge_steps = 0
+
+    def method_state(self) -> dict:
+        return {"memory": self.memory, "labels": self.labels, "cluster_memory": self.cluster_memory,
+                "merge_steps": self.merge_steps}
+
+    def load_method_state(self, state: dict) -> None:
+        self.memory = state["memory"].contiguous()
+        self.labels = state["labels"]
+        self.cluster_memory = state["cluster_memory"].contiguous()
+        self.merge_steps = int(state["merge_steps"])
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def _negatives(self, v: torch.Tensor) -> torch.Tensor:
+        count = v.shape[0]
+        if self.config.negative == "random":
+            shift = torch.randint(1, max(count, 2), (count,), device=v.device)
+            return (torch.arange(count, device=v.device) + shift) % count
+        _, nearest = topk_anchors(v, v, 2, metric="euclidean", exclude=torch.arange(count, device=v.device),
+                                  backend=self.backend)
+        first, second = nearest[:, 0], nearest[:, 1]
+        if self.config.negative == "hardest":
+            return first
+        # Cyclic ranking: i's nearest n whose own nearest is i again is likely the same person.
+        consistent = nearest[first.clamp_min(0), 0] == torch.arange(count, device=v.device)
+        return torch.where(consistent & (second >= 0), second, first)
+
+    def train_step(self, frames, index, cameras, epoch):
+        c = self.config
+        count = c.frames_per_tracklet
+        feats = self.frame_features(frames)                                     # [B, 2L, D]
+        batch = feats.shape[0]
+        original, surrogate = feats[:, :count], feats[:, count:]
+        held_out = torch.randint(count, (batch,), device=self.device)
+        keep = torch.ones(batch, count, dtype=torch.bool, device=self.device)
+        keep[torch.arange(batch, device=self.device), held_out] = False
+        # Eq. 3: the L original frames and the L - 1 surrogate frames other than p.
+        pooled = (original.sum(1) + (surrogate * keep[..., None]).sum(1)) / (2 * count - 1)
+        v = F.normalize(pooled, dim=1)
+        positive = F.normalize(surrogate[torch.arange(batch, device=self.device), held_out], dim=1)
+        negative = self._negatives(v.detach())
+        valid = negative >= 0
+        d_pos = (v - positive).pow(2).sum(1).add(1e-12).sqrt()
+        d_neg = (v - v[negative.clamp_min(0)]).pow(2).sum(1).add(1e-12).sqrt()
+        loss_f = (F.relu(c.alpha + d_pos - d_neg) * valid).sum() / valid.sum().clamp_min(1)     # Eq. 4
+
+        with torch.no_grad():
+            ema_update_(self.memory, index, v.detach(), c.eta, normalize=True, backend=self.backend)  # Eq. 6
+            _, neighbour = topk_anchors(v.detach(), self.memory, 1, metric="euclidean", exclude=index,
+                                        backend=self.backend)
+        neighbour = neighbour[:, 0]
+        has_neighbour = neighbour >= 0
+        if bool(has_neighbour.all()):
+            loss_n = c.lambda_neighbour * neighbourhood_loss(v, self.memory, index, neighbour, c.scale)  # Eq. 5
+        else:
+            loss_n = v.sum() * 0.0
+        targets = one_hot_csr(self.labels[index], self.cluster_memory.shape[0])
+        loss_c = segmented_cross_entropy(v, self.cluster_memory, targets, scale=1.0 / c.tau,
+                                         backend=self.backend)                                         # Eq. 7
+        self._last = (index, v.detach())
+        loss = c.frame_weight * loss_f + loss_n + c.cluster_weight * loss_c
+        return {"loss": loss, "loss_frame": loss_f.detach(), "loss_neighbour": loss_n.detach(),
+                "loss_cluster": loss_c.detach()}
+
+    def after_step(self, frames, index, cameras, epoch):
+        index, v = self._last
+        del self._last
+        # Cluster memory follows Eq. 6 too; updated after the backward pass that read it.
+        ema_update_(self.cluster_memory, self.labels[index], v, self.config.eta, normalize=True,
+                    backend=self.backend)
+
+    def is_merge_epoch(self, epoch: int) -> bool:
+        """Whether clusters merge after 0-based ``epoch`` (never after the last one)."""
+        c = self.config
+        done = epoch + 1
+        if done >= c.epochs or done < c.first_stage_epochs:
+            return False
+        if c.max_merge_steps is not None and self.merge_steps >= c.max_merge_steps:
+            return False
+        return (done - c.first_stage_epochs) % max(c.epochs_per_stage, 1) == 0
+
+    def merge(self) -> int:
+        """One progressive merging step (Eq. 8); returns the number of merges done."""
+        c = self.config
+        num_clusters = self.cluster_memory.shape[0]
+        num_merges = min(int(round(c.delta * len(self.train))), num_clusters - 1)
+        if num_merges <= 0:
+            return 0
+        with self.association("merge clusters"):
+            if c.merge_features == "cluster_memory":
+                # One row per cluster: Eq. 8's D_c between cluster-memory vectors.
+                clusters = torch.arange(num_clusters, device=self.device)
+                cluster_labels = agglomerative_merge(self.cluster_memory, clusters, num_merges, linkage=c.linkage,
+                                                     neighbours=c.neighbours, backend=self.backend)
+                self.labels = cluster_labels[self.labels]
+            else:
+                self.labels = agglomerative_merge(self.memory, self.labels, num_merges, linkage=c.linkage,
+                                                  neighbours=c.neighbours, backend=self.backend)
+            self.labels = torch.unique(self.labels, return_inverse=True)[1]
+            # Re-initialise the cluster memory: normalised mean of the members' tracklet memory.
+            count = int(self.labels.max()) + 1
+            sums = torch.zeros(count, self.memory.shape[1], device=self.device).index_add_(0, self.labels, self.memory)
+            self.cluster_memory = F.normalize(sums, dim=1).contiguous()
+        self.merge_steps += 1
+        return num_merges
+
+    def state_diagnostics(self) -> dict:
+        """Cluster count and purity, and the precision of the memory's nearest neighbours."""
+        if not self.has_ground_truth:
+            return {"clusters": int(self.labels.max()) + 1}
+        diagnostics = self.cluster_diagnostics(self.labels)
+        diagnostics.pop("ids", None)
+        with self.association("memory neighbours"):
+            _, nearest = topk_anchors(self.memory, self.memory, 1, metric="euclidean",
+                                      exclude=torch.arange(len(self.memory), device=self.device), backend=self.backend)
+        found = nearest[:, 0] >= 0
+        rows = torch.arange(len(self.memory), device=self.device)[found]
+        diagnostics["nn_precision"] = self.pair_diagnostics(rows, nearest[found, 0])["pairs_precision"]
+        return diagnostics
+
+    def initial_diagnostics(self):
+        return self.state_diagnostics()
+
+    def on_epoch_end(self, epoch):
+        merges = self.merge() if self.is_merge_epoch(epoch) else 0
+        return {"merges": merges, **self.state_diagnostics()}
