@@ -18,19 +18,6 @@ from fastassoc.methods.base import (CameraLayout, Trainer, TrainConfig, atomic_s
                                     tiny_config)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return data.SyntheticTracklets(**base.TINY_WORLD, image_size=(32, 16))
-
-
 def _csr(dense: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

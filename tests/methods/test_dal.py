@@ -11,19 +11,6 @@ from fastassoc.methods.base import tiny_config
 from fastassoc.methods.dal import DALTrainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return data.SyntheticTracklets(**base.TINY_WORLD, image_size=(32, 16))
-
-
 def _quiet(line):
     pass
 
