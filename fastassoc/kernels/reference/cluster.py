@@ -86,7 +86,7 @@ def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_mer
         else:
             blocks = _centroid_blocks(x, cluster_of_sample, num_clusters, linkage, neighbours)
         root = _greedy_merge(blocks, num_clusters, num_merges, device)
-    return _renumber_by_first_appearance(root[cluster_of_sample])
+    return renumber_by_first_appearance(root[cluster_of_sample])
 
 
 def _centroid_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, linkage: str,
@@ -246,13 +246,6 @@ def _lexsort(values: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, to
 def _greedy_merge(blocks: LinkageBlocks, num_clusters: int, num_merges: int, device: torch.device) -> torch.Tensor:
     """Walk pairs in (linkage, i, j) order with a union-find; returns a root per cluster [C]."""
     parent = list(range(num_clusters))
-
-    def find(node: int) -> int:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
     capacity = min(max(_PAIRS_PER_MERGE * num_merges, _MIN_PAIR_BUFFER), _backend.tile_elements())
     merges = 0
     after = None
@@ -260,21 +253,54 @@ def _greedy_merge(blocks: LinkageBlocks, num_clusters: int, num_merges: int, dev
         values, keys = _smallest_pairs(blocks, num_clusters, capacity, after)
         if keys.numel() == 0:
             raise RuntimeError("agglomerative_merge: ran out of cluster pairs before num_merges merges")
-        for key in keys.tolist():
-            root_i, root_j = find(key // num_clusters), find(key % num_clusters)
-            if root_i != root_j:
-                parent[max(root_i, root_j)] = min(root_i, root_j)
-                merges += 1
-                if merges == num_merges:
-                    break
+        merged, _ = union_pair_keys(parent, keys.tolist(), num_clusters, num_merges - merges)
+        merges += merged
         last_key = int(keys[-1])
         after = (values[-1], last_key // num_clusters, last_key % num_clusters)
         capacity = min(2 * capacity, _backend.tile_elements())
-    return torch.tensor([find(node) for node in range(num_clusters)], dtype=torch.int64, device=device)
+    return union_find_roots(parent, device)
 
 
-def _renumber_by_first_appearance(ids: torch.Tensor) -> torch.Tensor:
-    """Map arbitrary int64 ids [N] to 0..K-1 in order of first appearance."""
+def find_root(parent: list[int], node: int) -> int:
+    """Root of ``node`` in the union-find forest ``parent`` (path halving, updates ``parent``)."""
+    while parent[node] != node:
+        parent[node] = parent[parent[node]]
+        node = parent[node]
+    return node
+
+
+def union_pair_keys(parent: list[int], keys: list[int], num_clusters: int, merges_left: int
+                    ) -> tuple[int, int | None]:
+    """Greedy union of cluster pairs given as keys ``i * num_clusters + j``, in the given order.
+
+    A pair whose clusters already share a root is skipped; otherwise the larger root is
+    attached to the smaller one. Stops once ``merges_left`` (>= 1) merges are made.
+    Shared by the reference and the Triton merging step.
+
+    Returns
+    -------
+    (merges made, position in ``keys`` of the pair that made the last needed merge, or
+    None when the keys ran out first)
+    """
+    merges = 0
+    for position, key in enumerate(keys):
+        root_i, root_j = find_root(parent, key // num_clusters), find_root(parent, key % num_clusters)
+        if root_i != root_j:
+            parent[max(root_i, root_j)] = min(root_i, root_j)
+            merges += 1
+            if merges == merges_left:
+                return merges, position
+    return merges, None
+
+
+def union_find_roots(parent: list[int], device: torch.device) -> torch.Tensor:
+    """Root of every node of the union-find forest ``parent`` as an int64 tensor [C] on ``device``."""
+    return torch.tensor([find_root(parent, node) for node in range(len(parent))], dtype=torch.int64,
+                        device=device)
+
+
+def renumber_by_first_appearance(ids: torch.Tensor) -> torch.Tensor:
+    """Map arbitrary int64 ids [N] to 0..K-1 in order of first appearance (shared with Triton)."""
     unique_ids, inverse = torch.unique(ids, return_inverse=True)
     positions = torch.arange(ids.numel(), device=ids.device)
     first = torch.full((unique_ids.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)

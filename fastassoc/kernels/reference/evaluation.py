@@ -76,17 +76,48 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
             keep = ~junk
             matches = same_pid & keep
             kept_rank = keep.cumsum(1)  # 1-based rank among kept entries
-            matches_so_far = matches.cumsum(1)
-            num_matches = matches_so_far[:, -1]
-            valid = num_matches > 0
-            first_rank = torch.where(matches, kept_rank, num_gallery + 1).amin(1)
-            last_rank = torch.where(matches, kept_rank, 0).amax(1)
-            precision_at_match = torch.where(matches, matches_so_far.double() / kept_rank.clamp_min(1), 0.0)
-            average_precision[start:stop] = precision_at_match.sum(1) / num_matches.clamp_min(1)
-            inverse_negative_penalty[start:stop] = num_matches.double() / last_rank.clamp_min(1)
-            num_valid += valid.sum()
-            counted = first_rank[valid & (first_rank <= max_rank)] - 1
-            first_match_counts += torch.bincount(counted, minlength=max_rank).to(torch.float64)
+            score_ranked_matches(matches, kept_rank, start, stop, max_rank, first_match_counts,
+                                 average_precision, inverse_negative_penalty, num_valid)
+    return ranking_result(first_match_counts, average_precision, inverse_negative_penalty, num_valid,
+                          num_query, num_gallery)
+
+
+def score_ranked_matches(matches: torch.Tensor, ranks: torch.Tensor, start: int, stop: int, max_rank: int,
+                         first_match_counts: torch.Tensor, average_precision: torch.Tensor,
+                         inverse_negative_penalty: torch.Tensor, num_valid: torch.Tensor) -> None:
+    """Accumulate CMC / AP / INP of one query chunk from its ranked match mask (shared with Triton).
+
+    Parameters
+    ----------
+    matches : Tensor [R, G], bool: true matches (same identity, not junk) in ranked order
+    ranks : Tensor [R, G] or [G], int64: 1-based rank among kept entries of each position
+    start, stop : int, the chunk's query rows (``stop - start == R``)
+    max_rank : int
+    first_match_counts : Tensor [max_rank], float64, updated in place (+= counts of first-match ranks)
+    average_precision, inverse_negative_penalty : Tensor [Q], float64, rows ``start:stop`` written
+    num_valid : Tensor [], int64, updated in place (+= queries with a true match)
+    """
+    matches_so_far = matches.cumsum(1)
+    num_matches = matches_so_far[:, -1]
+    valid = num_matches > 0
+    first_rank = torch.where(matches, ranks, matches.shape[1] + 1).amin(1)
+    last_rank = torch.where(matches, ranks, 0).amax(1)
+    precision_at_match = torch.where(matches, matches_so_far.double() / ranks.clamp_min(1), 0.0)
+    average_precision[start:stop] = precision_at_match.sum(1) / num_matches.clamp_min(1)
+    inverse_negative_penalty[start:stop] = num_matches.double() / last_rank.clamp_min(1)
+    num_valid += valid.sum()
+    counted = first_rank[valid & (first_rank <= max_rank)] - 1
+    first_match_counts += torch.bincount(counted, minlength=max_rank).to(torch.float64)
+
+
+def ranking_result(first_match_counts: torch.Tensor, average_precision: torch.Tensor,
+                   inverse_negative_penalty: torch.Tensor, num_valid: torch.Tensor, num_query: int,
+                   num_gallery: int) -> RankingResult:
+    """RankingResult from the accumulated per-query values (shared with Triton).
+
+    Raises ``ValueError`` when no query is valid; mAP and mINP are float64 sums over all
+    queries (0 for skipped ones) divided by the number of valid queries.
+    """
     valid_queries = int(num_valid)
     if valid_queries == 0:
         raise ValueError(f"evaluate_ranking: none of the {num_query} queries has a true match among the "

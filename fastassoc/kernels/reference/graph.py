@@ -50,7 +50,7 @@ from ._tiles import distance_tile, prepare, row_chunks
 from .knn import smallest_k
 
 
-def _to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+def to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
     """Sparse CSR [size, size] float32 from unique (row, col) entries, columns sorted per row."""
     device = values.device
     order = torch.argsort(rows * size + cols)
@@ -62,6 +62,42 @@ def _to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: 
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols, values.to(torch.float32), size=(size, size),
                                        check_invariants=False)
+
+
+def graph_from_directed_pairs(sources: torch.Tensor, targets: torch.Tensor, normalised: torch.Tensor,
+                              min_similarity: float | None, self_loops: bool) -> torch.Tensor:
+    """Symmetric cross-camera graph from directed top-k pairs (shared by the reference and Triton).
+
+    A pair ``i -> j`` becomes an edge when ``j -> i`` is also listed (keys ``i * N + j``,
+    ``torch.isin``). Its weight is the dot product of ``normalised`` rows ``min(i, j)`` and
+    ``max(i, j)`` (once per unordered pair, so the matrix is exactly symmetric); with
+    ``min_similarity`` only weights ``> min_similarity`` (compared in float64) are kept;
+    ``self_loops`` adds weight 1 on the diagonal.
+
+    Parameters
+    ----------
+    sources, targets : Tensor [P], int64 global indices of the directed pairs
+    normalised : Tensor [N, D], the L2-normalised rows (their dtype is the weights' dtype)
+    min_similarity : float or None
+    self_loops : bool
+
+    Returns
+    -------
+    Tensor [N, N], sparse CSR, float32, column indices sorted per row.
+    """
+    num_rows = normalised.shape[0]
+    mutual = torch.isin(targets * num_rows + sources, sources * num_rows + targets)
+    rows, cols = sources[mutual], targets[mutual]
+    low, high = torch.minimum(rows, cols), torch.maximum(rows, cols)
+    weights = (normalised[low] * normalised[high]).sum(1)
+    if min_similarity is not None:
+        strong = weights.to(torch.float64) > min_similarity
+        rows, cols, weights = rows[strong], cols[strong], weights[strong]
+    if self_loops:
+        diagonal = torch.arange(num_rows, device=normalised.device)
+        rows, cols = torch.cat([rows, diagonal]), torch.cat([cols, diagonal])
+        weights = torch.cat([weights, weights.new_ones(num_rows)])
+    return to_csr(rows, cols, weights, num_rows)
 
 
 def _camera_members(cameras: torch.Tensor, num_cameras: int) -> list[torch.Tensor]:
@@ -124,19 +160,7 @@ def cross_camera_graph_reference(x: torch.Tensor, cameras: torch.Tensor, num_cam
                 pair = _nearest_pairs(xn, members, others, k)
             sources.append(pair[0])
             targets.append(pair[1])
-    sources, targets = torch.cat(sources), torch.cat(targets)
-    mutual = torch.isin(targets * num_rows + sources, sources * num_rows + targets)
-    rows, cols = sources[mutual], targets[mutual]
-    low, high = torch.minimum(rows, cols), torch.maximum(rows, cols)
-    weights = (xn[low] * xn[high]).sum(1)
-    if min_similarity is not None:
-        strong = weights.to(torch.float64) > min_similarity
-        rows, cols, weights = rows[strong], cols[strong], weights[strong]
-    if self_loops:
-        diagonal = torch.arange(num_rows, device=device)
-        rows, cols = torch.cat([rows, diagonal]), torch.cat([cols, diagonal])
-        weights = torch.cat([weights, weights.new_ones(num_rows)])
-    return _to_csr(rows, cols, weights, num_rows)
+    return graph_from_directed_pairs(torch.cat(sources), torch.cat(targets), xn, min_similarity, self_loops)
 
 
 def knn_soft_labels_reference(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int, k: int,
@@ -183,4 +207,4 @@ def knn_soft_labels_reference(x: torch.Tensor, cameras: torch.Tensor, num_camera
         rows.append(members.unsqueeze(1).expand_as(neighbours).reshape(-1))
         cols.append(members[neighbours].reshape(-1))
         weights.append((weight / row_sums.unsqueeze(1)).reshape(-1))
-    return _to_csr(torch.cat(rows), torch.cat(cols), torch.cat(weights), num_rows)
+    return to_csr(torch.cat(rows), torch.cat(cols), torch.cat(weights), num_rows)

@@ -44,6 +44,7 @@ import math
 
 import torch
 
+from ..reference.cluster import renumber_by_first_appearance, union_find_roots, union_pair_keys
 from . import _common
 from ._common import Operand, RowGroup
 from .knn import topk_anchors_triton
@@ -91,26 +92,17 @@ class _PairStream:
 def _walk(values: torch.Tensor, keys: torch.Tensor, num_clusters: int, num_merges: int):
     """Greedy union-find walk of pairs sorted by (value, key); returns (parent, stop value)."""
     parent = list(range(num_clusters))
-
-    def find(node: int) -> int:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
     merges, position, total = 0, 0, keys.numel()
     batch = max(4 * num_merges, 1024)
     while merges < num_merges and position < total:
-        for offset, key in enumerate(keys[position:position + batch].tolist()):
-            root_i, root_j = find(key // num_clusters), find(key % num_clusters)
-            if root_i != root_j:
-                parent[max(root_i, root_j)] = min(root_i, root_j)
-                merges += 1
-                if merges == num_merges:
-                    return parent, find, values[position + offset]
+        merged, offset = union_pair_keys(parent, keys[position:position + batch].tolist(), num_clusters,
+                                         num_merges - merges)
+        merges += merged
+        if offset is not None:
+            return parent, values[position + offset]
         position += batch
         batch *= 2
-    return parent, find, None
+    return parent, None
 
 
 def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) -> torch.Tensor:
@@ -131,7 +123,7 @@ def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) ->
         pool_value, pool_key = pool_value[by_key], pool_key[by_key]
         by_value = torch.sort(pool_value, stable=True).indices
         pool_value, pool_key = pool_value[by_value], pool_key[by_value]
-        parent, find, stop_value = _walk(pool_value, pool_key, num_clusters, num_merges)
+        parent, stop_value = _walk(pool_value, pool_key, num_clusters, num_merges)
         # Rows whose next (unseen) pair may be <= the stop value must be rescanned.
         deficient = full if stop_value is None else full & (last_value <= stop_value)
         rows = torch.nonzero(deficient).squeeze(1)
@@ -147,18 +139,7 @@ def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) ->
         full[rows] = found[:, -1]
         last_value[rows] = values[:, -1]
         last_column[rows] = columns[:, -1]
-    return torch.tensor([find(node) for node in range(num_clusters)], dtype=torch.int64, device=device)
-
-
-def _renumber_by_first_appearance(ids: torch.Tensor) -> torch.Tensor:
-    """Map int64 ids [N] to 0..K-1 in order of first appearance."""
-    unique_ids, inverse = torch.unique(ids, return_inverse=True)
-    positions = torch.arange(ids.numel(), device=ids.device)
-    first = torch.full((unique_ids.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
-    first.scatter_reduce_(0, inverse, positions, "amin")
-    rank = torch.empty_like(first)
-    rank[torch.argsort(first)] = torch.arange(first.numel(), device=ids.device)
-    return rank[inverse]
+    return union_find_roots(parent, device)
 
 
 def _mean_neighbour_distance(means: Operand, num_clusters: int, neighbours: int, precision: str) -> torch.Tensor:
@@ -227,4 +208,4 @@ def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges
                                  linkage=_common.LINKAGE_TSSL if density is not None else _common.LINKAGE_NONE,
                                  row_bias=density, bias_scale=0.0)
         root = _greedy_merge(stream, num_merges, device)
-    return _renumber_by_first_appearance(root[cluster_of_sample])
+    return renumber_by_first_appearance(root[cluster_of_sample])

@@ -32,6 +32,7 @@ import torch
 
 from ... import _backend
 from ...ops.evaluation import RankingResult
+from ..reference.evaluation import ranking_result, score_ranked_matches
 from . import _common
 
 # Sort + gathered identities + cumsum hold several words per distance (as the reference).
@@ -76,22 +77,7 @@ def evaluate_ranking_triton(query: torch.Tensor, gallery: torch.Tensor, query_pi
             del tile
             matches = (gallery_pids[order] == query_pids[start:stop, None]) & ~torch.isinf(values)
             del values, order
-            matches_so_far = matches.cumsum(1)
-            num_matches = matches_so_far[:, -1]
-            valid = num_matches > 0
-            first_rank = torch.where(matches, ranks, num_gallery + 1).amin(1)
-            last_rank = torch.where(matches, ranks, 0).amax(1)
-            precision_at_match = torch.where(matches, matches_so_far.double() / ranks, 0.0)
-            average_precision[start:stop] = precision_at_match.sum(1) / num_matches.clamp_min(1)
-            inverse_negative_penalty[start:stop] = num_matches.double() / last_rank.clamp_min(1)
-            num_valid += valid.sum()
-            counted = first_rank[valid & (first_rank <= max_rank)] - 1
-            first_match_counts += torch.bincount(counted, minlength=max_rank).to(torch.float64)
-    valid_queries = int(num_valid)
-    if valid_queries == 0:
-        raise ValueError(f"evaluate_ranking: none of the {num_query} queries has a true match among the "
-                         f"{num_gallery} gallery entries (same identity, not junk); nothing to evaluate")
-    cmc = first_match_counts.cumsum(0) / valid_queries
-    return RankingResult(cmc=cmc, mAP=float(average_precision.sum()) / valid_queries,
-                         mINP=float(inverse_negative_penalty.sum()) / valid_queries,
-                         num_valid_queries=valid_queries)
+            score_ranked_matches(matches, ranks, start, stop, max_rank, first_match_counts,
+                                 average_precision, inverse_negative_penalty, num_valid)
+    return ranking_result(first_match_counts, average_precision, inverse_negative_penalty, num_valid,
+                          num_query, num_gallery)

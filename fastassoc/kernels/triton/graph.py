@@ -40,17 +40,9 @@ from __future__ import annotations
 import torch
 
 from . import _common
+from ..reference.graph import graph_from_directed_pairs, to_csr
 from ._common import Operand, RowGroup
 from .knn import topk_anchors_triton
-
-
-def _to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
-    """Sparse CSR [size, size] float32 from unique (row, col) entries, columns sorted per row."""
-    order = torch.argsort(rows * size + cols)
-    rows, cols, values = rows[order], cols[order], values[order]
-    crow = torch.zeros(size + 1, dtype=torch.int64, device=values.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=size), 0)
-    return torch.sparse_csr_tensor(crow, cols, values.to(torch.float32), size=(size, size), check_invariants=False)
 
 
 def _by_camera(cameras: torch.Tensor, num_cameras: int) -> tuple[torch.Tensor, list[int]]:
@@ -141,19 +133,8 @@ def cross_camera_graph_triton(x: torch.Tensor, cameras: torch.Tensor, num_camera
             sources, targets = _directed_pairs_fused(x, order, offsets, num_cameras, k, mode, precision)
         else:
             sources, targets = _directed_pairs_large_k(x, cameras, order, offsets, num_cameras, k, mode, precision)
-    mutual = torch.isin(targets * num_rows + sources, sources * num_rows + targets)
-    rows, cols = sources[mutual], targets[mutual]
     normalised = torch.nn.functional.normalize(x.to(_common.compute_dtype(x.dtype)), dim=1)
-    low, high = torch.minimum(rows, cols), torch.maximum(rows, cols)
-    weights = (normalised[low] * normalised[high]).sum(1)
-    if min_similarity is not None:
-        strong = weights.to(torch.float64) > min_similarity
-        rows, cols, weights = rows[strong], cols[strong], weights[strong]
-    if self_loops:
-        diagonal = torch.arange(num_rows, device=device)
-        rows, cols = torch.cat([rows, diagonal]), torch.cat([cols, diagonal])
-        weights = torch.cat([weights, weights.new_ones(num_rows)])
-    return _to_csr(rows, cols, weights, num_rows)
+    return graph_from_directed_pairs(sources, targets, normalised, min_similarity, self_loops)
 
 
 def knn_soft_labels_triton(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int, k: int,
@@ -176,12 +157,12 @@ def knn_soft_labels_triton(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
     dtype = _common.compute_dtype(x.dtype)
     diagonal = torch.arange(num_rows, device=device)
     if num_rows == 0 or k == 0:
-        return _to_csr(diagonal, diagonal, torch.ones(num_rows, dtype=dtype, device=device), num_rows)
+        return to_csr(diagonal, diagonal, torch.ones(num_rows, dtype=dtype, device=device), num_rows)
     order, offsets = _by_camera(cameras, num_cameras)
     sizes = [offsets[c + 1] - offsets[c] for c in range(num_cameras)]
     width = min(k, max(sizes) - 1)
     if width <= 0:
-        return _to_csr(diagonal, diagonal, torch.ones(num_rows, dtype=dtype, device=device), num_rows)
+        return to_csr(diagonal, diagonal, torch.ones(num_rows, dtype=dtype, device=device), num_rows)
     # distances / neighbours [N, width] in camera-sorted positions, padding (inf, PAD_INDEX).
     if width <= _common.K_MAX:
         operand = _common.prepare(x, "sqeuclidean")
@@ -224,4 +205,4 @@ def knn_soft_labels_triton(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
     rows = torch.cat([diagonal, sources[found]])
     cols = torch.cat([diagonal, neighbours[found]])
     weights = torch.cat([self_weights, (weight / row_sums.unsqueeze(1))[found]])
-    return _to_csr(rows, cols, weights, num_rows)
+    return to_csr(rows, cols, weights, num_rows)
