@@ -11,6 +11,7 @@ PYBIND11_MODULE(_C, m) {
   fastassoc::register_cpu_cluster(m);
   fastassoc::register_cpu_memory(m);
   fastassoc::register_cpu_evaluation(m);
+  fastassoc::register_cpu_screen(m);
 #ifdef FASTASSOC_WITH_CUDA
   fastassoc::register_cuda(m);
 #endif

@@ -23,6 +23,11 @@ inline void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);
 }
 
+// x.y of two float32 rows accumulated in float64 in a fixed order (csrc/cpu/screen.cpp):
+// deterministic, exactly symmetric in (x, y), vectorised. The exact distances of the
+// screened kernels all come from it, so equal rows give equal distances.
+double screen_dot(const float* x, const float* y, int64_t dim);
+
 // Registration hooks: one per op family, defined in csrc/cpu/<family>.cpp and
 // csrc/cuda/<family>.cu, called from bindings.cpp.
 void register_core(py::module_& m);
@@ -32,6 +37,7 @@ void register_cpu_loss(py::module_& m);
 void register_cpu_cluster(py::module_& m);
 void register_cpu_memory(py::module_& m);
 void register_cpu_evaluation(py::module_& m);
+void register_cpu_screen(py::module_& m);
 #ifdef FASTASSOC_WITH_CUDA
 void register_cuda(py::module_& m);  // calls the per-family CUDA hooks below
 void register_cuda_memory(py::module_& m);

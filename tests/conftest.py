@@ -24,6 +24,9 @@ HAS_GPU = torch.cuda.is_available()
 BACKEND_DEVICES = [
     ("reference", "cpu"),
     ("cpu", "cpu"),
+    # The CPU backend with int8/bf16 screening forced on every op that has it (small test
+    # shapes would not screen on their own): the same exact results are required.
+    ("cpu-screened", "cpu"),
     ("triton", "cpu" if not HAS_GPU else "cuda"),
     pytest.param(("cuda", "cuda"), marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")),
     pytest.param(("reference", "cuda"), marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")),
@@ -44,5 +47,16 @@ def require_backend(op: str, backend: str) -> None:
 
 @pytest.fixture(params=BACKEND_DEVICES, ids=lambda p: f"{p[0]}-{p[1]}")
 def backend_device(request):
-    """(backend, device) for op tests; call require_backend(op, backend) in the test."""
-    return request.param
+    """(backend, device) for op tests; call require_backend(op, backend) in the test.
+
+    ``cpu-screened`` runs the test as backend ``cpu`` with screening forced
+    (``fastassoc.kernels.cpu._screen.forced("always")``).
+    """
+    backend, device = request.param
+    if backend != "cpu-screened":
+        yield request.param
+        return
+    from fastassoc.kernels.cpu import _screen
+
+    with _screen.forced("always"):
+        yield "cpu", device

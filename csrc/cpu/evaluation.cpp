@@ -139,6 +139,92 @@ void rank_tile(const T* tile, int64_t num_rows, int64_t num_gallery, const int64
   }
 }
 
+// Screened ranking (float32). `tile` holds APPROXIMATE distances (int8 GEMM, see
+// csrc/cpu/screen.cpp) that are within bounds[r] of the exact ones for every gallery
+// entry of row r; metric is 0 (squared Euclidean, also used for "euclidean": the square
+// root is monotone) or 2 (cosine). The true matches get exact distances (screen_dot);
+// a negative is placed among them from its approximate distance when no match lies
+// within its error band, and from its exact distance otherwise. The ranking is thus the
+// exact one: (exact distance, gallery index) order, as rank_tile.
+void rank_tile_screened(const float* tile, int64_t num_rows, int64_t num_gallery, const int64_t* query_pids,
+                        const int64_t* gallery_pids, const int64_t* query_cameras, const int64_t* gallery_cameras,
+                        const double* bounds, const float* queries, const float* gallery, int64_t dim, int metric,
+                        const float* query_sq_norms, const float* gallery_sq_norms, int64_t* first_rank, double* ap,
+                        double* inp, int64_t* exact_count) {
+  auto exact = [&](int64_t r, int64_t g) {
+    const float dot = static_cast<float>(screen_dot(queries + r * dim, gallery + g * dim, dim));
+    if (metric == kCosine) return 1.0f - dot;
+    const float squared = (query_sq_norms[r] + gallery_sq_norms[g]) - 2.0f * dot;
+    return squared > 0.0f ? squared : 0.0f;
+  };
+  int64_t recomputed = 0;
+#pragma omp parallel if (num_rows * num_gallery >= kMinParallelWork) reduction(+ : recomputed)
+  {
+    std::vector<Match<float>> matches;
+    std::vector<float> match_distances;
+    std::vector<int64_t> negatives_in_gap;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const float* approx = tile + r * num_gallery;
+      const int64_t pid = query_pids[r], camera = query_cameras[r];
+      const double bound = bounds[r];
+      first_rank[r] = 0;
+      ap[r] = 0.0;
+      inp[r] = 0.0;
+      matches.clear();
+      if (pid != -1) {
+        for (int64_t g = 0; g < num_gallery; ++g) {
+          if (gallery_pids[g] == pid && gallery_cameras[g] != camera) matches.push_back({exact(r, g), g});
+        }
+      }
+      const int64_t num_matches = static_cast<int64_t>(matches.size());
+      if (num_matches == 0) continue;
+      std::sort(matches.begin(), matches.end(), [](const Match<float>& a, const Match<float>& b) {
+        return before(a.distance, a.index, b.distance, b.index);
+      });
+      match_distances.resize(num_matches);
+      for (int64_t k = 0; k < num_matches; ++k) match_distances[k] = matches[k].distance;
+      const double last = match_distances.back();
+      negatives_in_gap.assign(num_matches + 1, 0);
+      for (int64_t g = 0; g < num_gallery; ++g) {
+        const double low = double(approx[g]) - bound;
+        if (low > last) continue;  // certainly after the last match: no gap to count
+        const int64_t gallery_pid = gallery_pids[g];
+        if (gallery_pid == pid || gallery_pid == -1) continue;  // true match or junk
+        const double high = double(approx[g]) + bound;
+        // Matches certainly before g (distance < low) and possibly before it (<= high).
+        const int64_t certain = std::lower_bound(match_distances.begin(), match_distances.end(), low,
+                                                 [](float d, double v) { return double(d) < v; }) -
+                                match_distances.begin();
+        const int64_t possible = std::upper_bound(match_distances.begin(), match_distances.end(), high,
+                                                  [](double v, float d) { return v < double(d); }) -
+                                 match_distances.begin();
+        int64_t gap = certain;
+        if (possible != certain) {
+          const float distance = exact(r, g);
+          ++recomputed;
+          gap = std::partition_point(matches.begin(), matches.end(),
+                                     [&](const Match<float>& m) { return before(m.distance, m.index, distance, g); }) -
+                matches.begin();
+        }
+        if (gap < num_matches) ++negatives_in_gap[gap];
+      }
+      int64_t negatives_before = 0;
+      double precision_sum = 0.0;
+      int64_t rank = 0;
+      for (int64_t k = 0; k < num_matches; ++k) {
+        negatives_before += negatives_in_gap[k];
+        rank = k + 1 + negatives_before;
+        if (k == 0) first_rank[r] = rank;
+        precision_sum += double(k + 1) / double(rank);
+      }
+      ap[r] = precision_sum / double(num_matches);
+      inp[r] = double(num_matches) / double(rank);
+    }
+  }
+  if (exact_count) *exact_count += recomputed;
+}
+
 template <typename T>
 void bind(py::module_& m, const std::string& suffix) {
   m.def(("distance_tile_" + suffix).c_str(),
@@ -179,6 +265,33 @@ void bind(py::module_& m, const std::string& suffix) {
 void register_cpu_evaluation(py::module_& m) {
   bind<float>(m, "f32");
   bind<double>(m, "f64");
+  m.def(
+      "rank_tile_screened_f32",
+      [](std::uintptr_t tile, int64_t num_rows, int64_t num_gallery, std::uintptr_t query_pids,
+         std::uintptr_t gallery_pids, std::uintptr_t query_cameras, std::uintptr_t gallery_cameras,
+         std::uintptr_t bounds, std::uintptr_t queries, std::uintptr_t gallery, int64_t dim, int metric,
+         std::uintptr_t query_sq_norms, std::uintptr_t gallery_sq_norms, std::uintptr_t first_rank, std::uintptr_t ap,
+         std::uintptr_t inp, std::uintptr_t exact_count) {
+        require(num_rows >= 0 && num_gallery >= 0 && dim >= 0, "evaluate_ranking: negative size");
+        require(metric == kSqEuclidean || metric == kCosine, "rank_tile_screened: metric code must be 0 or 2");
+        require(metric == kCosine || (query_sq_norms != 0 && gallery_sq_norms != 0),
+                "rank_tile_screened: squared Euclidean needs squared norms");
+        py::gil_scoped_release release;
+        rank_tile_screened(as_ptr<const float>(tile), num_rows, num_gallery, as_ptr<const int64_t>(query_pids),
+                           as_ptr<const int64_t>(gallery_pids), as_ptr<const int64_t>(query_cameras),
+                           as_ptr<const int64_t>(gallery_cameras), as_ptr<const double>(bounds),
+                           as_ptr<const float>(queries), as_ptr<const float>(gallery), dim, metric,
+                           as_ptr<const float>(query_sq_norms), as_ptr<const float>(gallery_sq_norms),
+                           as_ptr<int64_t>(first_rank), as_ptr<double>(ap), as_ptr<double>(inp),
+                           as_ptr<int64_t>(exact_count));
+      },
+      py::arg("tile"), py::arg("num_rows"), py::arg("num_gallery"), py::arg("query_pids"), py::arg("gallery_pids"),
+      py::arg("query_cameras"), py::arg("gallery_cameras"), py::arg("bounds"), py::arg("queries"),
+      py::arg("gallery"), py::arg("dim"), py::arg("metric"), py::arg("query_sq_norms"), py::arg("gallery_sq_norms"),
+      py::arg("first_rank"), py::arg("ap"), py::arg("inp"), py::arg("exact_count"),
+      "rank_tile from approximate distances within bounds[r] of the exact ones (int8 screening): exact distances "
+      "for the true matches and for negatives whose error band holds a match; adds the latter's count to "
+      "exact_count[0] (null: not counted).");
 }
 
 }  // namespace fastassoc

@@ -158,8 +158,14 @@ class DotTiles:
                 largest = max(largest, row_step * col_step)
         return cls(largest, dtype)
 
-    def mm(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``rows @ cols.T`` written into the buffer; returns the contiguous [r, c] view."""
+    def mm(self, rows, cols) -> torch.Tensor:
+        """``rows @ cols.T`` written into the buffer; returns the contiguous [r, c] view.
+
+        ``rows`` and ``cols`` are float tensors, or both ``_screen.QRows`` (int8-quantised
+        rows): then the tile holds their approximate inner products (int8 GEMM).
+        """
         out = self.buffer[: rows.shape[0] * cols.shape[0]].view(rows.shape[0], cols.shape[0])
-        torch.mm(rows, cols.T, out=out)
-        return out
+        if isinstance(rows, torch.Tensor):
+            torch.mm(rows, cols.T, out=out)
+            return out
+        return rows.gram_into(cols, out)

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from . import _core
-from .knn import block_topk, mutual_pairs, new_lists, self_join_topk, sort_lists
+from .knn import block_topk, mutual_pairs, new_lists, topk_self_join
 
 
 def _group_by_camera(cameras: torch.Tensor, num_cameras: int) -> tuple[torch.Tensor | None, list[int]]:
@@ -144,9 +144,8 @@ def knn_soft_labels_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int
     for t0, t1 in blocks:
         width = min(k, t1 - t0 - 1)
         values, indices = new_lists(t1 - t0, width, dtype)
-        self_join_topk(xs[t0:t1], "sqeuclidean", width, (values, indices), norms=norms[t0:t1], base=t0,
+        topk_self_join(xs[t0:t1], "sqeuclidean", width, (values, indices), norms=norms[t0:t1], base=t0,
                        exclude_self=True)
-        sort_lists(values, indices)
         # UTAL Eqs. 5-6, written as the reference writes them so the float rounding matches.
         sigma_sq = (values.to(torch.float64).sum() / values.numel()).to(dtype)
         weight = torch.exp(-values / sigma_sq) if bool(sigma_sq > 0) else torch.ones_like(values)

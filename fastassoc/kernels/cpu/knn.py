@@ -13,6 +13,11 @@ Euclidean and finished with torch's ``sqrt`` (:func:`finish_lists`), as the refe
 Queries not ordered by segment are gathered into segment order once (one B x D copy)
 and scattered back. Peak extra memory: one tile plus ``(B + N) * k`` list entries.
 
+Self-joins of float32 rows (:func:`topk_self_join`: every anchor querying its own
+segment, and the soft labels) are screened with a bf16 GEMM where the CPU has bf16
+dot-product instructions (:mod:`._screen`): wider approximate lists, exact rescoring,
+certification, exact fallback for the rows it cannot certify.
+
 Ties go to the smaller index (lists are ordered by (distance, index)); tile shape
 and thread count do not change results. Must equal
 ``fastassoc.kernels.reference.knn.topk_anchors_reference`` and
@@ -23,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backend
-from . import _core
+from . import _core, _screen
 
 _NO_FILTER, _AT_MOST = 0, 1  # knn_mutual_pairs filter codes
 
@@ -143,6 +148,73 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
                        _core.ptr(values[split:c1]), _core.ptr(indices[split:c1]))
 
 
+def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor], *,
+                   norms: torch.Tensor | None = None, base: int = 0, exclude_self: bool = False) -> None:
+    """:func:`self_join_topk` into fresh ``lists``, screened by an int8 GEMM where it pays.
+
+    Screened (:mod:`._screen`, bf16: kNN lists end in the bulk of the distances, where
+    int8's error band is too wide): the bf16 self-join keeps ``k + SLACK`` approximate
+    candidates per row, they are rescored exactly and re-sorted, and rows whose top k is
+    not certified by the error bound are searched again with the float32 GEMM. The lists
+    come back sorted by (value, index) either way.
+    """
+    n = x.shape[0]
+    available = n - 1 if exclude_self else n
+    width = min(available, k + _screen.SLACK)
+    if n == 0 or k == 0 or width <= k or not _screen.worthwhile(x, n, width, "bf16"):
+        self_join_topk(x, metric, k, lists, norms=norms, base=base, exclude_self=exclude_self)
+        sort_lists(*lists)
+        return
+    quantized = _screen.BRows.quantize(x)
+    if quantized is None:   # non-finite inputs: the exact path ranks them as the reference does
+        self_join_topk(x, metric, k, lists, norms=norms, base=base, exclude_self=exclude_self)
+        sort_lists(*lists)
+        return
+    approx_values, candidates = new_lists(n, width, torch.float32)
+    self_join_topk(quantized, metric, width, (approx_values, candidates), norms=norms, base=base,
+                   exclude_self=exclude_self)
+    sort_lists(approx_values, candidates)
+    exact = _screen.rescore(x, x, candidates, metric, col_base=base, row_norms=norms, col_norms=norms)
+    sort_lists(exact, candidates)   # approx_values stays sorted: only its last column is read below
+    values, indices = lists
+    values.copy_(exact[:, :k])
+    indices.copy_(candidates[:, :k])
+    lower = _screen.lower_outside(quantized, quantized, metric, approx_values[:, -1], norms, norms)
+    certified = _screen.certify(approx_values, exact[:, k - 1], lower, available)
+    _fall_back(x, x, metric, k, lists, torch.nonzero(~certified).flatten(), row_norms=norms, col_norms=norms,
+               col_base=base, exclude_self=exclude_self)
+
+
+def _fall_back(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
+               failed: torch.Tensor, *, row_norms: torch.Tensor | None, col_norms: torch.Tensor | None,
+               col_base: int, exclude_self: bool) -> None:
+    """Rows ``failed`` (not certified): exact distances to every column, the k smallest by
+    (distance, index) written over their lists.
+
+    The same exact distances as the rescoring (``_screen.rescore``), so a row's result does
+    not depend on whether it was certified (and hence not on the thread count or tiling of
+    the approximate GEMM). Chunks of rows keep each distance block within the tile limit.
+    """
+    if failed.numel() == 0:
+        return
+    values, indices = lists
+    num_cols = cols.shape[0]
+    step = max(1, _backend.tile_elements() // max(num_cols, 1))
+    columns = torch.arange(col_base, col_base + num_cols, dtype=torch.int64)
+    for start in range(0, failed.numel(), step):
+        chunk = failed[start:start + step]
+        candidates = columns.expand(chunk.numel(), num_cols).clone()   # sorted in place below
+        exact = _screen.rescore(rows[chunk].contiguous(), cols, candidates, metric, col_base=col_base,
+                                row_norms=row_norms[chunk].contiguous() if row_norms is not None else None,
+                                col_norms=col_norms)
+        if exclude_self:
+            exact[torch.arange(chunk.numel()), chunk] = float("inf")
+        sort_lists(exact, candidates)
+        found = exact[:, :k]
+        values[chunk] = found
+        indices[chunk] = torch.where(torch.isinf(found), -1, candidates[:, :k])
+
+
 def sort_lists(values: torch.Tensor, indices: torch.Tensor) -> None:
     """Put lists filled by :func:`block_topk` into ascending (value, index) order, in place."""
     if values.numel():
@@ -227,7 +299,7 @@ def topk_anchors_cpu(queries: torch.Tensor, anchors: torch.Tensor, k: int, metri
         # Every anchor queries its own segment: symmetric blocks, half the GEMM work.
         exclude_self = bool(exclude.numel()) and int(exclude[0]) == 0
         for q0, q1, _, _ in blocks:
-            self_join_topk(q[q0:q1], ranking, k, (values[q0:q1], indices[q0:q1]),
+            topk_self_join(q[q0:q1], ranking, k, (values[q0:q1], indices[q0:q1]),
                            norms=q_norms[q0:q1] if q_norms is not None else None, base=q0,
                            exclude_self=exclude_self)
     else:

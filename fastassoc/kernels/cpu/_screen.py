@@ -1,0 +1,299 @@
+"""Exact int8 screening for the CPU distance kernels.
+
+The distance ops are GEMM-bound. An int8 GEMM with int32 accumulation (``torch._int_mm``,
+oneDNN VNNI/AMX kernels) runs 4-5x faster than the float32 one on CPUs with int8 dot-product
+instructions, and its integer result is exact for the quantised rows. Screening uses it to
+*propose* and exact arithmetic to *decide*, so results stay those of the exact op:
+
+1. Each row is quantised symmetrically, ``x_hat = s * q`` with ``q = round(x / s)`` in
+   [-127, 127] and ``s = max|x| / 127`` (:class:`QRows`). Its norms ``|x|``, ``|x_hat|`` and
+   the error norm ``|x - x_hat|`` are kept in float64.
+2. Tiles of ``q_rows @ q_cols.T`` come from ``torch._int_mm`` and are turned into approximate
+   inner products in place (``fastassoc._C.screen_int_tile_to_float``); the ordinary tile
+   kernels then select on them with a wider list (``k + SLACK`` entries).
+3. For each pair, ``|x.y - x_hat.y_hat| <= |x_hat| |y - y_hat| + |x - x_hat| |y|`` (Cauchy-
+   Schwarz), so a row's approximate distances are within a bound ``B_r`` of the exact ones
+   for every column (:func:`row_bounds`, with a float32 rounding margin on top).
+4. The candidates are rescored exactly (``fastassoc._C.screen_rescore``: float32 rows,
+   float64 accumulation, the kernels' own distance formula) and re-sorted by
+   (distance, index). A row is *certified* when its list holds every candidate, or when
+   the widest kept approximate distance minus ``B_r`` still exceeds the exact k-th
+   distance: then no column outside the list can reach the top k. Rows that are not
+   certified are recomputed with the float32 GEMM path, so the answer is exact either way.
+
+"Exact" means: indices and ties (by the smaller index) as the reference ranks them, values
+from an exactly rounded inner product (they may differ from a float32 GEMM's in the last
+bits; near-ties closer than float32 GEMM rounding may order differently, as between any two
+GEMM libraries). Screening is used where it pays (``mode()``): float32 inputs, finite
+values, dimension >= 32, enough columns per row that the GEMM dominates the rescoring.
+``FASTASSOC_CPU_SCREEN=off|auto|always`` (or :func:`forced`) chooses; tests run both paths.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+from . import _core
+
+# Extra list entries kept while screening; certification fails (and the row falls back to
+# the float32 path) only when more than this many columns sit within the error band.
+SLACK = 8
+# Screening needs at least this many columns per kept list entry to pay for the rescoring.
+MIN_COLUMNS_PER_ENTRY = 8
+MIN_DIM = 32
+MODES = ("off", "auto", "always")
+# Inner dimensions below this are zero-padded before torch._int_mm (see QRows.quantize).
+_MIN_INT_MM_DEPTH = 4
+
+_local = threading.local()
+
+
+def mode() -> str:
+    """"off", "auto" (default: screen where it pays) or "always" (tests)."""
+    forced_mode = getattr(_local, "mode", None)
+    if forced_mode is not None:
+        return forced_mode
+    value = os.environ.get("FASTASSOC_CPU_SCREEN", "auto").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"FASTASSOC_CPU_SCREEN must be one of {MODES}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def forced(value: str):
+    """Use screening mode ``value`` in this thread inside the block."""
+    if value not in MODES:
+        raise ValueError(f"screening mode must be one of {MODES}, got {value!r}")
+    previous = getattr(_local, "mode", None)
+    _local.mode = value
+    try:
+        yield
+    finally:
+        _local.mode = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+# CPU features that make each screening GEMM faster than float32 (oneDNN kernels).
+_FAST_GEMM_FLAGS = {"int8": {"avx512_vnni", "avx_vnni", "amx_int8"}, "bf16": {"avx512_bf16", "amx_bf16"}}
+
+
+def worthwhile(x: torch.Tensor, num_cols: int, width: int, kind: str = "int8") -> bool:
+    """Whether to screen rows ``x`` (prepared, compute dtype) against ``num_cols`` columns
+    with lists of ``width`` entries, using ``kind`` ("int8" or "bf16") GEMMs."""
+    chosen = mode()
+    if chosen == "off" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] == 0:
+        return False
+    if chosen == "auto" and (x.shape[1] < MIN_DIM or num_cols < MIN_COLUMNS_PER_ENTRY * max(width, 1)
+                             or not (_FAST_GEMM_FLAGS[kind] & _cpu_flags())):
+        return False
+    return True
+
+
+class QRows:
+    """Rows quantised to int8 with what the error bound needs (see the module docstring).
+
+    Slicing (``rows[a:b]``) gives the quantised rows ``a..b``; ``shape``, ``dtype`` and
+    ``element_size()`` describe the float32 tiles they produce, so the tile loops of
+    :mod:`fastassoc.kernels.cpu.knn` take them in place of float32 rows.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, q, scale, norm, norm_hat, err):
+        self.q, self.scale, self.norm, self.norm_hat, self.err = q, scale, norm, norm_hat, err
+        self.shape = (q.shape[0], q.shape[1])
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> "QRows | None":
+        """Quantise float32 rows ``x`` [n, D] (contiguous); None if ``x`` is not finite."""
+        n, dim = x.shape
+        q = torch.empty(n, dim, dtype=torch.int8)
+        scale = torch.empty(n, dtype=torch.float32)
+        norm, norm_hat, err = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+        if n and not bool(torch.isfinite(x).all()):
+            return None
+        if n:
+            _core.kernel("screen_quantize")(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(scale), _core.ptr(norm),
+                                            _core.ptr(norm_hat), _core.ptr(err))
+        if dim < _MIN_INT_MM_DEPTH:
+            # torch._int_mm on CPU returns wrong sums for an inner dimension of 1 (torch 2.14);
+            # zero columns change no inner product.
+            q = torch.nn.functional.pad(q, (0, _MIN_INT_MM_DEPTH - dim)).contiguous()
+        result = cls(q, scale, norm, norm_hat, err)
+        result.shape = (n, dim)
+        return result
+
+    def __getitem__(self, item: slice) -> "QRows":
+        part = QRows(self.q[item], self.scale[item], self.norm[item], self.norm_hat[item], self.err[item])
+        part.shape = (part.q.shape[0], self.shape[1])
+        return part
+
+    def element_size(self) -> int:
+        return 4
+
+    def gram_into(self, cols: "QRows", out: torch.Tensor) -> torch.Tensor:
+        """Approximate ``x_hat @ y_hat.T`` (float32) written into ``out`` [rows, cols]."""
+        counts = out.view(torch.int32)
+        torch._int_mm(self.q, cols.q.T, out=counts)
+        _core.kernel("screen_int_tile_to_float")(out.data_ptr(), out.shape[0], out.shape[1], out.shape[1],
+                                                 _core.ptr(self.scale), _core.ptr(cols.scale))
+        return out
+
+
+class BRows:
+    """Rows rounded to bfloat16, for screening where int8's error band is too wide.
+
+    bf16 keeps 8 significant bits per element (error <= 2^-8 |x_i|, about 5x smaller than
+    int8's for typical rows), and its GEMM (oneDNN, float32 accumulation) runs 2.5-3x
+    faster than float32 on CPUs with AVX512-BF16 / AMX. The GEMM rounds its output to
+    bf16, so the error bound has a term relative to the inner product itself
+    (:func:`lower_outside`). Same interface as :class:`QRows`.
+    """
+
+    dtype = torch.float32
+    # Relative error of the bf16 output rounding, with slack.
+    OUTPUT_ROUNDING = 2.0 ** -8 * 1.01
+
+    def __init__(self, q, norm, norm_hat, err):
+        self.q, self.norm, self.norm_hat, self.err = q, norm, norm_hat, err
+        self.shape = (q.shape[0], q.shape[1])
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> "BRows | None":
+        """Round float32 rows ``x`` [n, D] (contiguous) to bf16; None if ``x`` is not finite."""
+        n, dim = x.shape
+        q = torch.empty(n, dim, dtype=torch.bfloat16)
+        norm, norm_hat, err = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+        if n and not _core.kernel("screen_quantize_bf16")(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(norm),
+                                                          _core.ptr(norm_hat), _core.ptr(err)):
+            return None
+        return cls(q, norm, norm_hat, err)
+
+    def __getitem__(self, item: slice) -> "BRows":
+        return BRows(self.q[item], self.norm[item], self.norm_hat[item], self.err[item])
+
+    def element_size(self) -> int:
+        return 4
+
+    def gram_into(self, cols: "BRows", out: torch.Tensor) -> torch.Tensor:
+        """Approximate ``x_hat @ y_hat.T`` (bf16 GEMM, float32 accumulation) into ``out``."""
+        staging = _core.scratch_buffer(out.numel(), torch.bfloat16)[: out.numel()].view(out.shape)
+        torch.mm(self.q, cols.q.T, out=staging)
+        out.copy_(staging)
+        return out
+
+
+def lower_outside(rows, cols, metric: str, last: torch.Tensor, row_sq: torch.Tensor | None = None,
+                  col_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [R]: a lower bound on the exact distance of any column of ``cols`` whose
+    approximate distance to row r is at least ``last[r]`` (the widest one a list kept).
+
+    ``rows``/``cols`` are both :class:`QRows` or both :class:`BRows`; ``metric`` is the
+    ranking metric ("sqeuclidean", squared norms ``row_sq``/``col_sq`` as the kernels use
+    them, or "cosine" on normalised rows). With ``v`` the exact and ``w`` the approximate
+    inner product, ``|v - w| <= C_r + rho |w|`` where ``C_r`` bounds the input rounding
+    (Cauchy-Schwarz with the rows' actual error norms) plus accumulation and ``rho`` is
+    the output rounding (0 for int8, whose int32 result is exact). A column with
+    ``w >= 0`` has ``w`` at most what ``last`` allows; one with ``w < 0`` has ``v < C_r``.
+    """
+    last = last.to(torch.float64)
+    if cols.shape[0] == 0:
+        return torch.full_like(last, float("inf"))
+    dim = rows.shape[1]
+    col_err, col_norm, col_norm_hat = cols.err.max(), cols.norm.max(), cols.norm_hat.max()
+    magnitude = rows.norm_hat * col_norm_hat + rows.norm * col_norm
+    rho = getattr(rows, "OUTPUT_ROUNDING", 0.0)
+    accumulation = dim * 2.0 ** -24 * 1.01 if rho else 0.0   # float32 sums of exact bf16 products
+    inputs = (rows.norm_hat * col_err + rows.err * col_norm) * (1 + 1e-4)
+    dot_bound = inputs + (accumulation + 2.0 ** -18) * magnitude + 1e-30 * dim
+    if metric == "sqeuclidean":
+        squares_row = row_sq.to(torch.float64) if row_sq is not None else rows.norm ** 2
+        squares_col = col_sq.to(torch.float64) if col_sq is not None else cols.norm ** 2
+        margin = 2.0 ** -18 * (squares_row + squares_col.max())
+        largest_dot = ((squares_row + squares_col.max() - last) / 2).clamp_min(0)
+        positive = last - 2 * dot_bound - 2 * rho * largest_dot
+        negative = squares_row + squares_col.min() - 2 * dot_bound
+    else:
+        margin = torch.full_like(last, 2.0 ** -18)
+        positive = last - dot_bound - rho * (1 - last).clamp_min(0)
+        negative = 1 - dot_bound
+    if not rho:
+        return positive - margin
+    return torch.minimum(positive, negative) - margin
+
+
+def row_bounds(rows: QRows, cols: QRows, metric: str, row_sq: torch.Tensor | None = None,
+               col_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [R]: for each row, a bound on |approximate - exact distance| over all ``cols``.
+
+    ``metric`` is the ranking metric ("sqeuclidean" or "cosine"); the bound covers the
+    inner-product error (Cauchy-Schwarz, actual error norms), float32 rounding of the
+    approximate tile, of the distance formula and of the exact rescoring, with margin.
+    """
+    if cols.shape[0] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.float64)
+    col_err, col_norm, col_norm_hat = cols.err.max(), cols.norm.max(), cols.norm_hat.max()
+    dot_bound = rows.norm_hat * col_err + rows.err * col_norm
+    magnitude = rows.norm_hat * col_norm_hat + rows.norm * col_norm
+    rounding = 2.0 ** -18 * magnitude
+    if metric == "sqeuclidean":
+        squares = (row_sq.to(torch.float64) if row_sq is not None else rows.norm ** 2) + (
+            col_sq.to(torch.float64).max() if col_sq is not None else col_norm ** 2)
+        return 2.0 * (dot_bound + rounding) + 2.0 ** -18 * squares + 1e-30
+    return dot_bound + rounding + 2.0 ** -18 + 1e-30
+
+
+def rescore(rows: torch.Tensor, cols: torch.Tensor, indices: torch.Tensor, metric: str, *, col_base: int = 0,
+            row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact distances [R, W] of ``rows[r]`` to ``cols[indices[r, s] - col_base]`` (inf for -1)."""
+    out = torch.empty(indices.shape, dtype=torch.float32)
+    if indices.numel():
+        _core.kernel("screen_rescore")(
+            _core.ptr(rows), _core.ptr(cols), rows.shape[1], rows.shape[0], cols.shape[0], _core.ptr(indices),
+            indices.shape[1], col_base, _core.METRIC_CODES[metric], _core.ptr(row_norms), _core.ptr(col_norms),
+            _core.ptr(out))
+    return out
+
+
+def exact_distances(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor, col_index: torch.Tensor,
+                    metric: str, *, row_norms: torch.Tensor | None = None,
+                    col_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact distances [E] of the pairs ``(rows[row_index[e]], cols[col_index[e]])`` (as :func:`rescore`)."""
+    row_index, col_index = row_index.contiguous(), col_index.contiguous()
+    out = torch.empty(row_index.shape[0], dtype=torch.float32)
+    if out.numel():
+        _core.kernel("screen_exact_distance")(
+            _core.ptr(rows), _core.ptr(cols), rows.shape[1], _core.ptr(row_index), _core.ptr(col_index),
+            out.shape[0], _core.METRIC_CODES[metric], _core.ptr(row_norms), _core.ptr(col_norms), _core.ptr(out))
+    return out
+
+
+def certify(approx_values: torch.Tensor, exact_kth: torch.Tensor, lower: torch.Tensor,
+            available: torch.Tensor | int) -> torch.Tensor:
+    """bool [R]: rows whose exact top k is certainly inside their screened list.
+
+    ``approx_values`` [R, W] sorted ascending (approximate distances the list kept),
+    ``exact_kth`` [R] the exact k-th smallest distance among them, ``lower`` [R] from
+    :func:`lower_outside` for ``approx_values[:, -1]``, ``available`` the number of
+    candidate columns of each row (a list holding all of them is certified). A column
+    outside the list has an approximate distance >= the last kept one, so its exact
+    distance is >= ``lower``; strictly above the k-th it cannot enter the top k.
+    """
+    width = approx_values.shape[1]
+    holds_all = torch.as_tensor(available) <= width
+    return holds_all | (lower > exact_kth.to(torch.float64))

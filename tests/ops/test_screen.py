@@ -1,0 +1,276 @@
+"""Exact int8 / bf16 screening of the CPU backend (fastassoc/kernels/cpu/_screen.py, csrc/cpu/screen.cpp).
+
+The shared op tests already run every op with screening forced (backend ``cpu-screened``)
+against their oracles. This file checks the pieces screening rests on, against float64
+NumPy oracles:
+
+* quantisation: int8 levels and scales, bf16 rounding, and the error norms the bounds use;
+* the error bounds hold for every pair, on rows built to stress them (heavy tails, mixed
+  norms, zero rows, tiny dimensions);
+* the exact rescoring is correct, symmetric and row-determined;
+* rows that fail certification fall back to exact distances, and the result does not depend
+  on which rows were certified;
+* screened evaluation recomputes negatives in a true match's error band, and only those;
+* non-finite inputs and the mode switch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastassoc
+from fastassoc import _backend
+
+pytestmark = pytest.mark.skipif(_backend.compiled_core() is None, reason="fastassoc._C is not built")
+
+if _backend.compiled_core() is not None:
+    from fastassoc.kernels.cpu import _core, _screen, knn
+    from fastassoc.kernels.cpu import evaluation as cpu_evaluation
+
+
+def stress_rows(seed: int, n: int, dim: int) -> torch.Tensor:
+    """Rows that stress the bounds: Gaussian, heavy-tailed (one huge coordinate), scaled
+    by norms spanning 1e-3..1e3, a zero row and a duplicated row."""
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((n, dim))
+    x[: n // 3] = g.standard_t(1.5, (n // 3, dim))
+    x[n // 3: n // 2, 0] *= 50.0
+    x *= 10.0 ** g.uniform(-3, 3, (n, 1))
+    x[1] = 0.0
+    x[2] = x[3]
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def exact_distances(rows: torch.Tensor, cols: torch.Tensor, metric: str) -> np.ndarray:
+    """float64 distances with the kernels' squared norms (float32, as the kernels use them)."""
+    r, c = rows.numpy().astype(np.float64), cols.numpy().astype(np.float64)
+    dots = r @ c.T
+    if metric == "cosine":
+        return 1.0 - dots
+    rn = _core.squared_norms(rows, "sqeuclidean").numpy().astype(np.float64)
+    cn = _core.squared_norms(cols, "sqeuclidean").numpy().astype(np.float64)
+    return np.maximum(rn[:, None] + cn[None, :] - 2.0 * dots, 0.0)
+
+
+def approx_distances(quantized_rows, quantized_cols, rows, cols, metric: str) -> np.ndarray:
+    """The approximate distances the tile kernels see (float32 formula on the screening GEMM)."""
+    tiles = _core.DotTiles(rows.shape[0] * cols.shape[0], torch.float32)
+    dots = tiles.mm(quantized_rows, quantized_cols).clone()
+    if metric == "cosine":
+        return (1.0 - dots).double().numpy()
+    rn = _core.squared_norms(rows, "sqeuclidean")
+    cn = _core.squared_norms(cols, "sqeuclidean")
+    return ((rn[:, None] + cn[None, :]) - 2.0 * dots).clamp_min(0).double().numpy()
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+@pytest.mark.parametrize("dim", [1, 3, 64])
+def test_int8_quantisation_matches_numpy(dim):
+    x = stress_rows(0, 40, dim)
+    q = _screen.QRows.quantize(x)
+    xn = x.numpy().astype(np.float64)
+    scale = (np.abs(xn).max(1) / 127.0).astype(np.float32).astype(np.float64)
+    safe = np.where(scale > 0, scale, 1.0)
+    levels = np.clip(np.rint(xn / safe[:, None]), -127, 127)
+    assert q.shape == (40, dim)
+    np.testing.assert_array_equal(q.q.numpy()[:, :dim].astype(np.float64), levels)
+    assert not q.q.numpy()[:, dim:].any(), "padding columns must be zero"
+    np.testing.assert_array_equal(q.scale.numpy().astype(np.float64), scale)
+    x_hat = levels * scale[:, None]
+    np.testing.assert_allclose(q.norm.numpy(), np.linalg.norm(xn, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(q.norm_hat.numpy(), np.linalg.norm(x_hat, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(q.err.numpy(), np.linalg.norm(x_hat - xn, axis=1), rtol=1e-9, atol=1e-300)
+
+
+def test_bf16_rounding_matches_torch():
+    x = stress_rows(1, 40, 37)
+    b = _screen.BRows.quantize(x)
+    assert torch.equal(b.q, x.to(torch.bfloat16))
+    xn, x_hat = x.double().numpy(), x.to(torch.bfloat16).double().numpy()
+    np.testing.assert_allclose(b.err.numpy(), np.linalg.norm(x_hat - xn, axis=1), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(b.norm_hat.numpy(), np.linalg.norm(x_hat, axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_non_finite_rows_are_not_screened(kind):
+    x = stress_rows(2, 10, 8)
+    x[4, 3] = float("nan") if kind == "int8" else float("inf")
+    cls = _screen.QRows if kind == "int8" else _screen.BRows
+    assert cls.quantize(x) is None
+
+
+# ----------------------------------------------------------------------------- bounds
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("dim", [2, 16, 300])
+def test_int8_bound_covers_every_pair(metric, dim):
+    rows, cols = stress_rows(3, 30, dim), stress_rows(4, 50, dim)
+    if metric == "cosine":
+        rows, cols = unit(rows), unit(cols)
+    qr, qc = _screen.QRows.quantize(rows), _screen.QRows.quantize(cols)
+    error = np.abs(approx_distances(qr, qc, rows, cols, metric) - exact_distances(rows, cols, metric))
+    bound = _screen.row_bounds(qr, qc, metric, _core.squared_norms(rows, "sqeuclidean"),
+                               _core.squared_norms(cols, "sqeuclidean")).numpy()
+    assert (error <= bound[:, None]).all(), f"worst error / bound {np.max(error / bound[:, None])}"
+    # The bound is not vacuous: within a small factor of the worst error on Gaussian rows.
+    assert np.median(bound / (error.max(1) + 1e-300)) < 200
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("dim", [3, 64, 700])
+def test_lower_bound_outside_the_list_holds_for_every_pair(kind, metric, dim):
+    # lower_outside(last) must not exceed the exact distance of any column whose approximate
+    # distance is >= last; check it with last = each column's own approximate distance.
+    rows, cols = stress_rows(5, 25, dim), stress_rows(6, 60, dim)
+    if metric == "cosine":
+        rows, cols = unit(rows), unit(cols)
+    cls = _screen.QRows if kind == "int8" else _screen.BRows
+    qr, qc = cls.quantize(rows), cls.quantize(cols)
+    approx = approx_distances(qr, qc, rows, cols, metric)
+    exact = exact_distances(rows, cols, metric)
+    row_sq, col_sq = _core.squared_norms(rows, "sqeuclidean"), _core.squared_norms(cols, "sqeuclidean")
+    for j in range(cols.shape[0]):
+        lower = _screen.lower_outside(qr, qc, metric, torch.from_numpy(approx[:, j]), row_sq, col_sq).numpy()
+        assert (lower <= exact[:, j]).all(), f"column {j}: lower bound above the exact distance"
+
+
+# ----------------------------------------------------------------------------- exact rescoring
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_rescore_is_exact_symmetric_and_row_determined(metric):
+    rows, cols = stress_rows(7, 20, 45), stress_rows(8, 30, 45)
+    if metric == "cosine":
+        rows, cols = unit(rows), unit(cols)
+    cols[5] = rows[2]
+    row_sq, col_sq = _core.squared_norms(rows, "sqeuclidean"), _core.squared_norms(cols, "sqeuclidean")
+    kwargs = dict(row_norms=row_sq, col_norms=col_sq) if metric == "sqeuclidean" else {}
+    indices = torch.arange(30).repeat(20, 1)
+    indices[:, -1] = -1
+    got = _screen.rescore(rows, cols, indices, metric, **kwargs)
+    expected = exact_distances(rows, cols, metric)
+    assert torch.isinf(got[:, -1]).all()
+    np.testing.assert_allclose(got[:, :-1].double().numpy(), expected[:, :-1],
+                               rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    swapped = dict(row_norms=col_sq, col_norms=row_sq) if metric == "sqeuclidean" else {}
+    back = _screen.rescore(cols, rows, torch.arange(20).repeat(30, 1), metric, **swapped)
+    assert torch.equal(got[:, :-1], back.T[:, :-1]), "x.y and y.x must give the same bits"
+    pairs = _screen.exact_distances(rows, cols, torch.tensor([2, 2]), torch.tensor([5, 5]), metric, **kwargs)
+    assert pairs[0] == pairs[1] == got[2, 5]
+
+
+# ----------------------------------------------------------------------------- certification
+
+def crowded_rows(n: int, dim: int) -> torch.Tensor:
+    """Rows around one point, much closer to each other than the screening error: every
+    list must fail certification (and some still pass where a row's neighbours stand out)."""
+    g = torch.Generator().manual_seed(9)
+    centre = unit(torch.randn(1, dim, generator=g))
+    spread = 10.0 ** torch.empty(n, 1).uniform_(-3, -1, generator=g)
+    return (centre + spread * unit(torch.randn(n, dim, generator=g))).contiguous()
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_fallback_rows_are_exact_and_path_independent(monkeypatch, metric):
+    x = crowded_rows(400, 512)
+    norms = _core.squared_norms(x, "sqeuclidean") if metric == "sqeuclidean" else None
+    k = 5
+    fell_back = []
+    original = knn._fall_back
+
+    def spy(*args, **kwargs):
+        fell_back.append(int(args[5].numel()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(knn, "_fall_back", spy)
+    with _screen.forced("always"):
+        lists = knn.new_lists(400, k, torch.float32)
+        knn.topk_self_join(x, metric, k, lists, norms=norms, base=0, exclude_self=True)
+    assert sum(fell_back) > 0, "the crowded rows were meant to fail certification"
+    # Oracle: the kernels' float32 formula on correctly rounded inner products (the
+    # rows are so close that the formula's own rounding decides the order), self
+    # excluded, ties by index.
+    dots = (x.double().numpy() @ x.double().numpy().T).astype(np.float32)
+    if metric == "cosine":
+        exact = np.float32(1) - dots
+    else:
+        sq = norms.numpy()
+        exact = np.maximum((sq[:, None] + sq[None, :]) - np.float32(2) * dots, np.float32(0))
+    exact = exact.astype(np.float64)
+    np.fill_diagonal(exact, np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(400), exact.shape), exact), axis=1)[:, :k]
+    np.testing.assert_array_equal(lists[1].numpy(), order)
+    # Every row through the fallback gives the same bits as the screened mixture.
+    monkeypatch.setattr(_screen, "certify", lambda approx, kth, lower, available: torch.zeros(
+        approx.shape[0], dtype=torch.bool))
+    with _screen.forced("always"):
+        all_fallback = knn.new_lists(400, k, torch.float32)
+        knn.topk_self_join(x, metric, k, all_fallback, norms=norms, base=0, exclude_self=True)
+    assert torch.equal(all_fallback[1], lists[1]) and torch.equal(all_fallback[0], lists[0])
+
+
+def test_screened_soft_labels_and_anchors_equal_reference_on_separated_data():
+    g = torch.Generator().manual_seed(10)
+    centres = unit(torch.randn(40, 256, generator=g))
+    ids = torch.randint(0, 40, (600,), generator=g)
+    x = centres[ids] + 0.05 * torch.randn(600, 256, generator=g)
+    cameras = torch.randint(0, 3, (600,), generator=g)
+    expected = fastassoc.knn_soft_labels(x, cameras, 4, backend="reference")
+    with _screen.forced("always"):
+        got = fastassoc.knn_soft_labels(x, cameras, 4, backend="cpu")
+    assert torch.equal(got.crow_indices(), expected.crow_indices())
+    assert torch.equal(got.col_indices(), expected.col_indices())
+    torch.testing.assert_close(got.values(), expected.values(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@pytest.mark.parametrize("noise", [0.05, 1.0])
+def test_screened_evaluation_recomputes_only_the_error_band(noise):
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(30, 128, generator=g)
+    qp, gp = torch.randint(0, 30, (120,), generator=g), torch.randint(-1, 30, (900,), generator=g)
+    q = centres[qp] + noise * torch.randn(120, 128, generator=g)
+    gal = centres[gp.clamp_min(0)] + noise * torch.randn(900, 128, generator=g)
+    qc, gc = torch.randint(0, 4, (120,), generator=g), torch.randint(0, 4, (900,), generator=g)
+    expected = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric="euclidean", backend="reference")
+    with _screen.forced("always"):
+        got = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric="euclidean", backend="cpu")
+    assert torch.equal(got.cmc, expected.cmc)
+    assert got.mAP == pytest.approx(expected.mAP, abs=1e-12) and got.mINP == pytest.approx(expected.mINP, abs=1e-12)
+    # How many negatives needed an exact distance: none far from every match on separated
+    # data, some (but far from all) on noisy data.
+    queries, gallery = _core.prepare(q, "euclidean"), _core.prepare(gal, "euclidean")
+    qn, gn = _core.squared_norms(queries, "euclidean"), _core.squared_norms(gallery, "euclidean")
+    first_rank = torch.zeros(120, dtype=torch.int64)
+    ap, inp = torch.zeros(120, dtype=torch.float64), torch.zeros(120, dtype=torch.float64)
+    recomputed = cpu_evaluation._rank_screened(queries, gallery, _screen.QRows.quantize(queries),
+                                               _screen.QRows.quantize(gallery), qn, gn, qp, gp, qc, gc,
+                                               "euclidean", first_rank, ap, inp)
+    negatives = int(((gp[None, :] != qp[:, None]) & (gp[None, :] != -1)).sum())
+    if noise < 1:
+        assert recomputed == 0
+    else:
+        assert 0 < recomputed < negatives / 4
+
+
+# ----------------------------------------------------------------------------- mode
+
+def test_mode_switch_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTASSOC_CPU_SCREEN", "sometimes")
+    with pytest.raises(ValueError, match="FASTASSOC_CPU_SCREEN"):
+        _screen.mode()
+    with pytest.raises(ValueError, match="screening mode"):
+        with _screen.forced("sometimes"):
+            pass
+    monkeypatch.setenv("FASTASSOC_CPU_SCREEN", "off")
+    assert not _screen.worthwhile(torch.randn(100, 64), 10_000, 5)
+    with _screen.forced("always"):
+        assert _screen.worthwhile(torch.randn(3, 2), 1, 5)
+        assert not _screen.worthwhile(torch.randn(3, 2, dtype=torch.float64), 1, 5)
