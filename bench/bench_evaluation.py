@@ -35,10 +35,11 @@ import pytest
 import torch
 
 import fastassoc
+from conftest import fastassoc_provider
 from fastassoc.kernels.cpu._core import release_scratch
 
 METRIC, MAX_RANK = "sqeuclidean", 50
-PROVIDERS = ("reference", "cpu", "torchreid")
+PROVIDERS = ("reference", "cpu", "cpu-fp32", "torchreid")
 
 
 # ----------------------------------------------------------------------------- peer
@@ -109,8 +110,7 @@ def eval_runner(provider: str, w: dict):
     if provider == "torchreid":
         numpy_ids = [t.numpy() for t in args[2:]]
         return lambda: torchreid_evaluate(w["query"], w["gallery"], *numpy_ids)
-    return functools.partial(fastassoc.evaluate_ranking, *args, metric=METRIC, max_rank=MAX_RANK,
-                             backend=provider)
+    return fastassoc_provider(fastassoc.evaluate_ranking, *args, metric=METRIC, max_rank=MAX_RANK, provider=provider)
 
 
 def as_tuple(result):
@@ -141,7 +141,7 @@ def test_evaluate_ranking_w_eval(benchmark, workload, gemm_floor, report, timed,
     num_query, dim = w["query"].shape
     num_gallery = w["gallery"].shape[0]
     floor = gemm_floor([(num_query, num_gallery, dim)])
-    timed(benchmark, run, slow=provider != "cpu")
+    timed(benchmark, run, slow=not provider.startswith("cpu"))
     matrix_bytes = num_query * num_gallery * 4
     report(workload="W-eval", provider=provider, floor=floor, params={"metric": METRIC},
            mAP=expected_ap, rank1=float(expected_cmc[0]),

@@ -31,6 +31,7 @@ import scipy.sparse
 import torch
 
 import fastassoc
+from conftest import fastassoc_provider
 
 GRAPH_K, GRAPH_MIN_SIMILARITY = 1, 0.65
 SOFT_K = 4
@@ -119,7 +120,7 @@ def soft_runner(provider: str, w: dict):
         pytest.importorskip("sklearn")
         x_np = x.numpy()
         return lambda: sklearn_soft_labels(x_np, w["sizes"], SOFT_K)
-    return functools.partial(fastassoc.knn_soft_labels, x, cameras, SOFT_K, backend=provider)
+    return fastassoc_provider(fastassoc.knn_soft_labels, x, cameras, SOFT_K, provider=provider)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,7 +128,7 @@ def _soft_expected(workload_fn):
     return soft_runner("reference", workload_fn("W-soft"))()
 
 
-@pytest.mark.parametrize("provider", ["reference", "cpu", "sklearn"])
+@pytest.mark.parametrize("provider", ["reference", "cpu", "cpu-fp32", "sklearn"])
 def test_knn_soft_labels_w_soft(benchmark, workload, gemm_floor, report, timed, agree, provider):
     w = workload("W-soft")
     run = soft_runner(provider, w)

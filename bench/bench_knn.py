@@ -24,10 +24,13 @@ import pytest
 import torch
 
 import fastassoc
+from conftest import fastassoc_provider
 
 faiss = pytest.importorskip("faiss")
 
 PROVIDERS = ("reference", "cpu", "faiss")
+# The self-join (topk_anchors at W-rank) is screened on capable CPUs; cpu-fp32 shows it off.
+RANK_PROVIDERS = ("reference", "cpu", "cpu-fp32", "faiss")
 
 
 # ----------------------------------------------------------------------------- peers
@@ -77,8 +80,8 @@ def rank_runner(provider: str, w: dict, k: int):
     if provider == "faiss":
         x_np = x.numpy()
         return lambda: faiss_rank(x_np, w["sizes"], k)
-    return functools.partial(fastassoc.topk_anchors, x, x, k, metric="sqeuclidean", anchor_offsets=w["offsets"],
-                             query_segments=w["segments"], exclude=w["exclude"], backend=provider)
+    return fastassoc_provider(fastassoc.topk_anchors, x, x, k, metric="sqeuclidean", anchor_offsets=w["offsets"],
+                              query_segments=w["segments"], exclude=w["exclude"], provider=provider)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +89,7 @@ def _rank_expected(k: int, workload_fn):
     return rank_runner("reference", workload_fn("W-rank"), k)()
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", RANK_PROVIDERS)
 @pytest.mark.parametrize("k", [1, 10])
 def test_topk_anchors_w_rank(benchmark, workload, gemm_floor, report, timed, agree, provider, k):
     w = workload("W-rank")
