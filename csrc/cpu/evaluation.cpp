@@ -74,6 +74,23 @@ void distance_tile(T* tile, int64_t num_rows, int64_t num_gallery, int metric, c
   }
 }
 
+// First-match rank, AP and INP of one query from the negatives counted between its
+// num_matches true matches (negatives_in_gap[k]: between match k-1 and match k).
+inline void query_statistics(const int64_t* negatives_in_gap, int64_t num_matches, int64_t* first_rank, double* ap,
+                             double* inp) {
+  int64_t negatives_before = 0;
+  double precision_sum = 0.0;
+  int64_t rank = 0;
+  for (int64_t k = 0; k < num_matches; ++k) {
+    negatives_before += negatives_in_gap[k];
+    rank = k + 1 + negatives_before;
+    if (k == 0) *first_rank = rank;
+    precision_sum += double(k + 1) / double(rank);
+  }
+  *ap = precision_sum / double(num_matches);
+  *inp = double(num_matches) / double(rank);
+}
+
 template <typename T>
 void rank_tile(const T* tile, int64_t num_rows, int64_t num_gallery, const int64_t* query_pids,
                const int64_t* gallery_pids, const int64_t* query_cameras, const int64_t* gallery_cameras,
@@ -124,17 +141,7 @@ void rank_tile(const T* tile, int64_t num_rows, int64_t num_gallery, const int64
         // True matches and junk (the query's identity, or -1) are not negatives.
         negatives_in_gap[gap] += (gallery_pid != pid) & (gallery_pid != -1);
       }
-      int64_t negatives_before = 0;
-      double precision_sum = 0.0;
-      int64_t rank = 0;
-      for (int64_t k = 0; k < num_matches; ++k) {
-        negatives_before += negatives_in_gap[k];
-        rank = k + 1 + negatives_before;
-        if (k == 0) first_rank[r] = rank;
-        precision_sum += double(k + 1) / double(rank);
-      }
-      ap[r] = precision_sum / double(num_matches);
-      inp[r] = double(num_matches) / double(rank);
+      query_statistics(negatives_in_gap.data(), num_matches, first_rank + r, ap + r, inp + r);
     }
   }
 }
@@ -209,17 +216,7 @@ void rank_tile_screened(const float* tile, int64_t num_rows, int64_t num_gallery
         }
         if (gap < num_matches) ++negatives_in_gap[gap];
       }
-      int64_t negatives_before = 0;
-      double precision_sum = 0.0;
-      int64_t rank = 0;
-      for (int64_t k = 0; k < num_matches; ++k) {
-        negatives_before += negatives_in_gap[k];
-        rank = k + 1 + negatives_before;
-        if (k == 0) first_rank[r] = rank;
-        precision_sum += double(k + 1) / double(rank);
-      }
-      ap[r] = precision_sum / double(num_matches);
-      inp[r] = double(num_matches) / double(rank);
+      query_statistics(negatives_in_gap.data(), num_matches, first_rank + r, ap + r, inp + r);
     }
   }
   if (exact_count) *exact_count += recomputed;
