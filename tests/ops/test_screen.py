@@ -11,6 +11,8 @@ NumPy oracles:
 * rows that fail certification fall back to exact distances, and the result does not depend
   on which rows were certified;
 * screened evaluation recomputes negatives in a true match's error band, and only those;
+* the screened merging step (exact neighbour lists, proven head of the pair order) is used
+  and equals the reference;
 * non-finite inputs and the mode switch.
 """
 from __future__ import annotations
@@ -227,6 +229,32 @@ def test_screened_soft_labels_and_anchors_equal_reference_on_separated_data():
     assert torch.equal(got.crow_indices(), expected.crow_indices())
     assert torch.equal(got.col_indices(), expected.col_indices())
     torch.testing.assert_close(got.values(), expected.values(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("linkage", ["tssl", "centroid", "buc"])
+def test_screened_merge_equals_reference_and_is_used(monkeypatch, linkage):
+    from fastassoc.kernels.cpu import cluster
+
+    g = torch.Generator().manual_seed(12)
+    centres = unit(torch.randn(60, 96, generator=g))
+    ids = torch.randint(0, 60, (700,), generator=g)
+    x = centres[ids] + 0.2 * torch.randn(700, 96, generator=g)
+    x[5] = x[9]                                   # an exact tie
+    labels = torch.arange(700)
+    used = []
+    original = cluster._merge_screened
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cluster, "_merge_screened", spy)
+    expected = fastassoc.agglomerative_merge(x, labels, 60, linkage=linkage, backend="reference")
+    with _screen.forced("always"):
+        got = fastassoc.agglomerative_merge(x, labels, 60, linkage=linkage, backend="cpu")
+    assert used == [True], "the screened merge should have proven enough of the pair order here"
+    assert torch.equal(got, expected)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -41,7 +41,7 @@ from . import _core
 
 # Extra list entries kept while screening; certification fails (and the row falls back to
 # the float32 path) only when more than this many columns sit within the error band.
-SLACK = 8
+SLACK = 16
 # Screening needs at least this many columns per kept list entry to pay for the rescoring.
 MIN_COLUMNS_PER_ENTRY = 8
 MIN_DIM = 32
@@ -166,6 +166,7 @@ class BRows:
     """
 
     dtype = torch.float32
+    FLOAT_ACCUMULATION = True
     # Relative error of the bf16 output rounding, with slack.
     OUTPUT_ROUNDING = 2.0 ** -8 * 1.01
 
@@ -218,7 +219,8 @@ def lower_outside(rows, cols, metric: str, last: torch.Tensor, row_sq: torch.Ten
     col_err, col_norm, col_norm_hat = cols.err.max(), cols.norm.max(), cols.norm_hat.max()
     magnitude = rows.norm_hat * col_norm_hat + rows.norm * col_norm
     rho = getattr(rows, "OUTPUT_ROUNDING", 0.0)
-    accumulation = dim * 2.0 ** -24 * 1.01 if rho else 0.0   # float32 sums of exact bf16 products
+    # float32 sums (bf16 and float32 GEMMs; int8 sums are exact int32), any order.
+    accumulation = dim * 2.0 ** -24 * 1.01 if getattr(rows, "FLOAT_ACCUMULATION", False) else 0.0
     inputs = (rows.norm_hat * col_err + rows.err * col_norm) * (1 + 1e-4)
     dot_bound = inputs + (accumulation + 2.0 ** -18) * magnitude + 1e-30 * dim
     if metric == "sqeuclidean":
@@ -235,6 +237,20 @@ def lower_outside(rows, cols, metric: str, last: torch.Tensor, row_sq: torch.Ten
     if not rho:
         return positive - margin
     return torch.minimum(positive, negative) - margin
+
+
+class FRows:
+    """Float32 rows as the float32 GEMM sees them (no input rounding), for certifying lists
+    taken from float32 tiles: their error is the GEMM's accumulation alone."""
+
+    dtype = torch.float32
+    FLOAT_ACCUMULATION = True
+
+    def __init__(self, x: torch.Tensor):
+        self.norm = x.norm(dim=1).double() * (1 + 1e-6)
+        self.norm_hat = self.norm
+        self.err = torch.zeros_like(self.norm)
+        self.shape = tuple(x.shape)
 
 
 def row_bounds(rows: QRows, cols: QRows, metric: str, row_sq: torch.Tensor | None = None,

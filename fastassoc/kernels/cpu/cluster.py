@@ -28,6 +28,8 @@ import ctypes
 import torch
 
 from ... import _backend
+from ..reference.cluster import _lexsort, renumber_by_first_appearance, union_find_roots, union_pair_keys
+from . import _screen, knn
 from ._core import compute_dtype, core, ptr, scratch_buffer
 
 _LINKAGE_CODES = {"centroid": 0, "tssl": 1, "buc": 2}
@@ -92,6 +94,10 @@ def agglomerative_merge_cpu(x: torch.Tensor, labels: torch.Tensor, num_merges: i
         sizes = torch.ones(num_clusters, dtype=points.dtype)
     sq_norms = (points * points).sum(1).contiguous()
     num_points = points.shape[0]
+    if num_merges > 0 and num_points == num_clusters > 2:
+        screened = _merge_screened(points, sq_norms, sizes, linkage, neighbours, size_penalty, num_merges)
+        if screened is not None:
+            return renumber_by_first_appearance(screened[cluster_of_sample])
     tile_elements = _backend.tile_elements()
     buffer = torch.empty(0, dtype=points.dtype)
 
@@ -122,3 +128,80 @@ def agglomerative_merge_cpu(x: torch.Tensor, labels: torch.Tensor, num_merges: i
            neighbours, float(size_penalty), num_merges, capacity, max(neighbours, _TSSL_DEPTH), tile_elements,
            ptr(cluster_of_sample), num_samples, ptr(labels_out), dots, sqrt_, exp_)
     return labels_out
+
+
+# Neighbour lists the screened path collects per cluster (at least `neighbours`): their
+# pairs are the candidates; deeper lists prove more of the pair order.
+_SCREEN_DEPTH = 16
+
+
+def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.Tensor, linkage: str, neighbours: int,
+                    size_penalty: float, num_merges: int) -> torch.Tensor | None:
+    """The merging step from exact neighbour lists found by a screened (bf16) self-join.
+
+    For one point per cluster (centroid and tssl always; buc from singletons), every
+    linkage is increasing in the pair distance D (and, for tssl, decreasing in a_j), so a
+    pair in neither cluster's list of its ``depth`` nearest has linkage at least
+    ``lb_i = link(thr_i, a_i, max a)`` for both its clusters (``thr_i``: the last distance of
+    i's list), hence at least the second smallest ``lb``; for tssl also at least
+    ``min_i link(thr_i, a_i, max of a_j over clusters j not after i in thr order)``. The
+    listed pairs below the larger bound
+    are exactly the head of the global (linkage, i, j) order; they are walked with the
+    reference's union-find. Distances are the exact ones of the rescoring, square roots,
+    a_i and linkages use the reference's torch expressions. Returns a root per cluster, or
+    None (not screened, or the proven head gave too few merges: the caller runs the
+    float32 driver).
+    """
+    num_clusters = points.shape[0]
+    depth = min(num_clusters - 1, max(neighbours, _SCREEN_DEPTH))
+    if not _screen.worthwhile(points, num_clusters, depth + _screen.SLACK, "bf16"):
+        return None
+    values, indices = knn.new_lists(num_clusters, depth, torch.float32)
+    knn.topk_self_join(points, "sqeuclidean", depth, (values, indices), norms=sq_norms, exclude_self=True)
+    distances = values.sqrt()   # torch's sqrt, as the reference's distance tiles
+    density = None
+    if linkage == "tssl":
+        k = min(neighbours, num_clusters - 1)
+        total = distances[:, 0].clone()
+        for column in range(1, k):   # ascending order, as the reference sums
+            total += distances[:, column]
+        density = total / k
+
+    def link(d: torch.Tensor, i: torch.Tensor, j_density: torch.Tensor | None, j_size: torch.Tensor) -> torch.Tensor:
+        if linkage == "tssl":
+            exponent = density[i] + j_density
+            return exponent.sub_(d, alpha=2.0).neg_().exp_().add_(d)
+        if linkage == "buc":
+            return d + size_penalty * (sizes[i] + j_size)
+        return d.clone()
+
+    rows = torch.arange(num_clusters).unsqueeze(1).expand_as(indices)
+    low, high = torch.minimum(rows, indices).flatten(), torch.maximum(rows, indices).flatten()
+    keys, first = torch.unique(low * num_clusters + high, return_inverse=True)
+    position = torch.full((keys.numel(),), low.numel(), dtype=torch.int64).scatter_reduce_(
+        0, first, torch.arange(low.numel()), "amin")
+    pair_distance = distances.flatten()[position]
+    i, j = keys // num_clusters, keys % num_clusters
+    linkages = link(pair_distance, i, density[j] if density is not None else None, sizes[j])
+    everyone = torch.arange(num_clusters)
+    last = distances[:, -1].clone()
+    smallest_size = sizes.min().expand(num_clusters)
+    # Two lower bounds on every unlisted pair's linkage; the larger holds too.
+    # (1) Both clusters' own bounds with the largest a_j: the pair is above the second smallest.
+    own = link(last.clone(), everyone, density.max().expand(num_clusters) if density is not None else None,
+               smallest_size)
+    bound = torch.kthvalue(own, 2).values
+    if density is not None:
+        # (2) Name i the cluster of the pair later in (thr, index) order: D_ij >= thr_i and a_j is
+        # at most the largest a among the clusters up to i in that order.
+        order = torch.argsort(last, stable=True)
+        reach = torch.empty_like(density)
+        reach[order] = torch.cummax(density[order], 0).values
+        bound = torch.maximum(bound, link(last.clone(), everyone, reach, smallest_size).min())
+    proven = linkages < bound
+    ordered_linkages, ordered_keys = _lexsort(linkages[proven], keys[proven])
+    parent = list(range(num_clusters))
+    merges, _ = union_pair_keys(parent, ordered_keys.tolist(), num_clusters, num_merges)
+    if merges < num_merges:
+        return None
+    return union_find_roots(parent, points.device)

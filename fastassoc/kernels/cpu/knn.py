@@ -188,15 +188,46 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
 def _fall_back(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
                failed: torch.Tensor, *, row_norms: torch.Tensor | None, col_norms: torch.Tensor | None,
                col_base: int, exclude_self: bool) -> None:
-    """Rows ``failed`` (not certified): exact distances to every column, the k smallest by
-    (distance, index) written over their lists.
+    """Rows ``failed`` (not certified by the screening GEMM): their exact k nearest by
+    (exact distance, index), written over their lists.
 
     The same exact distances as the rescoring (``_screen.rescore``), so a row's result does
-    not depend on whether it was certified (and hence not on the thread count or tiling of
-    the approximate GEMM). Chunks of rows keep each distance block within the tile limit.
+    not depend on the path it took (hence not on the thread count or tiling of the
+    approximate GEMM): float32 GEMM tiles propose ``k + SLACK`` candidates, which are
+    rescored and certified with the float32 GEMM's (much smaller) error bound; rows still
+    uncertain get exact distances to every column. Chunks keep each block within the tile
+    limit.
     """
     if failed.numel() == 0:
         return
+    values, indices = lists
+    num_cols = cols.shape[0]
+    available = num_cols - 1 if exclude_self else num_cols
+    width = min(available, k + _screen.SLACK)
+    chunk_rows = rows[failed].contiguous()
+    chunk_norms = row_norms[failed].contiguous() if row_norms is not None else None
+    approx_values, candidates = new_lists(failed.numel(), width, values.dtype)
+    tiles = _core.DotTiles.for_blocks([(failed.numel(), num_cols)], values.dtype)
+    block_topk(tiles, chunk_rows, cols, metric, width, row_norms=chunk_norms, col_norms=col_norms,
+               col_base=col_base, exclude=(failed + col_base) if exclude_self else None,
+               row_lists=(approx_values, candidates))
+    sort_lists(approx_values, candidates)
+    exact = _screen.rescore(chunk_rows, cols, candidates, metric, col_base=col_base, row_norms=chunk_norms,
+                            col_norms=col_norms)
+    sort_lists(exact, candidates)
+    values[failed] = exact[:, :k]
+    indices[failed] = candidates[:, :k]
+    lower = _screen.lower_outside(_screen.FRows(chunk_rows), _screen.FRows(cols), metric, approx_values[:, -1],
+                                  chunk_norms, col_norms)
+    uncertain = ~_screen.certify(approx_values, exact[:, k - 1], lower, available)
+    _exact_rows(rows, cols, metric, k, lists, failed[uncertain], row_norms=row_norms, col_norms=col_norms,
+                col_base=col_base, exclude_self=exclude_self)
+
+
+def _exact_rows(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
+                failed: torch.Tensor, *, row_norms: torch.Tensor | None, col_norms: torch.Tensor | None,
+                col_base: int, exclude_self: bool) -> None:
+    """Rows ``failed``: exact distances to every column, the k smallest by (distance, index)."""
     values, indices = lists
     num_cols = cols.shape[0]
     step = max(1, _backend.tile_elements() // max(num_cols, 1))
