@@ -12,6 +12,12 @@ appearance. See the C++ file for the selection, the re-scans and tssl's single-p
 shortcut (one GEMM pass for every linkage in the common case: tssl's first pass both
 computes ``a_i`` and proves its nearest-list candidates to be the head of the order).
 
+Screened path (:func:`_merge_screened`, float32 points on CPUs with bf16 dot products,
+one point per cluster): exact neighbour lists from the bf16-screened self-join, a proven
+head of the pair order, the reference's union-find walk; the driver above runs when the
+proof does not give enough merges. Its distances are exactly rounded inner products, so
+its linkages can differ from the float32 GEMM's in the last bits (near-ties only).
+
 Must equal :func:`fastassoc.kernels.reference.cluster.agglomerative_merge_reference`:
 identical labels (pairs ordered by ``(linkage, i, j)``). Linkages carry the reference's
 bits: the same centroid arithmetic (torch), GEMM tiles with the reference's row counts,
