@@ -124,18 +124,23 @@ def test_int8_bound_covers_every_pair(metric, dim):
     assert np.median(bound / (error.max(1) + 1e-300)) < 200
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
 @pytest.mark.parametrize("dim", [3, 64, 700])
 def test_lower_bound_outside_the_list_holds_for_every_pair(kind, metric, dim):
     # lower_outside(last) must not exceed the exact distance of any column whose approximate
     # distance is >= last; check it with last = each column's own approximate distance.
+    # fp32: the float32 GEMM's own bound, used to certify the fallback's candidates.
     rows, cols = stress_rows(5, 25, dim), stress_rows(6, 60, dim)
     if metric == "cosine":
         rows, cols = unit(rows), unit(cols)
-    cls = _screen.QRows if kind == "int8" else _screen.BRows
-    qr, qc = cls.quantize(rows), cls.quantize(cols)
-    approx = approx_distances(qr, qc, rows, cols, metric)
+    if kind == "fp32":
+        approx = approx_distances(rows, cols, rows, cols, metric)
+        qr, qc = _screen.FRows(rows), _screen.FRows(cols)
+    else:
+        cls = _screen.QRows if kind == "int8" else _screen.BRows
+        qr, qc = cls.quantize(rows), cls.quantize(cols)
+        approx = approx_distances(qr, qc, rows, cols, metric)
     exact = exact_distances(rows, cols, metric)
     row_sq, col_sq = _core.squared_norms(rows, "sqeuclidean"), _core.squared_norms(cols, "sqeuclidean")
     for j in range(cols.shape[0]):
