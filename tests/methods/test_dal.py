@@ -5,21 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastassoc import data
-from fastassoc.methods import base, get_trainer
+from fastassoc.methods import get_trainer
 from fastassoc.methods.base import tiny_config
 from fastassoc.methods.dal import DALTrainer
 
-
-def _quiet(line):
-    pass
+from ._shared import quiet, ready
 
 
 def _ready(world, **overrides) -> DALTrainer:
-    trainer = DALTrainer(tiny_config(DALTrainer, **overrides), dataset=world, log=_quiet)
-    trainer.prepare()
-    trainer.setup()
-    return trainer
+    return ready(DALTrainer, world, **overrides)
 
 
 def _oracle_cyclic(bank: np.ndarray, cams: np.ndarray, mode: str):
@@ -115,7 +109,7 @@ def test_fast_and_reference_backends_give_the_same_losses(world):
     reports = {}
     for backend in ("auto", "reference"):
         config = tiny_config(DALTrainer, epochs=2, backend=backend, baseline=False, checkpoint=False)
-        reports[backend] = DALTrainer(config, dataset=world, log=_quiet).fit()
+        reports[backend] = DALTrainer(config, dataset=world, log=quiet).fit()
     for epoch, (fast, ref) in enumerate(zip(reports["auto"]["history"], reports["reference"]["history"])):
         for key in ("loss", "loss_intra", "loss_cross", "source_rank1", "assoc_rate"):
             assert fast[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-5), \
@@ -125,7 +119,7 @@ def test_fast_and_reference_backends_give_the_same_losses(world):
 
 def test_smoke_run_improves_over_untrained_network(world):
     config = tiny_config(DALTrainer, epochs=6, checkpoint=False)
-    report = DALTrainer(config, dataset=world, log=_quiet).fit()
+    report = DALTrainer(config, dataset=world, log=quiet).fit()
     assert report["mAP"] > report["baseline_mAP"] + 0.02, \
         f"mAP {report['mAP']:.3f} vs untrained {report['baseline_mAP']:.3f}"
     first, last = report["history"][0], report["history"][-1]
@@ -134,9 +128,9 @@ def test_smoke_run_improves_over_untrained_network(world):
 
 def test_resume_equals_uninterrupted(tmp_path, world):
     config = tiny_config(DALTrainer, epochs=3, baseline=False)
-    full = DALTrainer(config, tmp_path / "full", dataset=world, log=_quiet).fit()
-    DALTrainer(config, tmp_path / "cut", dataset=world, log=_quiet).fit(stop_after=2)
-    resumed = DALTrainer.resume(tmp_path / "cut", dataset=world, log=_quiet).fit()
+    full = DALTrainer(config, tmp_path / "full", dataset=world, log=quiet).fit()
+    DALTrainer(config, tmp_path / "cut", dataset=world, log=quiet).fit(stop_after=2)
+    resumed = DALTrainer.resume(tmp_path / "cut", dataset=world, log=quiet).fit()
     for epoch, (a, b) in enumerate(zip(full["history"], resumed["history"])):
         for key in ("loss", "loss_intra", "loss_cross", "assoc_rate"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), f"epoch {epoch + 1} {key}: {a[key]} vs {b[key]}"
@@ -148,4 +142,4 @@ def test_registry_and_options():
     assert DALTrainer.make_config("smoke").eval_pooling == "max"
     assert DALTrainer.make_config("paper").margin == 0.2
     with pytest.raises(ValueError, match="cyclic_search"):
-        DALTrainer(tiny_config(DALTrainer, cyclic_search="both"), log=_quiet).fit()
+        DALTrainer(tiny_config(DALTrainer, cyclic_search="both"), log=quiet).fit()

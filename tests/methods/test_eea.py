@@ -5,52 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from fastassoc import data
-from fastassoc.methods import base, get_trainer
+from fastassoc.methods import get_trainer
 from fastassoc.methods.base import tiny_config
 from fastassoc.methods.eea import EEATrainer
 
-
-def _quiet(line):
-    pass
+from ._shared import (assert_graph_equal, check_fast_matches_reference, check_resume_equals_uninterrupted,
+                      check_smoke_run_improves, oracle_cross_camera_graph, oracle_segmented_ce, quiet, ready)
 
 
 def _ready(world, **overrides) -> EEATrainer:
-    trainer = EEATrainer(tiny_config(EEATrainer, **overrides), dataset=world, log=_quiet)
-    trainer.prepare()
-    trainer.setup()
-    return trainer
-
-
-def _oracle_graph(x: np.ndarray, cams: np.ndarray, k: int, threshold: float) -> np.ndarray:
-    """Eqs. 6-7 densely: cosine edges between mutual per-camera-pair k-NN above threshold, 1 on the diagonal."""
-    x = x.astype(np.float64)
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sim = xn @ xn.T
-    graph = np.eye(len(x))
-
-    def top(i, camera):
-        return sorted(np.flatnonzero(cams == camera), key=lambda a: (-sim[i, a], a))[:k]
-
-    for i in range(len(x)):
-        for j in range(len(x)):
-            if cams[i] != cams[j] and j in top(i, cams[j]) and i in top(j, cams[i]) and sim[i, j] > threshold:
-                graph[i, j] = sim[i, j]
-    return graph
-
-
-def _oracle_segmented_ce(feats, weight, targets, offsets, scale):
-    logits = scale * feats @ weight.T
-    total = 0.0
-    for b in range(len(feats)):
-        for s in range(len(offsets) - 1):
-            seg = slice(offsets[s], offsets[s + 1])
-            if not targets[b, seg].any():
-                continue
-            z = logits[b, seg]
-            lse = np.log(np.exp(z - z.max()).sum()) + z.max()
-            total += float((targets[b, seg] * (lse - z)).sum())
-    return total / len(feats)
+    return ready(EEATrainer, world, **overrides)
 
 
 def test_threshold_rises_linearly_after_the_warm_up(world):
@@ -71,13 +35,9 @@ def test_graph_over_normalised_exemplars_follows_eqs_6_7(world, epoch):
         trainer.heads.weight.copy_(torch.from_numpy(exemplars))
     trainer.on_epoch_start(epoch)
     got = trainer.graph.to_dense().numpy()
-    want = _oracle_graph(exemplars[trainer.layout.position.numpy()], trainer.train_cameras.numpy(), 1,
-                         trainer.threshold(epoch))
-    structure = np.argwhere((got != 0) != (want != 0))
-    if len(structure):
-        edge = tuple(structure[0])
-        raise AssertionError(f"edge {edge}: got {got[edge]}, oracle {want[edge]}")
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    want = oracle_cross_camera_graph(exemplars[trainer.layout.position.numpy()], trainer.train_cameras.numpy(), 1,
+                                     trainer.threshold(epoch))
+    assert_graph_equal(got, want)
     assert (trainer._graph_in_use is not None) == (epoch >= 2), "the graph is used only after the warm-up"
 
 
@@ -100,7 +60,7 @@ def test_train_step_follows_eqs_5_and_10(world):
     rows = np.repeat(index.numpy(), count)
     one_hot = np.zeros((len(rows), num))
     one_hot[np.arange(len(rows)), position[rows]] = 1.0
-    intra = _oracle_segmented_ce(flat, exemplars, one_hot, offsets, 7.0)
+    intra = oracle_segmented_ce(flat, exemplars, one_hot, offsets, 7.0)
 
     trainer.on_epoch_start(0)                                               # warm-up: Eq. 5 only
     losses = trainer.train_step(frames, index, cameras, epoch=0)
@@ -112,7 +72,7 @@ def test_train_step_follows_eqs_5_and_10(world):
     assert (graph - np.eye(num)).any(), "the test graph should have cross-camera edges"
     targets = np.zeros((len(rows), num))
     targets[:, position] = graph[rows]
-    total = _oracle_segmented_ce(flat, exemplars, targets, offsets, 7.0)
+    total = oracle_segmented_ce(flat, exemplars, targets, offsets, 7.0)
     losses = trainer.train_step(frames, index, cameras, epoch=3)
     assert float(losses["loss"].detach()) == pytest.approx(total, rel=1e-4)
     assert float(losses["loss_intra"]) == pytest.approx(intra, rel=1e-4)
@@ -127,45 +87,18 @@ def test_exemplars_learn_by_backpropagation(world):
 
 
 def test_fast_and_reference_backends_give_the_same_losses(world):
-    reports = {}
-    for backend in ("auto", "reference"):
-        config = tiny_config(EEATrainer, epochs=3, warmup_epochs=1, threshold_low=0.0, threshold_high=0.3,
-                             backend=backend, baseline=False, checkpoint=False)
-        reports[backend] = EEATrainer(config, dataset=world, log=_quiet).fit()
-    for epoch, (fast, ref) in enumerate(zip(reports["auto"]["history"], reports["reference"]["history"])):
-        for key in ("loss", "loss_intra", "loss_inter", "pairs", "pairs_precision"):
-            if key not in ref:
-                continue
-            assert fast[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-5, nan_ok=True), \
-                f"epoch {epoch + 1} {key}: auto {fast[key]} vs reference {ref[key]}"
-    assert reports["auto"]["mAP"] == pytest.approx(reports["reference"]["mAP"], abs=1e-3)
+    check_fast_matches_reference(EEATrainer, world, ("loss", "loss_intra", "loss_inter", "pairs", "pairs_precision"),
+                                 epochs=3, warmup_epochs=1, threshold_low=0.0, threshold_high=0.3)
 
 
 def test_smoke_run_improves_over_untrained_network():
-    # The tiny world is too small for re-id to generalise; the smoke world at 32 x 16 still trains in seconds.
-    world = data.SyntheticTracklets(**base.SMOKE_WORLD, image_size=(32, 16))
-    config = tiny_config(EEATrainer, epochs=16, warmup_epochs=4, train_colour_jitter=0.0, checkpoint=False)
-    report = EEATrainer(config, dataset=world, log=_quiet).fit()
-    assert report["mAP"] > report["baseline_mAP"] + 0.05, \
-        f"mAP {report['mAP']:.3f} vs untrained {report['baseline_mAP']:.3f}"
-    assert report["rank1"] > report["baseline_rank1"], \
-        f"rank-1 {report['rank1']:.3f} vs untrained {report['baseline_rank1']:.3f}"
+    check_smoke_run_improves(EEATrainer, warmup_epochs=4)
 
 
 def test_resume_equals_uninterrupted(tmp_path, world):
-    config = tiny_config(EEATrainer, epochs=3, warmup_epochs=1, threshold_low=0.0, threshold_high=0.3,
-                         baseline=False)
-    full = EEATrainer(config, tmp_path / "full", dataset=world, log=_quiet).fit()
-    EEATrainer(config, tmp_path / "cut", dataset=world, log=_quiet).fit(stop_after=2)
-    resumed = EEATrainer.resume(tmp_path / "cut", dataset=world, log=_quiet).fit()
-    assert len(resumed["history"]) == len(full["history"]) == 3
-    for epoch, (a, b) in enumerate(zip(full["history"], resumed["history"])):
-        for key in ("loss", "loss_intra", "loss_inter", "pairs", "threshold"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7, nan_ok=True), \
-                    f"epoch {epoch + 1} {key}: {a[key]} vs {b[key]}"
-    assert resumed["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
-    assert resumed["rank1"] == pytest.approx(full["rank1"], abs=1e-6)
+    check_resume_equals_uninterrupted(EEATrainer, world, tmp_path, ("loss", "loss_intra", "loss_inter", "pairs",
+                                                                    "threshold"),
+                                      epochs=3, stop_after=2, warmup_epochs=1, threshold_low=0.0, threshold_high=0.3)
 
 
 def test_registry_and_options(world):
@@ -174,4 +107,4 @@ def test_registry_and_options(world):
     assert (paper.graph_k, paper.embed_dim, paper.epochs, paper.lr) == (1, 1024, 80, 3.5e-4)
     assert paper.data_options["tracklets"] == "one_per_camera"
     with pytest.raises(ValueError, match="exemplar_init"):
-        EEATrainer(tiny_config(EEATrainer, exemplar_init="zeros"), dataset=world, log=_quiet).fit()
+        EEATrainer(tiny_config(EEATrainer, exemplar_init="zeros"), dataset=world, log=quiet).fit()

@@ -5,67 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from fastassoc import data
-from fastassoc.methods import base, get_trainer
+from fastassoc.methods import get_trainer
 from fastassoc.methods.base import tiny_config
 from fastassoc.methods.uga import StageSchedule, UGATrainer, split_diagonal
 
-
-def _quiet(line):
-    pass
+from ._shared import (assert_graph_equal, check_fast_matches_reference, check_resume_equals_uninterrupted,
+                      check_smoke_run_improves, oracle_cross_camera_graph, oracle_segmented_ce, quiet, ready)
 
 
 def _ready(world, **overrides) -> UGATrainer:
-    trainer = UGATrainer(tiny_config(UGATrainer, **overrides), dataset=world, log=_quiet)
-    trainer.prepare()
-    trainer.setup()
-    return trainer
-
-
-def _oracle_graph(x: np.ndarray, cams: np.ndarray, k: int, threshold: float | None) -> np.ndarray:
-    """Eqs. 4-5 densely: cosine edges between mutual per-camera-pair k-NN, above threshold; self loops."""
-    x = x.astype(np.float64)
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sim = xn @ xn.T
-    num = len(x)
-    graph = np.eye(num)
-
-    def top(i, camera):
-        members = np.flatnonzero(cams == camera)
-        return sorted(members, key=lambda a: (-sim[i, a], a))[:k]
-
-    for i in range(num):
-        for j in range(num):
-            if cams[i] == cams[j]:
-                continue
-            if j in top(i, cams[j]) and i in top(j, cams[i]) and (threshold is None or sim[i, j] > threshold):
-                graph[i, j] = sim[i, j]
-    return graph
-
-
-def _oracle_segmented_ce(feats: np.ndarray, weight: np.ndarray, targets: np.ndarray, offsets: np.ndarray,
-                         scale: float = 1.0) -> float:
-    """Mean over rows of sum_j t_j (logsumexp over j's camera segment - z_j), z = scale f . w."""
-    logits = scale * feats @ weight.T
-    total = 0.0
-    for b in range(len(feats)):
-        for s in range(len(offsets) - 1):
-            seg = slice(offsets[s], offsets[s + 1])
-            t = targets[b, seg]
-            if not t.any():
-                continue
-            z = logits[b, seg]
-            lse = np.log(np.exp(z - z.max()).sum()) + z.max()
-            total += float((t * (lse - z)).sum())
-    return total / len(feats)
-
-
-def _assert_graph_equal(got: np.ndarray, want: np.ndarray) -> None:
-    structure = np.argwhere((got != 0) != (want != 0))
-    if len(structure):
-        edge = tuple(structure[0])
-        raise AssertionError(f"edge {edge}: got {got[edge]}, oracle {want[edge]}")
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    return ready(UGATrainer, world, **overrides)
 
 
 def test_stage_switch_replaces_classifier_with_centres_and_builds_the_graph(world):
@@ -80,8 +29,8 @@ def test_stage_switch_replaces_classifier_with_centres_and_builds_the_graph(worl
     np.testing.assert_allclose(weight.detach().numpy(), 0.5 * centres[trainer.layout.order.numpy()], rtol=1e-5,
                                atol=1e-6)
     assert weight not in trainer.optimizer.state
-    want = _oracle_graph(centres, trainer.train_cameras.numpy(), 1, 0.2)
-    _assert_graph_equal(trainer.graph.to_dense().numpy(), want)
+    want = oracle_cross_camera_graph(centres, trainer.train_cameras.numpy(), 1, 0.2)
+    assert_graph_equal(trainer.graph.to_dense().numpy(), want)
 
 
 @pytest.mark.parametrize("k, threshold", [(1, 0.0), (2, -1.0)])
@@ -93,7 +42,7 @@ def test_graph_follows_eqs_4_5(world, k, threshold):
         trainer.heads.weight.copy_(torch.from_numpy(centres))
     graph = trainer.build_graph().to_dense().numpy()
     tracklet_order = centres[trainer.layout.position.numpy()]
-    _assert_graph_equal(graph, _oracle_graph(tracklet_order, trainer.train_cameras.numpy(), k, threshold))
+    assert_graph_equal(graph, oracle_cross_camera_graph(tracklet_order, trainer.train_cameras.numpy(), k, threshold))
     diagonal, off = split_diagonal(trainer.build_graph())
     np.testing.assert_array_equal(diagonal.numpy(), np.diag(graph))
     np.testing.assert_array_equal(off.to_dense().numpy(), graph - np.diag(np.diag(graph)))
@@ -117,7 +66,7 @@ def test_train_step_follows_eqs_2_and_8(world):
     one_hot = np.zeros((len(rows), num))
     one_hot[np.arange(len(rows)), position[rows]] = 1.0
     losses = trainer.train_step(frames, index, cameras, epoch=0)
-    assert float(losses["loss"].detach()) == pytest.approx(_oracle_segmented_ce(flat, weight, one_hot, offsets),
+    assert float(losses["loss"].detach()) == pytest.approx(oracle_segmented_ce(flat, weight, one_hot, offsets),
                                                            rel=1e-4)
 
     # Stage 2, Eq. 8: the graph row (self loop + cross-camera edges) weights each camera's cross-entropy.
@@ -132,8 +81,8 @@ def test_train_step_follows_eqs_2_and_8(world):
     self_targets = np.zeros_like(targets)
     self_targets[np.arange(len(rows)), position[rows]] = np.diag(graph)[rows]
     losses = trainer.train_step(frames, index, cameras, epoch=1)
-    want = _oracle_segmented_ce(flat, weight, targets, offsets)
-    want_self = _oracle_segmented_ce(flat, weight, self_targets, offsets)
+    want = oracle_segmented_ce(flat, weight, targets, offsets)
+    want_self = oracle_segmented_ce(flat, weight, self_targets, offsets)
     assert float(losses["loss"].detach()) == pytest.approx(want, rel=1e-4)
     assert float(losses["loss_self"]) == pytest.approx(want_self, rel=1e-4)
     assert float(losses["loss_cross"]) == pytest.approx(want - want_self, rel=1e-4, abs=1e-5)
@@ -147,45 +96,18 @@ def test_schedule_restarts_with_the_second_stage():
 
 
 def test_fast_and_reference_backends_give_the_same_losses(world):
-    reports = {}
-    for backend in ("auto", "reference"):
-        config = tiny_config(UGATrainer, epochs=3, intra_epochs=1, threshold=0.3, backend=backend, baseline=False,
-                             checkpoint=False)
-        reports[backend] = UGATrainer(config, dataset=world, log=_quiet).fit()
-    for epoch, (fast, ref) in enumerate(zip(reports["auto"]["history"], reports["reference"]["history"])):
-        for key in ("loss", "loss_self", "loss_cross", "pairs", "pairs_precision"):
-            if key not in ref:
-                continue
-            assert fast[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-5, nan_ok=True), \
-                f"epoch {epoch + 1} {key}: auto {fast[key]} vs reference {ref[key]}"
-    assert reports["auto"]["mAP"] == pytest.approx(reports["reference"]["mAP"], abs=1e-3)
+    check_fast_matches_reference(UGATrainer, world, ("loss", "loss_self", "loss_cross", "pairs", "pairs_precision"),
+                                 epochs=3, intra_epochs=1, threshold=0.3)
 
 
 def test_smoke_run_improves_over_untrained_network():
-    # The tiny world is too small for re-id to generalise; the smoke world at 32 x 16 still trains in seconds.
-    world = data.SyntheticTracklets(**base.SMOKE_WORLD, image_size=(32, 16))
-    config = tiny_config(UGATrainer, epochs=16, intra_epochs=8, train_colour_jitter=0.0, checkpoint=False)
-    report = UGATrainer(config, dataset=world, log=_quiet).fit()
-    assert report["mAP"] > report["baseline_mAP"] + 0.05, \
-        f"mAP {report['mAP']:.3f} vs untrained {report['baseline_mAP']:.3f}"
-    assert report["rank1"] > report["baseline_rank1"], \
-        f"rank-1 {report['rank1']:.3f} vs untrained {report['baseline_rank1']:.3f}"
+    check_smoke_run_improves(UGATrainer, intra_epochs=8)
 
 
 def test_resume_equals_uninterrupted(tmp_path, world):
     # Interrupted right before the stage switch: the resumed run must replace the classifier itself.
-    config = tiny_config(UGATrainer, epochs=3, intra_epochs=1, threshold=0.3, baseline=False)
-    full = UGATrainer(config, tmp_path / "full", dataset=world, log=_quiet).fit()
-    UGATrainer(config, tmp_path / "cut", dataset=world, log=_quiet).fit(stop_after=1)
-    resumed = UGATrainer.resume(tmp_path / "cut", dataset=world, log=_quiet).fit()
-    assert len(resumed["history"]) == len(full["history"]) == 3
-    for epoch, (a, b) in enumerate(zip(full["history"], resumed["history"])):
-        for key in ("loss", "loss_self", "loss_cross", "pairs", "lr"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7, nan_ok=True), \
-                    f"epoch {epoch + 1} {key}: {a[key]} vs {b[key]}"
-    assert resumed["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
-    assert resumed["rank1"] == pytest.approx(full["rank1"], abs=1e-6)
+    check_resume_equals_uninterrupted(UGATrainer, world, tmp_path, ("loss", "loss_self", "loss_cross", "pairs", "lr"),
+                                      epochs=3, stop_after=1, intra_epochs=1, threshold=0.3)
 
 
 def test_registry_and_options(world):
@@ -195,4 +117,4 @@ def test_registry_and_options(world):
         (0.65, 1, 1024, 80, 160, 3.5e-4)
     assert paper.data_options["tracklets"] == "one_per_camera"
     with pytest.raises(ValueError, match="graph_mode"):
-        UGATrainer(tiny_config(UGATrainer, graph_mode="all"), dataset=world, log=_quiet).fit()
+        UGATrainer(tiny_config(UGATrainer, graph_mode="all"), dataset=world, log=quiet).fit()

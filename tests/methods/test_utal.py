@@ -5,21 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from fastassoc import data
-from fastassoc.methods import base, get_trainer
+from fastassoc.methods import get_trainer
 from fastassoc.methods.base import tiny_config
 from fastassoc.methods.utal import UTALTrainer
 
-
-def _quiet(line):
-    pass
+from ._shared import (check_fast_matches_reference, check_resume_equals_uninterrupted, check_smoke_run_improves,
+                      quiet, ready)
 
 
 def _ready(world, **overrides) -> UTALTrainer:
-    trainer = UTALTrainer(tiny_config(UTALTrainer, **overrides), dataset=world, log=_quiet)
-    trainer.prepare()
-    trainer.setup()
-    return trainer
+    return ready(UTALTrainer, world, **overrides)
 
 
 def _squared_distances(x: np.ndarray) -> np.ndarray:
@@ -148,44 +143,19 @@ def test_ccta_waits_for_the_second_half(world):
 
 
 def test_fast_and_reference_backends_give_the_same_losses(world):
-    reports = {}
-    for backend in ("auto", "reference"):
-        config = tiny_config(UTALTrainer, epochs=2, ccta_start_epoch=1, backend=backend, baseline=False,
-                             checkpoint=False)
-        reports[backend] = UTALTrainer(config, dataset=world, log=_quiet).fit()
-    for epoch, (fast, ref) in enumerate(zip(reports["auto"]["history"], reports["reference"]["history"])):
-        for key in ("loss", "loss_pctd", "loss_ccta", "pairs", "pairs_precision", "soft_same_id_similarity"):
-            if key not in ref:
-                continue
-            assert fast[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-5, nan_ok=True), \
-                f"epoch {epoch + 1} {key}: auto {fast[key]} vs reference {ref[key]}"
-    assert reports["auto"]["mAP"] == pytest.approx(reports["reference"]["mAP"], abs=1e-3)
+    check_fast_matches_reference(UTALTrainer, world, ("loss", "loss_pctd", "loss_ccta", "pairs", "pairs_precision",
+                                                      "soft_same_id_similarity"),
+                                 epochs=2, ccta_start_epoch=1)
 
 
 def test_smoke_run_improves_over_untrained_network():
-    # The tiny world is too small for re-id to generalise; the smoke world at 32 x 16 still trains in seconds.
-    world = data.SyntheticTracklets(**base.SMOKE_WORLD, image_size=(32, 16))
-    config = tiny_config(UTALTrainer, epochs=16, train_colour_jitter=0.0, checkpoint=False)
-    report = UTALTrainer(config, dataset=world, log=_quiet).fit()
-    assert report["mAP"] > report["baseline_mAP"] + 0.05, \
-        f"mAP {report['mAP']:.3f} vs untrained {report['baseline_mAP']:.3f}"
-    assert report["rank1"] > report["baseline_rank1"], \
-        f"rank-1 {report['rank1']:.3f} vs untrained {report['baseline_rank1']:.3f}"
+    check_smoke_run_improves(UTALTrainer)
 
 
 def test_resume_equals_uninterrupted(tmp_path, world):
-    config = tiny_config(UTALTrainer, epochs=3, ccta_start_epoch=1, baseline=False)
-    full = UTALTrainer(config, tmp_path / "full", dataset=world, log=_quiet).fit()
-    UTALTrainer(config, tmp_path / "cut", dataset=world, log=_quiet).fit(stop_after=2)
-    resumed = UTALTrainer.resume(tmp_path / "cut", dataset=world, log=_quiet).fit()
-    assert len(resumed["history"]) == len(full["history"]) == 3
-    for epoch, (a, b) in enumerate(zip(full["history"], resumed["history"])):
-        for key in ("loss", "loss_pctd", "loss_ccta", "pairs", "soft_same_id_similarity"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7, nan_ok=True), \
-                    f"epoch {epoch + 1} {key}: {a[key]} vs {b[key]}"
-    assert resumed["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
-    assert resumed["rank1"] == pytest.approx(full["rank1"], abs=1e-6)
+    check_resume_equals_uninterrupted(UTALTrainer, world, tmp_path, ("loss", "loss_pctd", "loss_ccta", "pairs",
+                                                                     "soft_same_id_similarity"),
+                                      epochs=3, stop_after=2, ccta_start_epoch=1)
 
 
 def test_registry_and_options(world):
@@ -194,4 +164,4 @@ def test_registry_and_options(world):
     assert (paper.alpha, paper.k, paper.lambda_ccta, paper.embed_dim, paper.lr, paper.epochs) == \
         (1.0, 4, 10.0, 2048, 3.5e-4, 200)
     with pytest.raises(ValueError, match="ccta_search"):
-        UTALTrainer(tiny_config(UTALTrainer, ccta_search="both"), dataset=world, log=_quiet).fit()
+        UTALTrainer(tiny_config(UTALTrainer, ccta_search="both"), dataset=world, log=quiet).fit()

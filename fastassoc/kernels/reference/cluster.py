@@ -73,6 +73,26 @@ def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_mer
     -------
     Tensor [N], int64, labels renumbered 0..C'-1 by first appearance.
     """
+    def merged_roots(cluster_of_sample: torch.Tensor, num_clusters: int) -> torch.Tensor:
+        features = _tiles.prepare(x, "euclidean")
+        if linkage == "buc":
+            blocks = _buc_blocks(features, cluster_of_sample, num_clusters, size_penalty)
+        else:
+            blocks = _centroid_blocks(features, cluster_of_sample, num_clusters, linkage, neighbours)
+        return _greedy_merge(blocks, num_clusters, num_merges, x.device)
+
+    return merge_step(x, labels, num_merges, merged_roots)
+
+
+def merge_step(x: torch.Tensor, labels: torch.Tensor, num_merges: int,
+               merged_roots: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """The frame of one merging step around a backend's greedy walk (shared with Triton).
+
+    Clusters are the distinct label values (cluster ``i`` the ``i``-th smallest);
+    ``merged_roots(cluster_of_sample [N], num_clusters)`` returns the root cluster of
+    every cluster [C] and is called only when ``num_merges > 0`` and ``C > 1``. Returns
+    the merged labels [N], int64, renumbered ``0..C'-1`` by first appearance.
+    """
     device = x.device
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -80,12 +100,7 @@ def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_mer
     num_clusters = int(cluster_of_sample.max()) + 1
     root = torch.arange(num_clusters, device=device)
     if num_merges > 0 and num_clusters > 1:
-        x = _tiles.prepare(x, "euclidean")
-        if linkage == "buc":
-            blocks = _buc_blocks(x, cluster_of_sample, num_clusters, size_penalty)
-        else:
-            blocks = _centroid_blocks(x, cluster_of_sample, num_clusters, linkage, neighbours)
-        root = _greedy_merge(blocks, num_clusters, num_merges, device)
+        root = merged_roots(cluster_of_sample, num_clusters)
     return renumber_by_first_appearance(root[cluster_of_sample])
 
 

@@ -52,14 +52,8 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
     -------
     RankingResult with ``cmc`` float64 [max_rank] on the inputs' device.
     """
-    device = query.device
     num_query, num_gallery = query.shape[0], gallery.shape[0]
-    first_match_counts = torch.zeros(max_rank, dtype=torch.float64, device=device)
-    # Per-query values (0 for skipped queries) are summed once at the end so that the
-    # float64 sums do not depend on the chunking.
-    average_precision = torch.zeros(num_query, dtype=torch.float64, device=device)
-    inverse_negative_penalty = torch.zeros(num_query, dtype=torch.float64, device=device)
-    num_valid = torch.zeros((), dtype=torch.int64, device=device)
+    scores = RankingScores(num_query, max_rank, query.device)
     if num_gallery > 0:
         query = _tiles.prepare(query, metric)
         gallery = _tiles.prepare(gallery, metric)
@@ -76,10 +70,33 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
             keep = ~junk
             matches = same_pid & keep
             kept_rank = keep.cumsum(1)  # 1-based rank among kept entries
-            score_ranked_matches(matches, kept_rank, start, stop, max_rank, first_match_counts,
-                                 average_precision, inverse_negative_penalty, num_valid)
-    return ranking_result(first_match_counts, average_precision, inverse_negative_penalty, num_valid,
-                          num_query, num_gallery)
+            scores.add(matches, kept_rank, start, stop)
+    return scores.result(num_gallery)
+
+
+class RankingScores:
+    """Per-query CMC / AP / INP accumulators of one evaluation (shared with Triton).
+
+    Per-query values (0 for skipped queries) are summed once at the end so that the
+    float64 sums do not depend on the chunking.
+    """
+
+    def __init__(self, num_query: int, max_rank: int, device: torch.device):
+        self.num_query, self.max_rank = num_query, max_rank
+        self.first_match_counts = torch.zeros(max_rank, dtype=torch.float64, device=device)
+        self.average_precision = torch.zeros(num_query, dtype=torch.float64, device=device)
+        self.inverse_negative_penalty = torch.zeros(num_query, dtype=torch.float64, device=device)
+        self.num_valid = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, matches: torch.Tensor, ranks: torch.Tensor, start: int, stop: int) -> None:
+        """Score query rows ``start:stop`` (see :func:`score_ranked_matches`)."""
+        score_ranked_matches(matches, ranks, start, stop, self.max_rank, self.first_match_counts,
+                             self.average_precision, self.inverse_negative_penalty, self.num_valid)
+
+    def result(self, num_gallery: int) -> RankingResult:
+        """The RankingResult (see :func:`ranking_result`)."""
+        return ranking_result(self.first_match_counts, self.average_precision, self.inverse_negative_penalty,
+                              self.num_valid, self.num_query, num_gallery)
 
 
 def score_ranked_matches(matches: torch.Tensor, ranks: torch.Tensor, start: int, stop: int, max_rank: int,

@@ -41,6 +41,7 @@ segments only.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -151,14 +152,18 @@ def topk_anchors_reference(queries: torch.Tensor, anchors: torch.Tensor, k: int,
     return distances, indices
 
 
-def _nearest_in(queries: torch.Tensor, anchors: torch.Tensor, k: int, metric: str,
-                precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk_anchors_reference over one segment holding every anchor, nothing excluded."""
+def nearest_in(queries: torch.Tensor, anchors: torch.Tensor, k: int, metric: str, precision: str,
+               topk_anchors: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_anchors`` over one segment holding every anchor, nothing excluded (shared with Triton).
+
+    ``topk_anchors`` is a backend's ``topk_anchors_<backend>`` (default: the reference).
+    """
     num_queries, device = queries.shape[0], queries.device
     offsets = torch.tensor([0, anchors.shape[0]], dtype=torch.int64, device=device)
     segments = torch.zeros(num_queries, dtype=torch.int64, device=device)
     exclude = torch.full((num_queries,), -1, dtype=torch.int64, device=device)
-    return topk_anchors_reference(queries, anchors, k, metric, offsets, segments, exclude, precision)
+    return (topk_anchors or topk_anchors_reference)(queries, anchors, k, metric, offsets, segments, exclude,
+                                                    precision)
 
 
 def mutual_knn_reference(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, max_distance: float | None,
@@ -180,10 +185,28 @@ def mutual_knn_reference(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, 
     ia, ib : Tensor [P], int64, sorted by ``(ia, ib)``
     distances : Tensor [P], float32, the a -> b distance of each pair
     """
-    num_a, num_b = a.shape[0], b.shape[0]
-    device = a.device
-    ab_distances, ab_indices = _nearest_in(a, b, k, metric, precision)
-    _, ba_indices = _nearest_in(b, a, k, metric, precision)
+    ab_distances, ab_indices = nearest_in(a, b, k, metric, precision)
+    _, ba_indices = nearest_in(b, a, k, metric, precision)
+    return mutual_pairs(ab_distances, ab_indices, ba_indices, max_distance)
+
+
+def mutual_pairs(ab_distances: torch.Tensor, ab_indices: torch.Tensor, ba_indices: torch.Tensor,
+                 max_distance: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mutual pairs from the k-nearest lists of both sides (shared with Triton).
+
+    Parameters
+    ----------
+    ab_distances, ab_indices : Tensor [Na, k], float32 / int64: each ``a`` row's nearest ``b`` (padding -1)
+    ba_indices : Tensor [Nb, k], int64: each ``b`` row's nearest ``a`` (padding -1)
+    max_distance : float or None (kept when the float32 distance is ``<= max_distance``)
+
+    Returns
+    -------
+    ia, ib : Tensor [P], int64, sorted by ``(ia, ib)``: ``ib`` lists ``ia`` and ``ia`` lists ``ib``
+    distances : Tensor [P], float32, the a -> b distance of each pair
+    """
+    num_a, num_b = ab_indices.shape[0], ba_indices.shape[0]
+    device = ab_indices.device
     rows_a = torch.arange(num_a, device=device).unsqueeze(1).expand_as(ab_indices)
     found = ab_indices >= 0
     ia, ib, distances = rows_a[found], ab_indices[found], ab_distances[found]

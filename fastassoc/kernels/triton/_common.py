@@ -67,7 +67,9 @@ work list depends on it. Under ``TRITON_INTERPRET=1`` one configuration
 ``tl.dot`` (the Triton 3.8 interpreter's half-precision ``dot`` gives wrong values; products of half
 values are exact in fp32, so the numbers are those of the tensor-core path up to
 summation order). Reductions are written ``tl.reduce(x, axis, _MIN_COMBINE)``: the
-same code as ``tl.min`` on the GPU, ~100x faster in the interpreter.
+same code as ``tl.min`` on the GPU, ~100x faster in the interpreter. The distance tile
+shared with ``_distance_tile_kernel`` (:func:`_load_rows`, :func:`_distance_block`) is a
+nested @jit call once per program and per tile, which the interpreter affords.
 
 Precision
 ---------
@@ -131,6 +133,60 @@ INTERPRET_BLOCKS = (32, 32, 32)
 # ----------------------------------------------------------------------------- kernel
 
 @triton.jit
+def _load_rows(row_ids_ptr, row_aux_ptr, offs_m, row_mask, METRIC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """Row ids of positions ``offs_m`` and their per-row metric term (zeros for cosine)."""
+    row_ids = tl.load(row_ids_ptr + offs_m, mask=row_mask, other=0)
+    if METRIC != 2:
+        row_aux = tl.load(row_aux_ptr + row_ids, mask=row_mask, other=0.0)
+    else:
+        row_aux = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)   # unused: cosine rows are normalised on the host
+    return row_ids, row_aux
+
+
+@triton.jit
+def _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux, offs_n, col_mask,
+                    dim, stride_row, stride_col,
+                    METRIC: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] distances of rows ``row_ids`` to columns ``offs_n`` (both kernels).
+
+    ``rows @ cols^T`` accumulated over ``BLOCK_K`` slices with ``tl.dot``, then the metric:
+    ``1 - dot`` (cosine, rows and columns normalised on the host), ``1 - dot * row_aux *
+    col_aux`` (scaled cosine, inverse norms), or ``|q|^2 + |a|^2 - 2 q.a`` clamped at 0
+    (``row_aux`` / ``col_aux`` squared norms) and its correctly rounded square root for
+    ``euclidean``. ``row_aux`` [BLOCK_M] comes from :func:`_load_rows` (ignored for cosine).
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    for k0 in range(0, dim, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < dim
+        row_ptrs = rows_ptr + row_ids[:, None] * stride_row + offs_k[None, :]
+        col_ptrs = cols_ptr + offs_n[None, :] * stride_col + offs_k[:, None]
+        row_tile = tl.load(row_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        col_tile = tl.load(col_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        if CAST_F32:
+            row_tile = row_tile.to(tl.float32)
+            col_tile = col_tile.to(tl.float32)
+        acc = tl.dot(row_tile, col_tile, acc, input_precision=PRECISION)
+    if METRIC == 2:
+        value = 1.0 - acc
+    else:
+        col_aux = tl.load(col_aux_ptr + offs_n, mask=col_mask, other=0.0)
+        if METRIC == 3:
+            value = 1.0 - acc * row_aux[:, None] * col_aux[None, :]
+        else:
+            value = tl.maximum(row_aux[:, None] + col_aux[None, :] - 2.0 * acc, 0.0)
+            if METRIC == 1:
+                if ACC_DTYPE == tl.float64:
+                    value = tl.sqrt(value)
+                else:
+                    value = tl.sqrt_rn(value)
+    return value
+
+
+@triton.jit
 def _fused_topk_kernel(
     # pointers
     rows_ptr, cols_ptr, row_aux_ptr, col_aux_ptr,
@@ -157,9 +213,7 @@ def _fused_topk_kernel(
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
     row_mask = offs_m < row_end
-    row_ids = tl.load(row_ids_ptr + offs_m, mask=row_mask, other=0)
-    if METRIC != 2:
-        row_aux = tl.load(row_aux_ptr + row_ids, mask=row_mask, other=0.0)
+    row_ids, row_aux = _load_rows(row_ids_ptr, row_aux_ptr, offs_m, row_mask, METRIC, ACC_DTYPE, BLOCK_M)
     if REF_MODE != 0:
         row_ref = tl.load(row_ref_ptr + offs_m, mask=row_mask, other=-1)
     if GROUP_MASK:
@@ -192,32 +246,9 @@ def _fused_topk_kernel(
     for col0 in range(col_start, col_end, BLOCK_N):
         offs_n = col0 + tl.arange(0, BLOCK_N)
         col_mask = offs_n < col_end
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-        for k0 in range(0, dim, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < dim
-            row_ptrs = rows_ptr + row_ids[:, None] * stride_row + offs_k[None, :]
-            col_ptrs = cols_ptr + offs_n[None, :] * stride_col + offs_k[:, None]
-            row_tile = tl.load(row_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            col_tile = tl.load(col_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-            if CAST_F32:
-                row_tile = row_tile.to(tl.float32)
-                col_tile = col_tile.to(tl.float32)
-            acc = tl.dot(row_tile, col_tile, acc, input_precision=PRECISION)
-
-        if METRIC == 2:
-            value = 1.0 - acc
-        else:
-            col_aux = tl.load(col_aux_ptr + offs_n, mask=col_mask, other=0.0)
-            if METRIC == 3:
-                value = 1.0 - acc * row_aux[:, None] * col_aux[None, :]
-            else:
-                value = tl.maximum(row_aux[:, None] + col_aux[None, :] - 2.0 * acc, 0.0)
-                if METRIC == 1:
-                    if ACC_DTYPE == tl.float64:
-                        value = tl.sqrt(value)
-                    else:
-                        value = tl.sqrt_rn(value)
+        value = _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux, offs_n, col_mask,
+                                dim, stride_row, stride_col, METRIC, PRECISION, CAST_F32, ACC_DTYPE,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
         if LINKAGE != 0:
             col_bias = tl.load(col_bias_ptr + offs_n, mask=col_mask, other=0.0)
             if LINKAGE == 1:
@@ -326,33 +357,10 @@ def _distance_tile_kernel(
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_m < num_rows
     col_mask = offs_n < num_cols
-    row_ids = tl.load(row_ids_ptr + offs_m, mask=row_mask, other=0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    for k0 in range(0, dim, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < dim
-        row_ptrs = rows_ptr + row_ids[:, None] * stride_row + offs_k[None, :]
-        col_ptrs = cols_ptr + offs_n[None, :] * stride_col + offs_k[:, None]
-        row_tile = tl.load(row_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        col_tile = tl.load(col_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        if CAST_F32:
-            row_tile = row_tile.to(tl.float32)
-            col_tile = col_tile.to(tl.float32)
-        acc = tl.dot(row_tile, col_tile, acc, input_precision=PRECISION)
-    if METRIC == 2:
-        value = 1.0 - acc
-    else:
-        row_aux = tl.load(row_aux_ptr + row_ids, mask=row_mask, other=0.0)
-        col_aux = tl.load(col_aux_ptr + offs_n, mask=col_mask, other=0.0)
-        if METRIC == 3:
-            value = 1.0 - acc * row_aux[:, None] * col_aux[None, :]
-        else:
-            value = tl.maximum(row_aux[:, None] + col_aux[None, :] - 2.0 * acc, 0.0)
-            if METRIC == 1:
-                if ACC_DTYPE == tl.float64:
-                    value = tl.sqrt(value)
-                else:
-                    value = tl.sqrt_rn(value)
+    row_ids, row_aux = _load_rows(row_ids_ptr, row_aux_ptr, offs_m, row_mask, METRIC, ACC_DTYPE, BLOCK_M)
+    value = _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux, offs_n, col_mask,
+                            dim, stride_row, stride_col, METRIC, PRECISION, CAST_F32, ACC_DTYPE,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
     if JUNK:
         # Market/MARS junk: same identity and camera, or gallery identity -1.
         row_pid = tl.load(row_pid_ptr + row_ids, mask=row_mask, other=0)

@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from ..reference.cluster import renumber_by_first_appearance, union_find_roots, union_pair_keys
+from ..reference.cluster import merge_step, union_find_roots, union_pair_keys
 from . import _common
 from ._common import Operand, RowGroup
 from .knn import topk_anchors_triton
@@ -168,27 +168,10 @@ def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges
                                neighbours: int, size_penalty: float, precision: str) -> torch.Tensor:
     """One greedy merging step (see the module docstring).
 
-    Parameters
-    ----------
-    x : Tensor [N, D], float
-    labels : Tensor [N], int64 >= 0
-    num_merges : int, 0 <= num_merges <= C - 1
-    linkage : {"tssl", "centroid", "buc"}
-    neighbours : int >= 1
-    size_penalty : float >= 0
-    precision : {"highest", "tf32"}
-
-    Returns
-    -------
-    Tensor [N], int64, labels renumbered 0..C'-1 by first appearance.
+    Parameters and result as ``agglomerative_merge_reference``; ``precision`` in
+    {"highest", "tf32"} selects the ``tl.dot`` input precision of fp32 features.
     """
-    device = x.device
-    if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    _, cluster_of_sample = torch.unique(labels, sorted=True, return_inverse=True)
-    num_clusters = int(cluster_of_sample.max()) + 1
-    root = torch.arange(num_clusters, device=device)
-    if num_merges > 0 and num_clusters > 1:
+    def merged_roots(cluster_of_sample: torch.Tensor, num_clusters: int) -> torch.Tensor:
         dtype = _common.compute_dtype(x.dtype)
         sizes = torch.bincount(cluster_of_sample, minlength=num_clusters).to(dtype)
         if linkage == "buc":
@@ -197,7 +180,7 @@ def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges
                                  linkage=_common.LINKAGE_ADD, row_bias=sizes[cluster_of_sample].contiguous(),
                                  bias_scale=size_penalty)
         else:
-            means = torch.zeros(num_clusters, x.shape[1], dtype=dtype, device=device)
+            means = torch.zeros(num_clusters, x.shape[1], dtype=dtype, device=x.device)
             means.index_add_(0, cluster_of_sample, x.to(dtype))
             means /= sizes.unsqueeze(1)
             operand = _common.prepare(means, "euclidean")
@@ -207,5 +190,6 @@ def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges
             stream = _PairStream(operand, num_clusters, num_clusters, precision, cluster_of_row=None,
                                  linkage=_common.LINKAGE_TSSL if density is not None else _common.LINKAGE_NONE,
                                  row_bias=density, bias_scale=0.0)
-        root = _greedy_merge(stream, num_merges, device)
-    return renumber_by_first_appearance(root[cluster_of_sample])
+        return _greedy_merge(stream, num_merges, x.device)
+
+    return merge_step(x, labels, num_merges, merged_roots)

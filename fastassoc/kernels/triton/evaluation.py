@@ -32,7 +32,7 @@ import torch
 
 from ... import _backend
 from ...ops.evaluation import RankingResult
-from ..reference.evaluation import ranking_result, score_ranked_matches
+from ..reference.evaluation import RankingScores
 from . import _common
 
 # Sort + gathered identities + cumsum hold several words per distance (as the reference).
@@ -45,25 +45,12 @@ def evaluate_ranking_triton(query: torch.Tensor, gallery: torch.Tensor, query_pi
                             precision: str) -> RankingResult:
     """CMC, mAP and mINP of ranking ``gallery`` for every query (see the module docstring).
 
-    Parameters
-    ----------
-    query : Tensor [Q, D], float; gallery : Tensor [G, D], same dtype
-    query_pids, gallery_pids : Tensor [Q], [G], int64 (gallery -1: junk)
-    query_cameras, gallery_cameras : Tensor [Q], [G], int64
-    metric : {"euclidean", "sqeuclidean", "cosine"}
-    max_rank : int >= 1
-    precision : {"highest", "tf32"}
-
-    Returns
-    -------
-    RankingResult with ``cmc`` float64 [max_rank] on the inputs' device.
+    Parameters and result as ``evaluate_ranking_reference``; ``precision`` in
+    {"highest", "tf32"} selects the ``tl.dot`` input precision of fp32 features.
     """
     device = query.device
     num_query, num_gallery = query.shape[0], gallery.shape[0]
-    first_match_counts = torch.zeros(max_rank, dtype=torch.float64, device=device)
-    average_precision = torch.zeros(num_query, dtype=torch.float64, device=device)
-    inverse_negative_penalty = torch.zeros(num_query, dtype=torch.float64, device=device)
-    num_valid = torch.zeros((), dtype=torch.int64, device=device)
+    scores = RankingScores(num_query, max_rank, device)
     if num_gallery > 0 and num_query > 0:
         rows = _common.prepare(query, metric)
         cols = _common.prepare(gallery, metric)
@@ -77,7 +64,5 @@ def evaluate_ranking_triton(query: torch.Tensor, gallery: torch.Tensor, query_pi
             del tile
             matches = (gallery_pids[order] == query_pids[start:stop, None]) & ~torch.isinf(values)
             del values, order
-            score_ranked_matches(matches, ranks, start, stop, max_rank, first_match_counts,
-                                 average_precision, inverse_negative_penalty, num_valid)
-    return ranking_result(first_match_counts, average_precision, inverse_negative_penalty, num_valid,
-                          num_query, num_gallery)
+            scores.add(matches, ranks, start, stop)
+    return scores.result(num_gallery)

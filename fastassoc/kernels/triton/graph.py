@@ -41,6 +41,7 @@ import torch
 
 from . import _common
 from ..reference.graph import graph_from_directed_pairs, to_csr
+from ..reference.knn import nearest_in
 from ._common import Operand, RowGroup
 from .knn import topk_anchors_triton
 
@@ -92,10 +93,7 @@ def _directed_pairs_large_k(x, cameras, order, offsets, num_cameras, k, mode, pr
             continue
         others = torch.nonzero(cameras != camera).squeeze(1)
         queries, anchors = (others, members) if mode == "pairwise" else (members, others)
-        zeros = torch.zeros(queries.numel(), dtype=torch.int64, device=device)
-        _, columns = topk_anchors_triton(x[queries], x[anchors], k, "cosine",
-                                         torch.tensor([0, anchors.numel()], device=device), zeros, zeros - 1,
-                                         precision)
+        _, columns = nearest_in(x[queries], x[anchors], k, "cosine", precision, topk_anchors_triton)
         found = columns >= 0
         sources.append(queries.unsqueeze(1).expand_as(columns)[found])
         targets.append(anchors[columns[found]])
@@ -110,20 +108,8 @@ def cross_camera_graph_triton(x: torch.Tensor, cameras: torch.Tensor, num_camera
                               precision: str) -> torch.Tensor:
     """Symmetric cross-camera mutual-kNN cosine graph (UGA Eqs. 4-5, EEA Eqs. 6-7).
 
-    Parameters
-    ----------
-    x : Tensor [N, D], float
-    cameras : Tensor [N], int64 in [0, num_cameras)
-    num_cameras : int
-    k : int >= 0
-    min_similarity : float or None (strict lower bound on edge weights)
-    self_loops : bool
-    mode : {"pairwise", "pooled"}
-    precision : {"highest", "tf32"}
-
-    Returns
-    -------
-    Tensor [N, N], sparse CSR, float32, symmetric, column indices sorted per row.
+    Parameters and result as ``cross_camera_graph_reference``; ``precision`` in
+    {"highest", "tf32"} selects the ``tl.dot`` input precision of fp32 features.
     """
     num_rows, device = x.shape[0], x.device
     sources = targets = torch.empty(0, dtype=torch.int64, device=device)
@@ -141,17 +127,8 @@ def knn_soft_labels_triton(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
                            precision: str) -> torch.Tensor:
     """Per-camera kNN soft labels (UTAL Eqs. 4-6) as a block-diagonal sparse matrix.
 
-    Parameters
-    ----------
-    x : Tensor [N, D], float
-    cameras : Tensor [N], int64 in [0, num_cameras)
-    num_cameras : int
-    k : int >= 0
-    precision : {"highest", "tf32"}
-
-    Returns
-    -------
-    Tensor [N, N], sparse CSR, float32, rows summing to 1, column indices sorted per row.
+    Parameters and result as ``knn_soft_labels_reference``; ``precision`` in
+    {"highest", "tf32"} selects the ``tl.dot`` input precision of fp32 features.
     """
     num_rows, device = x.shape[0], x.device
     dtype = _common.compute_dtype(x.dtype)

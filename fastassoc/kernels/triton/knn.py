@@ -43,6 +43,7 @@ import math
 import torch
 
 from ... import _backend
+from ..reference.knn import mutual_pairs, nearest_in
 from . import _common
 from ._common import Operand, RowGroup
 
@@ -66,21 +67,8 @@ def topk_anchors_triton(queries: torch.Tensor, anchors: torch.Tensor, k: int, me
                         precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest anchors of every query inside its segment (see the module docstring).
 
-    Parameters
-    ----------
-    queries : Tensor [B, D], float
-    anchors : Tensor [N, D], same dtype and device
-    k : int >= 0
-    metric : {"sqeuclidean", "euclidean", "cosine"}
-    anchor_offsets : Tensor [S+1], int64
-    query_segments : Tensor [B], int64 in [0, S)
-    exclude : Tensor [B], int64 in [-1, N)
-    precision : {"highest", "tf32"}
-
-    Returns
-    -------
-    distances : Tensor [B, k], float32, ascending per row
-    indices : Tensor [B, k], int64, global anchor indices, padding ``(inf, -1)``
+    Parameters and result as ``topk_anchors_reference`` (``anchors`` on the queries' device);
+    ``precision`` in {"highest", "tf32"} selects the ``tl.dot`` input precision of fp32 features.
     """
     num_queries, num_anchors = queries.shape[0], anchors.shape[0]
     device = queries.device
@@ -126,19 +114,8 @@ def mutual_knn_triton(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, max
                       precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mutual k-nearest-neighbour pairs between ``a`` and ``b`` (see the module docstring).
 
-    Parameters
-    ----------
-    a : Tensor [Na, D], float
-    b : Tensor [Nb, D], same dtype
-    k : int >= 0
-    metric : {"sqeuclidean", "euclidean", "cosine"}
-    max_distance : float or None (kept when the float32 distance is ``<= max_distance``)
-    precision : {"highest", "tf32"}
-
-    Returns
-    -------
-    ia, ib : Tensor [P], int64, sorted by ``(ia, ib)``
-    distances : Tensor [P], float32
+    Parameters and result as ``mutual_knn_reference``; ``precision`` in {"highest", "tf32"}
+    selects the ``tl.dot`` input precision of fp32 features.
     """
     num_a, num_b = a.shape[0], b.shape[0]
     device = a.device
@@ -146,27 +123,11 @@ def mutual_knn_triton(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, max
     if k == 0 or num_a == 0 or num_b == 0:
         return empty, empty.clone(), torch.empty(0, dtype=torch.float32, device=device)
     if k > _common.K_MAX:
-        zeros_a = torch.zeros(num_a, dtype=torch.int64, device=device)
-        zeros_b = torch.zeros(num_b, dtype=torch.int64, device=device)
-        ab_distances, ab_indices = topk_anchors_triton(
-            a, b, k, metric, torch.tensor([0, num_b], device=device), zeros_a, zeros_a - 1, precision)
-        _, ba_indices = topk_anchors_triton(
-            b, a, k, metric, torch.tensor([0, num_a], device=device), zeros_b, zeros_b - 1, precision)
-        row_lists, row_values = ab_indices, ab_distances
-        column_rows = ba_indices
+        row_values, row_lists = nearest_in(a, b, k, metric, precision, topk_anchors_triton)
+        _, column_rows = nearest_in(b, a, k, metric, precision, topk_anchors_triton)
     else:
         row_values, row_lists, column_rows = _one_pass_lists(a, b, k, metric, precision)
-    rows_a = torch.arange(num_a, device=device).unsqueeze(1).expand_as(row_lists)
-    found = row_lists >= 0
-    ia, ib, distances = rows_a[found], row_lists[found], row_values[found]
-    rows_b = torch.arange(num_b, device=device).unsqueeze(1).expand_as(column_rows)
-    back = column_rows >= 0
-    keys = ia * num_b + ib
-    keep = torch.isin(keys, column_rows[back] * num_b + rows_b[back])
-    if max_distance is not None:
-        keep &= distances.to(torch.float64) <= max_distance
-    order = torch.argsort(keys[keep])
-    return ia[keep][order], ib[keep][order], distances[keep][order]
+    return mutual_pairs(row_values, row_lists, column_rows, max_distance)
 
 
 def _one_pass_lists(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, precision: str):

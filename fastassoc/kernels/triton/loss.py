@@ -497,17 +497,7 @@ def segmented_cross_entropy_triton(features: torch.Tensor, weight: torch.Tensor,
                                    class_offsets: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused segmented soft cross-entropy (see the module docstring), differentiable.
 
-    Parameters
-    ----------
-    features : Tensor [B, D], float; differentiable
-    weight : Tensor [C, D], same dtype and device; differentiable
-    targets : Tensor [B, C], sparse CSR, non-negative values (not differentiated)
-    class_offsets : Tensor [S+1], int64
-    scale : float
-
-    Returns
-    -------
-    Tensor [], in ``features``' dtype.
+    Parameters and result as ``segmented_cross_entropy_reference``.
     """
     num_rows, num_classes = features.shape[0], weight.shape[0]
     if num_rows == 0 or num_classes == 0 or targets.values().numel() == 0:

@@ -145,14 +145,8 @@ def ema_update_triton(bank: torch.Tensor, index: torch.Tensor, values: torch.Ten
                       normalize: bool, reduce: str) -> None:
     """Triton launcher of the in-place memory EMA (see the module docstring).
 
-    Parameters
-    ----------
-    bank : Tensor [M, D], float, contiguous; updated in place
-    index : Tensor [B], int64 in [0, M); duplicates allowed
-    values : Tensor [B, D], bank's dtype
-    momentum : float in [0, 1]
-    normalize : bool
-    reduce : {"mean", "sum", "sequential"}
+    Parameters as ``ema_update_reference`` (``bank`` updated in place); feature
+    dimensions above ``_MAX_BLOCK_D`` raise ``ValueError``.
     """
     count, dim = values.shape
     if count == 0 or dim == 0:
