@@ -10,11 +10,11 @@
 // when asked, per-column lists (the k smallest rows of each column) in the same pass.
 // Euclidean is ranked here as sqeuclidean; the launcher takes torch's square root of
 // the selected values and re-sorts, so values and ties match the reference's sqrt.
-// Rows are split across OpenMP threads; each thread keeps private column lists (their
-// gates start at the shared lists' gates) merged into the shared ones after the pass,
-// so no atomics are needed. Gates are tested 16 columns at a time with a branch-free
-// reduction; the row kernel is compiled for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time.
+// Row lists are updated with rows split across OpenMP threads, then column lists with
+// columns split across threads in slabs (each list owned by one thread, rows visited in
+// order), so no atomics, private copies or merges are needed. Gates are tested 16
+// columns at a time with a branch-free reduction; both kernels are compiled for
+// AVX-512, AVX2 and baseline x86-64 and picked at load time.
 //
 // Tie-breaking. Every list is ordered by (value, id) lexicographically and every
 // insertion compares lexicographically, so a list holds the k smallest (value, id)
@@ -126,66 +126,77 @@ struct TileArgs {
   int64_t* col_indices;
 };
 
-template <typename T>
-struct RowScratch {
-  T* values;               // [cols] this row's metric values
-  T* col_values;           // [cols, k] this thread's column lists (or null)
-  int64_t* col_indices;
-  T* col_gates;            // [cols] gate of each of this thread's column lists
-};
-
 // Candidates are rare once the lists have filled, so gates are tested a block at a time
 // with a branch-free (vectorised) reduction and only blocks holding a candidate are
 // walked element by element.
 constexpr int64_t kScanBlock = 16;
+// Column pass: each thread owns slabs of this many columns (at most) of the tile.
+constexpr int64_t kColumnSlab = 256;
 
+// values[0, width) = metric values of tile row r, columns [j0, j0 + width); the excluded
+// pair (if in range) gets inf so that it enters neither its row's nor its column's list.
 template <typename T>
-[[gnu::always_inline]] inline void process_row(const TileArgs<T>& a, int64_t r, const RowScratch<T>& s) {
-  const int64_t k = a.k, cols = a.cols;
-  T* values = s.values;
-  const T* dot_row = a.dots + flat_index(r, a.ld, 0);
+[[gnu::always_inline]] inline void metric_values(const TileArgs<T>& a, int64_t r, int64_t j0, int64_t width,
+                                                  T* values) {
+  const T* dot_row = a.dots + flat_index(r, a.ld, j0);
   if (a.metric == kSqEuclidean) {
     const T row_norm = a.row_norms[r];
-    for (int64_t j = 0; j < cols; ++j) {
-      const T v = (row_norm + a.col_norms[j]) - T(2) * dot_row[j];
+    const T* col_norms = a.col_norms + j0;
+    for (int64_t j = 0; j < width; ++j) {
+      const T v = (row_norm + col_norms[j]) - T(2) * dot_row[j];
       values[j] = v > T(0) ? v : T(0);
     }
   } else {
-    for (int64_t j = 0; j < cols; ++j) values[j] = T(1) - dot_row[j];
+    for (int64_t j = 0; j < width; ++j) values[j] = T(1) - dot_row[j];
   }
-  if (a.exclude) {
-    const int64_t skip = a.exclude[r] - a.col_base;
-    if (a.exclude[r] >= 0 && skip >= 0 && skip < cols) values[skip] = std::numeric_limits<T>::infinity();
+  if (a.exclude && a.exclude[r] >= 0) {
+    const int64_t skip = a.exclude[r] - a.col_base - j0;
+    if (skip >= 0 && skip < width) values[skip] = std::numeric_limits<T>::infinity();
   }
-  if (a.row_values) {
-    T* list_values = a.row_values + flat_index(r, k, 0);
-    int64_t* list_indices = a.row_indices + flat_index(r, k, 0);
-    T gate = list_gate(list_values, k);
-    for (int64_t j0 = 0; j0 < cols; j0 += kScanBlock) {
-      const int64_t j1 = std::min(j0 + kScanBlock, cols);
-      int hit = 0;
-      for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= gate;
-      if (!hit) continue;
-      for (int64_t j = j0; j < j1; ++j) {
-        if (values[j] <= gate) {
-          list_push(list_values, list_indices, k, values[j], a.col_ids ? a.col_ids[j] : a.col_base + j);
-          gate = list_gate(list_values, k);
-        }
+}
+
+// Row side: tile row r into its own list.
+template <typename T>
+[[gnu::always_inline]] inline void process_row(const TileArgs<T>& a, int64_t r, T* values) {
+  const int64_t k = a.k, cols = a.cols;
+  metric_values(a, r, 0, cols, values);
+  T* list_values = a.row_values + flat_index(r, k, 0);
+  int64_t* list_indices = a.row_indices + flat_index(r, k, 0);
+  T gate = list_gate(list_values, k);
+  for (int64_t j0 = 0; j0 < cols; j0 += kScanBlock) {
+    const int64_t j1 = std::min(j0 + kScanBlock, cols);
+    int hit = 0;
+    for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= gate;
+    if (!hit) continue;
+    for (int64_t j = j0; j < j1; ++j) {
+      if (values[j] <= gate) {
+        list_push(list_values, list_indices, k, values[j], a.col_ids ? a.col_ids[j] : a.col_base + j);
+        gate = list_gate(list_values, k);
       }
     }
   }
-  if (s.col_values) {
+}
+
+// Column side: every tile row into the lists of columns [j0, j1), which this thread owns
+// (no private copies, no merge). values, gates: scratch of j1 - j0 entries.
+template <typename T>
+[[gnu::always_inline]] inline void process_column_slab(const TileArgs<T>& a, int64_t j0, int64_t j1, T* values,
+                                                       T* gates) {
+  const int64_t k = a.k, width = j1 - j0;
+  for (int64_t j = 0; j < width; ++j) gates[j] = list_gate(a.col_values + flat_index(j0 + j, k, 0), k);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    metric_values(a, r, j0, width, values);
     const int64_t row_id = a.row_ids ? a.row_ids[r] : a.row_base + r;
-    for (int64_t j0 = 0; j0 < cols; j0 += kScanBlock) {
-      const int64_t j1 = std::min(j0 + kScanBlock, cols);
+    for (int64_t b0 = 0; b0 < width; b0 += kScanBlock) {
+      const int64_t b1 = std::min(b0 + kScanBlock, width);
       int hit = 0;
-      for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= s.col_gates[j];
+      for (int64_t j = b0; j < b1; ++j) hit |= values[j] <= gates[j];
       if (!hit) continue;
-      for (int64_t j = j0; j < j1; ++j) {
-        if (values[j] <= s.col_gates[j]) {
-          T* list_values = s.col_values + flat_index(j, k, 0);
-          list_push(list_values, s.col_indices + flat_index(j, k, 0), k, values[j], row_id);
-          s.col_gates[j] = std::min(s.col_gates[j], list_gate(list_values, k));
+      for (int64_t j = b0; j < b1; ++j) {
+        if (values[j] <= gates[j]) {
+          T* list_values = a.col_values + flat_index(j0 + j, k, 0);
+          list_push(list_values, a.col_indices + flat_index(j0 + j, k, 0), k, values[j], row_id);
+          gates[j] = list_gate(list_values, k);
         }
       }
     }
@@ -194,64 +205,49 @@ template <typename T>
 
 // One clone per ISA level, picked at load time (the module is built for x86-64-v2).
 #define FASTASSOC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<float>& a, int64_t r, const RowScratch<float>& s) {
-  process_row(a, r, s);
+FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<float>& a, int64_t r, float* values) {
+  process_row(a, r, values);
 }
-FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<double>& a, int64_t r, const RowScratch<double>& s) {
-  process_row(a, r, s);
+FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<double>& a, int64_t r, double* values) {
+  process_row(a, r, values);
+}
+FASTASSOC_ISA_CLONES void process_column_slab_dispatch(const TileArgs<float>& a, int64_t j0, int64_t j1,
+                                                       float* values, float* gates) {
+  process_column_slab(a, j0, j1, values, gates);
+}
+FASTASSOC_ISA_CLONES void process_column_slab_dispatch(const TileArgs<double>& a, int64_t j0, int64_t j1,
+                                                       double* values, double* gates) {
+  process_column_slab(a, j0, j1, values, gates);
 }
 
+// Row lists: rows split across threads. Column lists: columns split across threads in
+// slabs, each list owned by one thread, rows visited in order. Both passes read the same
+// tile (recomputing the metric is cheaper than writing it back).
 template <typename T>
 void tile_update(const TileArgs<T>& a) {
   const int64_t k = a.k;
   if (a.rows <= 0 || a.cols <= 0 || k <= 0) return;
   const bool want_rows = a.row_values != nullptr;
   const bool want_cols = a.col_values != nullptr;
-  const int num_threads =
-      a.rows * a.cols >= kParallelMinElements ? std::max(1, std::min<int>(omp_get_max_threads(), int(a.rows))) : 1;
-  const T inf = std::numeric_limits<T>::infinity();
-
-  // Private column lists per thread, merged below.
-  std::vector<T> local_values;
-  std::vector<int64_t> local_indices;
-  std::vector<T> local_gates;
-  if (want_cols) {
-    local_values.assign(size_t(num_threads) * a.cols * k, inf);
-    local_indices.assign(size_t(num_threads) * a.cols * k, -1);
-    // A thread's column gate starts at the shared list's gate: a row that cannot beat the
-    // shared list's k-th entry cannot be among the merged k smallest either.
-    local_gates.resize(size_t(num_threads) * a.cols);
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const T shared_gate = list_gate(a.col_values + flat_index(j, k, 0), k);
-      for (int t = 0; t < num_threads; ++t) local_gates[flat_index(t, a.cols, j)] = shared_gate;
-    }
-  }
+  const int num_threads = a.rows * a.cols >= kParallelMinElements ? std::max(1, omp_get_max_threads()) : 1;
+  // Slabs: at least two per thread where the tile is wide enough, whole scan blocks.
+  const int64_t per_slab = std::min<int64_t>(
+      kColumnSlab, std::max<int64_t>(kScanBlock, (a.cols + 2 * num_threads - 1) / (2 * num_threads)));
+  const int64_t num_slabs = (a.cols + per_slab - 1) / per_slab;
 
 #pragma omp parallel num_threads(num_threads)
   {
-    const int64_t tid = omp_get_thread_num();
-    std::vector<T> values(a.cols);
-    RowScratch<T> scratch{values.data(), nullptr, nullptr, nullptr};
-    if (want_cols) {
-      scratch.col_values = local_values.data() + flat_index(tid, a.cols * k, 0);
-      scratch.col_indices = local_indices.data() + flat_index(tid, a.cols * k, 0);
-      scratch.col_gates = local_gates.data() + flat_index(tid, a.cols, 0);
+    std::vector<T> values(std::max(a.cols, per_slab));
+    std::vector<T> gates(per_slab);
+    if (want_rows) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < a.rows; ++r) process_row_dispatch(a, r, values.data());
     }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.rows; ++r) process_row_dispatch(a, r, scratch);
-    // (implicit barrier) Merge the threads' column lists, now split across columns.
     if (want_cols) {
-#pragma omp for schedule(static)
-      for (int64_t j = 0; j < a.cols; ++j) {
-        T* list_values = a.col_values + flat_index(j, k, 0);
-        int64_t* list_indices = a.col_indices + flat_index(j, k, 0);
-        for (int64_t t = 0; t < num_threads; ++t) {
-          const int64_t base = flat_index(flat_index(t, a.cols, j), k, 0);
-          for (int64_t s = 0; s < k; ++s) {
-            if (local_indices[base + s] >= 0)
-              list_push(list_values, list_indices, k, local_values[base + s], local_indices[base + s]);
-          }
-        }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t slab = 0; slab < num_slabs; ++slab) {
+        const int64_t j0 = slab * per_slab;
+        process_column_slab_dispatch(a, j0, std::min(j0 + per_slab, a.cols), values.data(), gates.data());
       }
     }
   }
