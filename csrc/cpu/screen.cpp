@@ -64,6 +64,63 @@ FASTASSOC_ISA_CLONES double screen_dot(const float* x, const float* y, int64_t d
   return lanes[0];
 }
 
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+// One row rounded to bfloat16 (nearest even on the upper 16 bits; finite inputs) into
+// out, with |x|, |x_hat| and |x_hat - x| in float64 (8-lane accumulators, fixed
+// reduction tree). Returns whether every input was finite.
+FASTASSOC_ISA_CLONES bool bf16_row(const float* row, int64_t dim, uint16_t* out, double* norm_out,
+                                   double* norm_hat_out, double* error_out) {
+  v8d norm = {}, norm_hat = {}, error = {};
+  v8u non_finite = {};
+  const v8u exponent = {0x7f800000u, 0x7f800000u, 0x7f800000u, 0x7f800000u,
+                        0x7f800000u, 0x7f800000u, 0x7f800000u, 0x7f800000u};
+  int64_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    v8u bits;
+    std::memcpy(&bits, row + i, 32);
+    non_finite |= (bits & exponent) == exponent;
+    const v8u rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const v8h half = __builtin_convertvector(rounded >> 16, v8h);
+    std::memcpy(out + i, &half, 16);
+    v8f value_f, approx_f;
+    std::memcpy(&value_f, &bits, 32);
+    std::memcpy(&approx_f, &rounded, 32);
+    const v8d value = __builtin_convertvector(value_f, v8d), approx = __builtin_convertvector(approx_f, v8d);
+    norm += value * value;
+    norm_hat += approx * approx;
+    error += (approx - value) * (approx - value);
+  }
+  double lanes[3][8];
+  std::memcpy(lanes[0], &norm, 64);
+  std::memcpy(lanes[1], &norm_hat, 64);
+  std::memcpy(lanes[2], &error, 64);
+  bool finite = true;
+  for (int l = 0; l < 8; ++l) finite &= non_finite[l] == 0;
+  for (int l = 0; i < dim; ++i, ++l) {
+    uint32_t bits;
+    std::memcpy(&bits, row + i, 4);
+    finite &= (bits & 0x7f800000u) != 0x7f800000u;
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    out[i] = static_cast<uint16_t>(rounded >> 16);
+    float approx;
+    std::memcpy(&approx, &rounded, 4);
+    const double value = row[i];
+    lanes[0][l] += value * value;
+    lanes[1][l] += double(approx) * double(approx);
+    lanes[2][l] += (double(approx) - value) * (double(approx) - value);
+  }
+  for (int width = 4; width > 0; width /= 2) {
+    for (int a = 0; a < 3; ++a)
+      for (int l = 0; l < width; ++l) lanes[a][l] += lanes[a][l + width];
+  }
+  *norm_out = std::sqrt(lanes[0][0]);
+  *norm_hat_out = std::sqrt(lanes[1][0]);
+  *error_out = std::sqrt(lanes[2][0]);
+  return finite;
+}
+
 namespace {
 
 enum Metric : int { kSqEuclidean = 0, kCosine = 1 };
@@ -165,28 +222,8 @@ void register_cpu_screen(py::module_& m) {
           py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) reduction(&& : finite) if (num_rows * dim >= kParallelMinWork)
           for (int64_t r = 0; r < num_rows; ++r) {
-            const float* row = x + r * dim;
-            uint16_t* out = q + r * dim;
-            double norm = 0.0, norm_hat = 0.0, error = 0.0;
-            bool row_finite = true;
-            for (int64_t i = 0; i < dim; ++i) {
-              uint32_t bits;
-              std::memcpy(&bits, row + i, 4);
-              row_finite &= (bits & 0x7f800000u) != 0x7f800000u;
-              // Round to nearest even on the upper 16 bits (finite inputs).
-              const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-              out[i] = static_cast<uint16_t>(rounded >> 16);
-              float approx;
-              std::memcpy(&approx, &rounded, 4);
-              const double value = row[i];
-              norm += value * value;
-              norm_hat += double(approx) * double(approx);
-              error += (double(approx) - value) * (double(approx) - value);
-            }
+            const bool row_finite = bf16_row(x + r * dim, dim, q + r * dim, norms + r, norms_hat + r, errors + r);
             finite = finite && row_finite;
-            norms[r] = std::sqrt(norm);
-            norms_hat[r] = std::sqrt(norm_hat);
-            errors[r] = std::sqrt(error);
           }
         }
         return finite;

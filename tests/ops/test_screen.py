@@ -172,6 +172,41 @@ def test_rescore_is_exact_symmetric_and_row_determined(metric):
     assert pairs[0] == pairs[1] == got[2, 5]
 
 
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_pruned_rescoring_keeps_the_k_nearest_of_the_full_rescoring(monkeypatch, metric):
+    # Separated rows (identity centres) rule most of their tails out; the crowded ones
+    # (closer than the bf16 error) cannot, and rescore their whole list.
+    g = torch.Generator().manual_seed(13)
+    centres = unit(torch.randn(100, 256, generator=g))
+    separated = centres[torch.randint(0, 100, (300,), generator=g)] + 0.035 * torch.randn(300, 256, generator=g)
+    x = torch.cat([separated, crowded_rows(100, 256)]).contiguous()
+    norms = _core.squared_norms(x, "sqeuclidean") if metric == "sqeuclidean" else None
+    k, width = 3, 3 + _screen.SLACK
+    quantized = _screen.BRows.quantize(x)
+    approx_values, candidates = knn.new_lists(400, width, torch.float32)
+    knn.self_join_topk(quantized, metric, width, (approx_values, candidates), norms=norms, exclude_self=True)
+    knn.sort_lists(approx_values, candidates)
+    calls = []
+    original = _screen.rescore
+
+    def spy(rows, cols, indices, *args, **kwargs):
+        calls.append(indices.shape[0])
+        return original(rows, cols, indices, *args, **kwargs)
+
+    monkeypatch.setattr(_screen, "rescore", spy)
+    pruned = _screen.rescore_pruned(x, x, candidates, approx_values, quantized, quantized, metric, k,
+                                    row_norms=norms, col_norms=norms)
+    full = original(x, x, candidates, metric, row_norms=norms, col_norms=norms)
+    assert calls[0] == 400 and 0 < calls[1] < 400, f"rows rescored in full: {calls[1:]}"
+    skipped = torch.isinf(pruned) & ~torch.isinf(full)
+    assert skipped[:300].any(1).float().mean() > 0.5, "separated rows should skip their tails"
+    for exact in (pruned, full):
+        knn.sort_lists(exact, index := candidates.clone())
+        exact.index = index
+    assert torch.equal(pruned.index[:, :k], full.index[:, :k])
+    assert torch.equal(pruned[:, :k], full[:, :k])
+
+
 # ----------------------------------------------------------------------------- certification
 
 def crowded_rows(n: int, dim: int) -> torch.Tensor:

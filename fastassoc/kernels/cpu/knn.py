@@ -150,11 +150,12 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
 
 def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor], *,
                    norms: torch.Tensor | None = None, base: int = 0, exclude_self: bool = False) -> None:
-    """:func:`self_join_topk` into fresh ``lists``, screened by an int8 GEMM where it pays.
+    """:func:`self_join_topk` into fresh ``lists``, screened by a bf16 GEMM where it pays.
 
     Screened (:mod:`._screen`, bf16: kNN lists end in the bulk of the distances, where
     int8's error band is too wide): the bf16 self-join keeps ``k + SLACK`` approximate
-    candidates per row, they are rescored exactly and re-sorted, and rows whose top k is
+    candidates per row, they are rescored exactly (those the error bound cannot rule out:
+    :func:`._screen.rescore_pruned`) and re-sorted, and rows whose top k is
     not certified by the error bound are searched again with the float32 GEMM. The lists
     come back sorted by (value, index) either way.
     """
@@ -174,7 +175,8 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     self_join_topk(quantized, metric, width, (approx_values, candidates), norms=norms, base=base,
                    exclude_self=exclude_self)
     sort_lists(approx_values, candidates)
-    exact = _screen.rescore(x, x, candidates, metric, col_base=base, row_norms=norms, col_norms=norms)
+    exact = _screen.rescore_pruned(x, x, candidates, approx_values, quantized, quantized, metric, k, col_base=base,
+                                   row_norms=norms, col_norms=norms)
     sort_lists(exact, candidates)   # approx_values stays sorted: only its last column is read below
     values, indices = lists
     values.copy_(exact[:, :k])
