@@ -48,16 +48,19 @@ ROUNDS = {"full": 5, "small": 3}[SCALE]
 SLOW_ROUNDS = {"full": 3, "small": 2}[SCALE]
 
 
+SCREEN_PROVIDERS = {"cpu-fp32": "off", "cpu-int8": "always"}
+
+
 def fastassoc_provider(op, *args, provider: str, **kwargs):
-    """A call of the fastassoc ``op`` for benchmark ``provider``: a backend name, or
-    ``cpu-fp32``, the cpu backend with int8/bf16 screening off (plain float32 GEMM tiles),
-    which shows what screening adds."""
-    if provider != "cpu-fp32":
+    """A call of the fastassoc ``op`` for benchmark ``provider``: a backend name, or the cpu
+    backend with screening switched: ``cpu-fp32`` off (plain float32 GEMM tiles, which shows
+    what screening adds), ``cpu-int8`` forced on (where ``auto`` does not screen)."""
+    if provider not in SCREEN_PROVIDERS:
         return functools.partial(op, *args, backend=provider, **kwargs)
     from fastassoc.kernels.cpu import _screen
 
     def run():
-        with _screen.forced("off"):
+        with _screen.forced(SCREEN_PROVIDERS[provider]):
             return op(*args, backend="cpu", **kwargs)
     return run
 

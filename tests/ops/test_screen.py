@@ -328,6 +328,29 @@ def test_screened_evaluation_recomputes_only_the_error_band(noise):
         assert 0 < recomputed < negatives / 4
 
 
+def test_auto_evaluation_ranks_float32_tiles_as_the_reference(monkeypatch):
+    # The reference ranks float32 GEMM values; an exactly rounded ranking can swap a
+    # negative and a true match inside the GEMM's rounding, so auto never screens here.
+    g = torch.Generator().manual_seed(14)
+    centres = torch.randn(40, 256, generator=g)
+    qp, gp = torch.randint(0, 40, (200,), generator=g), torch.randint(-1, 40, (1500,), generator=g)
+    q = centres[qp] + 2.0 * torch.randn(200, 256, generator=g)
+    gal = centres[gp.clamp_min(0)] + 2.0 * torch.randn(1500, 256, generator=g)
+    qc, gc = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (1500,), generator=g)
+    monkeypatch.setattr(_screen, "_cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
+    screened = []
+    original = cpu_evaluation._rank_screened
+    monkeypatch.setattr(cpu_evaluation, "_rank_screened", lambda *a: screened.append(1) or original(*a))
+    expected = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric="sqeuclidean", backend="reference")
+    with _screen.forced("auto"):
+        got = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric="sqeuclidean", backend="cpu")
+    assert not screened
+    assert torch.equal(got.cmc, expected.cmc) and got.mAP == expected.mAP and got.mINP == expected.mINP
+    with _screen.forced("always"):
+        fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric="sqeuclidean", backend="cpu")
+    assert screened
+
+
 # ----------------------------------------------------------------------------- mode
 
 def test_mode_switch_is_validated(monkeypatch):

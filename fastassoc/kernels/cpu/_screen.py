@@ -27,6 +27,8 @@ bits; near-ties closer than float32 GEMM rounding may order differently, as betw
 GEMM libraries). Screening is used where it pays (``mode()``): float32 inputs, finite
 values, dimension >= 32, enough columns per row that the GEMM dominates the rescoring.
 ``FASTASSOC_CPU_SCREEN=off|auto|always`` (or :func:`forced`) chooses; tests run both paths.
+``evaluate_ranking`` screens only under ``always``: its reference order is that of float32
+GEMM values, which screening cannot reproduce cheaply (``fastassoc/kernels/cpu/evaluation.py``).
 """
 from __future__ import annotations
 

@@ -10,13 +10,18 @@ non-junk negative is counted in the gap between the true matches it falls into
 ((distance, gallery index) order, so ties rank by gallery index). CMC, mAP and mINP are
 then reduced in float64 over the valid queries, in the reference's order.
 
-Screened path (float32 inputs on CPUs with int8 dot-product instructions, see
-:mod:`._screen`): the tiles come from an int8 GEMM (4-5x the float32 GEMM's speed) as
-approximate distances within a per-query bound of the exact ones; the true matches get
-exact distances, and a negative is placed among them from its approximate distance unless
-a true match lies within its error band, when its exact distance decides
-(``rank_tile_screened_f32``). Exact ranking either way; on well-trained features nearly
-every negative is decided by the int8 value.
+Screened path, only when forced (``FASTASSOC_CPU_SCREEN=always``, see :mod:`._screen`):
+the tiles come from an int8 GEMM (4-5x the float32 GEMM's speed) as approximate distances
+within a per-query bound of the exact ones; the true matches get exact distances, and a
+negative is placed among them from its approximate distance unless a true match lies within
+its error band, when its exact distance decides (``rank_tile_screened_f32``). That is the
+exact ranking of *exactly rounded* distances, which is not always the reference's: the
+reference ranks float32 GEMM values, and a negative and a true match closer than the GEMM's
+rounding can swap (W-eval: one query, mAP off by 3.8e-7). No screen can reproduce the float32
+GEMM's order cheaply: with D = 2048 its worst-case rounding band holds a negative next to a
+true match for 99.8 % of W-eval's queries (measured), so every query would need its float32
+row anyway. ``auto`` therefore ranks from float32 tiles, bit-identical to the reference and
+within 1.01x of the bare GEMM.
 
 Must equal :func:`fastassoc.kernels.reference.evaluation.evaluate_ranking_reference`:
 identical CMC / first-match ranks, AP and INP up to float64 summation order.
@@ -79,7 +84,9 @@ def evaluate_ranking_cpu(query: torch.Tensor, gallery: torch.Tensor, query_pids:
         gallery_rows = prepare(gallery, metric)
         query_norms = squared_norms(queries, metric)
         gallery_norms = squared_norms(gallery_rows, metric)
-        if _screen.worthwhile(queries, num_gallery, 1) and _screen.worthwhile(gallery_rows, num_query, 1):
+        # Screened only when forced: see the module docstring (auto must equal the reference).
+        if (_screen.mode() == "always" and _screen.worthwhile(queries, num_gallery, 1)
+                and _screen.worthwhile(gallery_rows, num_query, 1)):
             quantized = _screen.QRows.quantize(queries), _screen.QRows.quantize(gallery_rows)
             if quantized[0] is not None and quantized[1] is not None:
                 _rank_screened(queries, gallery_rows, *quantized, query_norms, gallery_norms, query_pids.contiguous(),
