@@ -1155,7 +1155,7 @@ class Trainer:
             ax.plot(ranks, 100 * np.asarray(self.final["cmc"]), label="trained")
             ax.set_xlabel("rank")
             ax.set_ylabel("matching rate (%)")
-            ax.set_ylim(0, 100)
+            ax.set_ylim(0, 102)   # a curve at 100 % stays visible above the frame line
             final = self.final
             ax.set_title(f"{self.name}: CMC (rank-1 {100 * final['rank1']:.1f}, mAP {100 * final['mAP']:.1f})")
             ax.legend()
