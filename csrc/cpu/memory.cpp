@@ -62,18 +62,21 @@ void group_by_row(const int64_t* index, int64_t num_values, int64_t num_rows, st
   starts.push_back(num_values);
 }
 
-inline double inverse_norm(const double* x, int64_t dim) {
+// Normalisation divides by max(|x|, eps), as torch's normalize: multiplying by the
+// reciprocal is not exact (3 * (1 / 3) != 1), so values of opposite directions would not
+// cancel to the exact zero they give in the reference.
+inline double row_norm(const double* x, int64_t dim) {
   double squared = 0.0;
   for (int64_t d = 0; d < dim; ++d) squared += x[d] * x[d];
-  return 1.0 / std::max(std::sqrt(squared), kNormEps);
+  return std::max(std::sqrt(squared), kNormEps);
 }
 
 template <typename T>
-inline double value_scale(const T* v, int64_t dim, bool normalize) {
+inline double value_norm(const T* v, int64_t dim, bool normalize) {
   if (!normalize) return 1.0;
   double squared = 0.0;
   for (int64_t d = 0; d < dim; ++d) squared += double(v[d]) * double(v[d]);
-  return 1.0 / std::max(std::sqrt(squared), kNormEps);
+  return std::max(std::sqrt(squared), kNormEps);
 }
 
 template <typename T>
@@ -94,25 +97,25 @@ void ema_update(T* bank, int64_t num_rows, int64_t dim, const int64_t* index, in
       if (reduce == kSequential) {
         for (int64_t p = starts[g]; p < starts[g + 1]; ++p) {
           const T* v = values + order[p] * dim;
-          const double s = value_scale(v, dim, normalize);
-          for (int64_t d = 0; d < dim; ++d) row[d] = keep * row[d] + blend * (double(v[d]) * s);
+          const double n = value_norm(v, dim, normalize);
+          for (int64_t d = 0; d < dim; ++d) row[d] = keep * row[d] + blend * (double(v[d]) / n);
           if (normalize) {
-            const double inv = inverse_norm(row.data(), dim);
-            for (int64_t d = 0; d < dim; ++d) row[d] *= inv;
+            const double norm = row_norm(row.data(), dim);
+            for (int64_t d = 0; d < dim; ++d) row[d] /= norm;
           }
         }
       } else {
         std::fill(total.begin(), total.end(), 0.0);
         for (int64_t p = starts[g]; p < starts[g + 1]; ++p) {
           const T* v = values + order[p] * dim;
-          const double s = value_scale(v, dim, normalize);
-          for (int64_t d = 0; d < dim; ++d) total[d] += double(v[d]) * s;
+          const double n = value_norm(v, dim, normalize);
+          for (int64_t d = 0; d < dim; ++d) total[d] += double(v[d]) / n;
         }
         const double divisor = reduce == kMean ? double(starts[g + 1] - starts[g]) : 1.0;
         for (int64_t d = 0; d < dim; ++d) row[d] = keep * row[d] + blend * (total[d] / divisor);
         if (normalize) {
-          const double inv = inverse_norm(row.data(), dim);
-          for (int64_t d = 0; d < dim; ++d) row[d] *= inv;
+          const double norm = row_norm(row.data(), dim);
+          for (int64_t d = 0; d < dim; ++d) row[d] /= norm;
         }
       }
       for (int64_t d = 0; d < dim; ++d) bank_row[d] = static_cast<T>(row[d]);

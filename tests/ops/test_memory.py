@@ -115,6 +115,23 @@ def test_float64_matches_python_loop_tightly(backend_device, reduce):
     assert_close(bank, expected, rtol=rtol, atol=atol, what=f"{backend} float64 {reduce}")
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_opposite_unit_values_cancel_exactly(backend_device, reduce):
+    # 49 * (1 / 49) != 1 in float64: normalising by a reciprocal left a 1e-16 residue that
+    # the row normalisation (eps 1e-12) blew up to 5.6e-5 where the oracle has 0
+    # (found by the hypothesis test below).
+    backend, device = backend_device
+    require_backend(OP, backend)
+    bank = torch.tensor([[0.5], [2.0]], device=device)
+    values = torch.tensor([[49.0], [-1.0], [49.0]], device=device)
+    index = [1, 1, 0]
+    expected = oracle_ema(bank.cpu().numpy(), index, values.cpu().numpy(), 0.0, True, reduce)
+    fastassoc.ema_update_(bank, torch.tensor(index, device=device), values, 0.0, normalize=True, reduce=reduce,
+                          backend=backend)
+    assert expected[1, 0] == 0.0
+    assert_close(bank, expected, rtol=1e-6, atol=1e-6, what=f"{backend} {reduce}")
+
+
 def test_hypothesis_against_python_loop(backend_device):
     backend, device = backend_device
     require_backend(OP, backend)
