@@ -32,6 +32,7 @@ a smoke run).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 
@@ -93,15 +94,24 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: freed blocks may still count as resident
+        pass
+
+
 def peak_extra_bytes(function) -> int | None:
     """Peak resident memory of ``function()`` above the resident size before it (Linux).
 
-    The CPU backend's cached tile buffer is dropped first, so that the tile it allocates
-    counts as the call's memory.
+    The CPU backend's cached tile buffer is dropped first and the C heap's free pages are
+    handed back to the system (glibc ``malloc_trim``), so that memory the call allocates
+    counts even where an earlier provider's freed blocks would otherwise be reused resident.
     """
     try:
         release_scratch()
         gc.collect()
+        _trim_heap()
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")                      # resets VmHWM to the current VmRSS
         before = _status_kib("VmRSS")
