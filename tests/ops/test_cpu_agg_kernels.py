@@ -26,26 +26,9 @@ import fastassoc
 from conftest import require_backend
 from fastassoc import _backend
 
+from ._cpu import assert_equal_tensors, core  # noqa: F401  (core is a fixture)
+
 pytestmark = pytest.mark.skipif(_backend.compiled_core() is None, reason="fastassoc._C is not built")
-
-
-@pytest.fixture
-def core():
-    """The compiled core, with its OpenMP thread count restored after the test."""
-    module = _backend.compiled_core()
-    before = module.get_num_threads()
-    yield module
-    module.set_num_threads(before)
-
-
-def assert_equal_tensors(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
-    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype}, expected {expected.dtype}"
-    same = got == expected
-    if not bool(same.all()):
-        first = tuple(torch.nonzero(~same)[0].tolist())
-        raise AssertionError(f"{what}: first mismatch at {first}: got {got[first].item()!r}, "
-                             f"expected {expected[first].item()!r} ({int((~same).sum())} mismatches)")
 
 
 def assert_close_tensors(got: torch.Tensor, expected: torch.Tensor, what: str, rtol=1e-5, atol=1e-6) -> None:
