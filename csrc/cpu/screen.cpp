@@ -176,13 +176,19 @@ void register_cpu_screen(py::module_& m) {
         double* norms = as_ptr<double>(norm_ptr);
         double* norms_hat = as_ptr<double>(norm_hat_ptr);
         double* errors = as_ptr<double>(err_ptr);
+        bool finite = true;
         py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (num_rows * dim >= kParallelMinWork)
+#pragma omp parallel for schedule(static) reduction(&& : finite) if (num_rows * dim >= kParallelMinWork)
         for (int64_t r = 0; r < num_rows; ++r) {
           const float* row = x + r * dim;
           int8_t* out = q + r * dim;
           float peak = 0.0f;
-          for (int64_t i = 0; i < dim; ++i) peak = std::max(peak, std::fabs(row[i]));
+          bool row_finite = true;
+          for (int64_t i = 0; i < dim; ++i) {
+            row_finite &= std::isfinite(row[i]);
+            peak = std::max(peak, std::fabs(row[i]));
+          }
+          finite = finite && row_finite;
           const float scale = peak / 127.0f;
           const double s = scale;
           double norm = 0.0, norm_hat = 0.0, error = 0.0;
@@ -201,11 +207,13 @@ void register_cpu_screen(py::module_& m) {
           norms_hat[r] = std::sqrt(norm_hat);
           errors[r] = std::sqrt(error);
         }
+        return finite;
       },
       py::arg("rows"), py::arg("num_rows"), py::arg("dim"), py::arg("q"), py::arg("scale"), py::arg("norm"),
       py::arg("norm_hat"), py::arg("err"),
       "Symmetric int8 quantisation of float32 rows: scale = max|x| / 127 (float32), q = round(x / scale) in "
-      "[-127, 127], and in float64 |x|, |scale q| and |scale q - x| per row.");
+      "[-127, 127], and in float64 |x|, |scale q| and |scale q - x| per row. Returns False when an input is "
+      "not finite (the outputs are then meaningless).");
 
   m.def(
       "screen_quantize_bf16",

@@ -127,11 +127,10 @@ class QRows:
         q = torch.empty(n, dim, dtype=torch.int8)
         scale = torch.empty(n, dtype=torch.float32)
         norm, norm_hat, err = (torch.empty(n, dtype=torch.float64) for _ in range(3))
-        if n and not bool(torch.isfinite(x).all()):
+        # Finiteness is checked in the kernel's pass: torch.isfinite(x) held 1.7x x in temporaries.
+        if n and not _core.kernel("screen_quantize")(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(scale),
+                                                     _core.ptr(norm), _core.ptr(norm_hat), _core.ptr(err)):
             return None
-        if n:
-            _core.kernel("screen_quantize")(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(scale), _core.ptr(norm),
-                                            _core.ptr(norm_hat), _core.ptr(err))
         if dim < _MIN_INT_MM_DEPTH:
             # torch._int_mm on CPU returns wrong sums for an inner dimension of 1 (torch 2.14);
             # zero columns change no inner product.
