@@ -63,7 +63,7 @@ void group_by_row(const int64_t* index, int64_t num_values, int64_t num_rows, st
 }
 
 // Normalisation divides by max(|x|, eps), as torch's normalize: multiplying by the
-// reciprocal is not exact (3 * (1 / 3) != 1), so values of opposite directions would not
+// reciprocal is not exact (49 * (1 / 49) != 1), so values of opposite directions would not
 // cancel to the exact zero they give in the reference.
 inline double row_norm(const double* x, int64_t dim) {
   double squared = 0.0;

@@ -67,6 +67,13 @@ FASTASSOC_ISA_CLONES double screen_dot(const float* x, const float* y, int64_t d
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 
+// float32 bits rounded to nearest even on their upper 16 bits (bfloat16; finite inputs),
+// for one value (uint32_t) or eight (v8u) alike.
+template <typename U>
+inline U bf16_round_bits(U bits) {
+  return (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+}
+
 // One row rounded to bfloat16 (nearest even on the upper 16 bits; finite inputs) into
 // out, with |x|, |x_hat| and |x_hat - x| in float64 (8-lane accumulators, fixed
 // reduction tree). Returns whether every input was finite.
@@ -81,7 +88,7 @@ FASTASSOC_ISA_CLONES bool bf16_row(const float* row, int64_t dim, uint16_t* out,
     v8u bits;
     std::memcpy(&bits, row + i, 32);
     non_finite |= (bits & exponent) == exponent;
-    const v8u rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const v8u rounded = bf16_round_bits(bits);
     const v8h half = __builtin_convertvector(rounded >> 16, v8h);
     std::memcpy(out + i, &half, 16);
     v8f value_f, approx_f;
@@ -102,7 +109,7 @@ FASTASSOC_ISA_CLONES bool bf16_row(const float* row, int64_t dim, uint16_t* out,
     uint32_t bits;
     std::memcpy(&bits, row + i, 4);
     finite &= (bits & 0x7f800000u) != 0x7f800000u;
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const uint32_t rounded = bf16_round_bits(bits);
     out[i] = static_cast<uint16_t>(rounded >> 16);
     float approx;
     std::memcpy(&approx, &rounded, 4);
