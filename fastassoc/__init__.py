@@ -5,11 +5,12 @@ agglomerative merging, memory EMA, CMC/mAP), with trainers for DAL, UTAL, UGA, E
 from ._backend import BACKENDS, available_backends, tile_limit
 from .ops import (RankingResult, agglomerative_merge, cross_camera_graph, ema_update_, evaluate_ranking,
                   knn_soft_labels, mutual_knn, segmented_cross_entropy, topk_anchors)
+from .ops._sparse import CSRMatrix
 
 __version__ = "0.1.0"
 
 __all__ = [
     "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "segmented_cross_entropy",
-    "agglomerative_merge", "ema_update_", "evaluate_ranking", "RankingResult",
+    "agglomerative_merge", "ema_update_", "evaluate_ranking", "RankingResult", "CSRMatrix",
     "available_backends", "tile_limit", "BACKENDS", "__version__",
 ]
