@@ -36,6 +36,9 @@ FAMILIES = {
     "agglomerative_merge": "cluster",
     "ema_update_": "memory",
     "evaluate_ranking": "evaluation",
+    "jaccard_distance": "rerank",
+    "dbscan": "rerank",
+    "cluster_centres": "rerank",
 }
 
 # Which backends can run on which device type, and the order "auto" tries them.

@@ -1,0 +1,369 @@
+"""Reference k-reciprocal Jaccard distance, DBSCAN on a sparse distance matrix and cluster
+centres: the spec and oracle of ``jaccard_distance``, ``dbscan`` and ``cluster_centres``
+(Zhong et al., CVPR 2017, in the form of SpCL's ``compute_jaccard_distance``).
+
+Algorithm
+---------
+``jaccard_distance`` (``weighting="spcl"``), on rows ``x`` (L2-normalised first for
+``metric="cosine"``; the semantics are SpCL's when the caller L2-normalised them):
+
+1. *k1-nearest lists.* ``K = min(k1, N)``: every row ranks all ``N`` rows, itself included
+   (its own distance is taken as exactly 0), with ``_tiles.distance_tile`` in row chunks of
+   at most ``_backend.tile_elements()`` distances, and keeps its ``K`` nearest in
+   (distance, index) order (:func:`fastassoc.kernels.reference.knn.smallest_k`).
+2. *k-reciprocal sets.* ``R(i, w)``: the ``j`` among the first ``w`` entries of ``i``'s list
+   whose own first ``w`` entries hold ``i``. ``R1 = R(i, K)`` and
+   ``Rh = R(i, min(round(k1 / 2) + 1, K))`` -- SpCL slices ``[:k + 1]`` of a list with ``k1``
+   columns, so the half sets use one more neighbour than ``round(k1 / 2)`` and the full sets
+   exactly ``k1``. ``round`` is half-to-even, as NumPy's ``around``.
+3. *Expansion.* ``E(i) = R1(i)`` united with every ``Rh(c)``, ``c`` in ``R1(i)``, for which
+   ``3 |Rh(c) & R1(i)| > 2 |Rh(c)|`` (SpCL's ``> 2/3 * len``, exact in integers; the test
+   is against ``R1(i)``, not the growing set). Triples ``(i, c, m)`` are enumerated in
+   pieces of at most ``tile_elements() / 8`` and membership is a ``searchsorted`` on the
+   sorted keys ``i * N + j`` of ``R1``.
+4. *Weights.* ``V[i, E(i)] = softmax(-(2 - 2 x_i . x_E(i)))`` (a segment softmax over each
+   row's sorted ``E(i)``), dot products gathered in chunks of at most ``tile_elements()``
+   elements.
+5. *Query expansion* (only when ``k2 != 1``, as SpCL): row ``i`` becomes the mean of the
+   ``V`` rows of its first ``min(k2, K)`` list entries (itself normally first), summed in
+   list order and divided by their number. With ``k2 == 1`` ``V`` is left as it is (not
+   replaced by the row of ``i``'s nearest, which differs when a smaller index ties).
+6. *Jaccard.* ``m_ij = sum_k min(V_ik, V_jk)`` through the transposed (column) lists of
+   ``V``: for every stored ``V_ik`` of a row block, the ``j > i`` stored in column ``k``
+   (triples in pieces as above) add ``min`` into a dense ``[b, N]`` tile with
+   ``b * N <= tile_elements()``, in ascending ``k`` for each ``(i, j)`` as SpCL sums.
+   ``J_ij = 1 - m_ij / (2 - m_ij)`` clamped at 0, computed once per unordered pair, so the
+   matrix is exactly symmetric. A pair is stored when its float32 ``J < 1`` (and, given
+   ``max_distance``, ``J <= max_distance`` compared in float64); the diagonal is stored as
+   explicit zeros.
+
+``dbscan``: neighbourhoods are the stored entries ``<= eps`` (compared in the values'
+dtype, as scikit-learn compares a float32 matrix with a Python float), plus the point itself
+when its diagonal entry is not stored (scikit-learn stores an explicit 0 there). Core points
+have at least ``min_samples`` neighbours. Clusters are the connected components of the core
+points (hooking the larger root onto the smaller along core-core edges, then pointer
+jumping, so every root is its component's smallest index); they are numbered by their
+smallest core index, which is the order in which scikit-learn's index-order scan starts
+them. A non-core point with core neighbours takes the smallest of their cluster numbers:
+scikit-learn expands one cluster completely before starting the next, so the first cluster
+to reach a border point is the smallest-numbered one.
+
+``cluster_centres``: ``index_add_`` of the rows of each non-noise label, divided by counts.
+
+Tie-breaking
+------------
+Nearest lists: equal distances go to the smaller index (``smallest_k``); a row's distance
+to itself is exactly 0, so exact duplicates with a smaller index come first.
+
+Limits
+------
+Arithmetic in float32 (float64 inputs stay float64); the output values are float32.
+``weighting="zhong"`` is not implemented here. Memory: a few tiles, the ``N x K`` lists and
+the sparse ``V`` (about ``N * k2 * |E|`` entries) plus the stored pairs. One stored ``V``
+entry's partner list (at most ``N``) is never split, so a piece may exceed its budget by
+that much. Python loops run over tiles and pieces only.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ... import _backend
+from ._tiles import compute_dtype, distance_tile, prepare, row_chunks
+from .graph import to_csr
+from .knn import smallest_k
+
+
+def _triple_budget() -> int:
+    # A triple carries a few int64 and a float: an eighth of the tile is about one tile's bytes.
+    return max(1, _backend.tile_elements() // 8)
+
+
+def _pieces(counts: torch.Tensor, budget: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges of entries whose ``counts`` sum to at most ``budget`` (at least one entry each)."""
+    total = counts.numel()
+    if total == 0:
+        return
+    cumulative = torch.cumsum(counts, 0)
+    start, base = 0, 0
+    while start < total:
+        stop = int(torch.searchsorted(cumulative, base + budget, right=True))
+        stop = min(max(stop, start + 1), total)
+        yield start, stop
+        base = int(cumulative[stop - 1])
+        start = stop
+
+
+def _expand(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For entries with ``lengths``: (entry of each expanded item, its position inside the entry)."""
+    entry = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return entry, torch.arange(entry.numel(), device=lengths.device) - starts[entry]
+
+
+def _crow(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
+    return crow
+
+
+def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> torch.Tensor:
+    """[N, width] int64: every row's ``width`` nearest rows, itself included at distance 0."""
+    num_rows = x.shape[0]
+    norms = (x * x).sum(1) if metric != "cosine" else None
+    ranks = torch.empty((num_rows, width), dtype=torch.int64, device=x.device)
+    for start, stop in row_chunks(num_rows, num_rows):
+        tile = distance_tile(x[start:stop], x, metric, norms)
+        local = torch.arange(stop - start, device=x.device)
+        # The formula may leave a rounding residue on the diagonal; the distance to itself is 0.
+        tile[local, local + start] = 0.0
+        ranks[start:stop] = smallest_k(tile, width)[1]
+    return ranks
+
+
+def _reciprocal(ranks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs ``(i, j)`` of ``R(i, width)``, sorted by ``(i, j)``."""
+    num_rows = ranks.shape[0]
+    forward = ranks[:, :width]
+    rows = torch.arange(num_rows, device=ranks.device).unsqueeze(1).expand_as(forward).reshape(-1)
+    cols = forward.reshape(-1)
+    keys = rows * num_rows + cols
+    keys = keys[torch.isin(cols * num_rows + rows, keys)]
+    keys = torch.sort(keys).values
+    return keys // num_rows, keys % num_rows
+
+
+def _expanded_sets(ranks: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs ``(i, m)`` of the expanded sets ``E(i)``, sorted by ``(i, m)``."""
+    num_rows, width = ranks.shape
+    device = ranks.device
+    rows1, cols1 = _reciprocal(ranks, width)
+    keys1 = rows1 * num_rows + cols1
+    half_rows, half_cols = _reciprocal(ranks, min(round(k1 / 2) + 1, width))
+    half_crow = _crow(half_rows, num_rows)
+    half_lengths = half_crow[1:] - half_crow[:-1]
+    added = [keys1]
+    candidate_lengths = half_lengths[cols1]
+    for start, stop in _pieces(candidate_lengths, _triple_budget()):
+        owners, candidates = rows1[start:stop], cols1[start:stop]
+        lengths = candidate_lengths[start:stop]
+        entry, offset = _expand(lengths)
+        members = half_cols[half_crow[candidates][entry] + offset]
+        queries = owners[entry] * num_rows + members
+        position = torch.searchsorted(keys1, queries).clamp_max(keys1.numel() - 1)
+        inside = (keys1[position] == queries).to(torch.int64)
+        overlap = torch.zeros(stop - start, dtype=torch.int64, device=device).index_add_(0, entry, inside)
+        accepted = 3 * overlap > 2 * lengths
+        added.append(queries[accepted[entry]])
+    keys = torch.unique(torch.cat(added))
+    return keys // num_rows, keys % num_rows
+
+
+def _weights(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Segment softmax of ``-(2 - 2 x_i . x_m)`` over each row's entries (rows sorted)."""
+    num_rows = x.shape[0]
+    logits = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
+    step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
+    for start in range(0, rows.numel(), step):
+        stop = min(start + step, rows.numel())
+        dots = (x[rows[start:stop]] * x[cols[start:stop]]).sum(1)
+        logits[start:stop] = -(2.0 - 2.0 * dots)
+    row_max = torch.full((num_rows,), -torch.inf, dtype=x.dtype, device=x.device)
+    row_max.scatter_reduce_(0, rows, logits, reduce="amax")
+    exps = torch.exp(logits - row_max[rows])
+    sums = torch.zeros(num_rows, dtype=x.dtype, device=x.device).index_add_(0, rows, exps)
+    return exps / sums[rows]
+
+
+def _query_expansion(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, ranks: torch.Tensor,
+                     k2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR rows ``mean(V[ranks[i, :k2]])``; returns (rows, cols, values) sorted by (row, col)."""
+    num_rows = crow.numel() - 1
+    width = min(k2, ranks.shape[1])
+    neighbours = ranks[:, :width]
+    lengths = crow[1:] - crow[:-1]
+    per_row = lengths[neighbours].sum(1)
+    out_rows, out_cols, out_values = [], [], []
+    for start, stop in _pieces(per_row, _triple_budget()):
+        block = neighbours[start:stop].reshape(-1)          # neighbour rows in list order
+        entry, offset = _expand(lengths[block])
+        source = crow[block][entry] + offset
+        owner = start + entry // width
+        keys = owner * num_rows + cols[source]
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        # index_add_ follows the list order, as NumPy's mean adds the rows one after another.
+        sums = torch.zeros(unique_keys.numel(), dtype=values.dtype, device=values.device)
+        sums.index_add_(0, inverse, values[source])
+        mean = sums / width
+        nonzero = mean != 0
+        out_rows.append(unique_keys[nonzero] // num_rows)
+        out_cols.append(unique_keys[nonzero] % num_rows)
+        out_values.append(mean[nonzero])
+    if not out_rows:
+        empty = torch.empty(0, dtype=torch.int64, device=crow.device)
+        return empty, empty, values.new_empty(0)
+    return torch.cat(out_rows), torch.cat(out_cols), torch.cat(out_values)
+
+
+def _jaccard_pairs(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, num_rows: int,
+                   max_distance: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs ``i < j`` with float32 ``J_ij < 1`` (and ``<= max_distance``) from ``V`` in (row, col) order."""
+    device = values.device
+    crow = _crow(rows, num_rows)
+    # Column lists of V: entries sorted by (column, row).
+    column_keys, order = torch.sort(cols * num_rows + rows)
+    column_rows, column_values = rows[order], values[order]
+    out_i, out_j, out_d = [], [], []
+    for block_start, block_stop in row_chunks(num_rows, num_rows):
+        first, last = int(crow[block_start]), int(crow[block_stop])
+        if first == last:
+            continue
+        owners, columns, mine = rows[first:last], cols[first:last], values[first:last]
+        # Partners j > i of column k start right after the key k * N + i (itself stored there).
+        begin = torch.searchsorted(column_keys, columns * num_rows + owners, right=True)
+        end = torch.searchsorted(column_keys, (columns + 1) * num_rows)
+        overlaps = torch.zeros((block_stop - block_start) * num_rows, dtype=values.dtype, device=device)
+        for start, stop in _pieces(end - begin, _triple_budget()):
+            entry, offset = _expand(end[start:stop] - begin[start:stop])
+            position = begin[start:stop][entry] + offset
+            target = (owners[start:stop][entry] - block_start) * num_rows + column_rows[position]
+            overlaps.index_add_(0, target, torch.minimum(mine[start:stop][entry], column_values[position]))
+        flat = overlaps.nonzero().squeeze(1)
+        shared = overlaps[flat]
+        distance = (1.0 - shared / (2.0 - shared)).clamp_min_(0.0).to(torch.float32)
+        keep = distance < 1.0
+        if max_distance is not None:
+            keep &= distance.to(torch.float64) <= max_distance
+        flat = flat[keep]
+        out_i.append(block_start + flat // num_rows)
+        out_j.append(flat % num_rows)
+        out_d.append(distance[keep])
+    if not out_i:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.empty(0, dtype=torch.float32, device=device)
+    return torch.cat(out_i), torch.cat(out_j), torch.cat(out_d)
+
+
+def jaccard_distance_reference(features: torch.Tensor, k1: int, k2: int, weighting: str,
+                               max_distance: float | None, metric: str) -> torch.Tensor:
+    """k-reciprocal Jaccard distance as a symmetric sparse matrix (SpCL's ``compute_jaccard_distance``).
+
+    Parameters
+    ----------
+    features : Tensor [N, D], float, finite
+    k1 : int >= 1
+    k2 : int, 1 <= k2 <= k1
+    weighting : {"spcl"}
+    max_distance : float >= 0 or None
+    metric : {"sqeuclidean", "euclidean", "cosine"}
+        Ranking of the nearest lists; ``"cosine"`` also L2-normalises the rows used for weights.
+
+    Returns
+    -------
+    Tensor [N, N], sparse CSR, float32, symmetric, column indices sorted per row: every pair
+    with ``J < 1`` (and ``<= max_distance``) plus explicit zeros on the diagonal.
+    """
+    if weighting != "spcl":
+        raise NotImplementedError(f"jaccard_distance: weighting={weighting!r} is not implemented in the "
+                                  "reference backend yet; use weighting='spcl'")
+    num_rows, device = features.shape[0], features.device
+    diagonal = torch.arange(num_rows, device=device)
+    if num_rows == 0:
+        return to_csr(diagonal, diagonal, torch.empty(0, dtype=torch.float32, device=device), 0)
+    x = prepare(features, metric)
+    ranks = _nearest_lists(x, min(k1, num_rows), metric)
+    rows, cols = _expanded_sets(ranks, k1)
+    values = _weights(x, rows, cols)
+    if k2 != 1:
+        rows, cols, values = _query_expansion(_crow(rows, num_rows), cols, values, ranks, k2)
+    del ranks
+    low, high, distances = _jaccard_pairs(rows, cols, values, num_rows, max_distance)
+    all_rows = torch.cat([low, high, diagonal])
+    all_cols = torch.cat([high, low, diagonal])
+    all_values = torch.cat([distances, distances, torch.zeros(num_rows, dtype=torch.float32, device=device)])
+    return to_csr(all_rows, all_cols, all_values, num_rows)
+
+
+def _components(num_rows: int, sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N] int64: the smallest index of every vertex's connected component."""
+    parent = torch.arange(num_rows, device=sources.device)
+    while sources.numel():
+        root_s, root_t = parent[sources], parent[targets]
+        apart = root_s != root_t
+        # Edges whose ends share a root keep sharing it: roots only ever merge.
+        sources, targets, root_s, root_t = sources[apart], targets[apart], root_s[apart], root_t[apart]
+        if sources.numel() == 0:
+            break
+        parent.scatter_reduce_(0, torch.maximum(root_s, root_t), torch.minimum(root_s, root_t), reduce="amin")
+        while True:
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+    return parent
+
+
+def dbscan_reference(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                     num_rows: int, eps: float, min_samples: int) -> torch.Tensor:
+    """DBSCAN labels of a symmetric sparse distance matrix, equal to scikit-learn's.
+
+    Parameters
+    ----------
+    crow_indices : Tensor [N+1], int64
+    col_indices : Tensor [nnz], int64, sorted within rows, no duplicates
+    values : Tensor [nnz], float, finite, non-negative, symmetric matrix
+    num_rows : int
+    eps : float >= 0
+    min_samples : int >= 1
+
+    Returns
+    -------
+    Tensor [N], int64: cluster numbers from 0 in the order scikit-learn assigns them, -1 for noise.
+    """
+    device = values.device
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=device), crow_indices[1:] - crow_indices[:-1])
+    stored_diagonal = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    stored_diagonal[rows[rows == col_indices]] = True
+    near = values <= torch.tensor(eps, dtype=values.dtype, device=device)
+    sources, targets = rows[near], col_indices[near]
+    neighbours = torch.bincount(sources, minlength=num_rows) + (~stored_diagonal).to(torch.int64)
+    core = neighbours >= min_samples
+    linked = core[sources] & core[targets] & (sources != targets)
+    roots = _components(num_rows, sources[linked], targets[linked])
+    labels = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
+    core_roots = roots[core]
+    labels[core] = torch.searchsorted(torch.unique(core_roots), core_roots)
+    border = ~core[sources] & core[targets]
+    unreached = torch.iinfo(torch.int64).max
+    reached = torch.full((num_rows,), unreached, dtype=torch.int64, device=device)
+    reached.scatter_reduce_(0, sources[border], labels[targets[border]], reduce="amin")
+    labels = torch.where(~core & (reached != unreached), reached, labels)
+    return labels
+
+
+def cluster_centres_reference(features: torch.Tensor, labels: torch.Tensor, num_clusters: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of the rows of every cluster ``0 .. num_clusters - 1``; label -1 is ignored.
+
+    Parameters
+    ----------
+    features : Tensor [N, D], float
+    labels : Tensor [N], int64 in [-1, num_clusters)
+    num_clusters : int >= 0
+
+    Returns
+    -------
+    centres : Tensor [C, D], float32 (float64 stays float64); a cluster without rows is all zeros
+    counts : Tensor [C], int64
+    """
+    x = features.to(compute_dtype(features))
+    members = (labels >= 0).nonzero().squeeze(1)
+    clustered = labels[members]
+    counts = torch.bincount(clustered, minlength=num_clusters)
+    sums = x.new_zeros((num_clusters, x.shape[1]))
+    step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
+    for start in range(0, members.numel(), step):
+        chunk = members[start:start + step]
+        sums.index_add_(0, clustered[start:start + step], x[chunk])
+    return sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype), counts
