@@ -5,7 +5,7 @@ subclass holding the method's hyper-parameters with the paper's defaults), prese
 hooks; the base class owns everything else:
 
 - data: the synthetic world or a dataset on disk (:mod:`fastassoc.data`), the camera layout of
-  the training tracklets (:class:`CameraLayout`: camera-sorted rows, the segments every
+  the training tracklets (:class:`fastassoc.segments.CameraLayout`: camera-sorted rows, the segments every
   per-camera op takes), camera-balanced batches of ``frames_per_tracklet`` frames;
 - model: a torchvision ResNet-50 / MobileNetV2 (ImageNet weights only from a local file,
   ``weights=PATH``, never downloaded) or :class:`SmallReidNet` for CPU runs, followed by the
@@ -71,6 +71,8 @@ from torch import nn
 
 from .. import data as fdata
 from .. import evaluate_ranking
+# Re-exported: trainers and user code imported these from here before they became public.
+from ..segments import CameraLayout, csr_rows, one_hot_csr  # noqa: F401
 
 BACKBONES = ("small", "resnet50", "mobilenet_v2")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -359,105 +361,6 @@ class ReidModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone(x)
         return self.head(x) if self.head is not None else x
-
-
-# -- camera layout ---------------------------------------------------------------------------------
-
-@dataclass
-class CameraLayout:
-    """Training tracklets sorted by camera, as the per-camera ops want them.
-
-    Per-camera ops (``topk_anchors`` segments, ``segmented_cross_entropy`` class segments)
-    need each camera's rows contiguous. ``order[r]`` is the tracklet at camera-sorted row
-    ``r`` (stable: tracklets keep their order within a camera), ``position[i]`` the row of
-    tracklet ``i``; ``offsets`` delimits the cameras' rows.
-
-    Attributes
-    ----------
-    cameras : Tensor [T], int64, camera of each tracklet (tracklet order)
-    order : Tensor [T], int64
-    position : Tensor [T], int64
-    offsets : Tensor [C+1], int64, C = 1 + the largest camera index
-    sorted_cameras : Tensor [T], int64, camera of each camera-sorted row
-    """
-
-    cameras: torch.Tensor
-    order: torch.Tensor
-    position: torch.Tensor
-    offsets: torch.Tensor
-    sorted_cameras: torch.Tensor
-
-    @classmethod
-    def from_cameras(cls, cameras: torch.Tensor, num_cameras: int | None = None) -> "CameraLayout":
-        cameras = torch.as_tensor(cameras, dtype=torch.int64).cpu()
-        num_cameras = int(cameras.max()) + 1 if num_cameras is None and cameras.numel() else (num_cameras or 0)
-        order = torch.sort(cameras, stable=True).indices
-        position = torch.empty_like(order)
-        position[order] = torch.arange(len(order))
-        counts = torch.bincount(cameras, minlength=num_cameras)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        return cls(cameras, order, position, offsets, cameras[order])
-
-    @property
-    def num_cameras(self) -> int:
-        return len(self.offsets) - 1
-
-    def to(self, device) -> "CameraLayout":
-        return CameraLayout(*(t.to(device) for t in (self.cameras, self.order, self.position, self.offsets,
-                                                        self.sorted_cameras)))
-
-
-# -- sparse targets -------------------------------------------------------------------------------
-
-def one_hot_csr(columns: torch.Tensor, num_columns: int, values: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse CSR [B, num_columns] float32 with ``values[b]`` (1 by default) at ``(b, columns[b])``:
-    hard targets for :func:`fastassoc.segmented_cross_entropy`."""
-    import warnings
-
-    rows = len(columns)
-    crow = torch.arange(rows + 1, device=columns.device, dtype=torch.int64)
-    values = torch.ones(rows, device=columns.device) if values is None else values.float()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, columns.to(torch.int64), values, size=(rows, num_columns),
-                                       check_invariants=False)
-
-
-def csr_rows(matrix: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor | None = None,
-             num_columns: int | None = None) -> torch.Tensor:
-    """Rows ``rows`` [B] of a sparse CSR ``matrix`` [N, M] as a new CSR [B, M'] (vectorised).
-
-    Parameters
-    ----------
-    matrix : Tensor [N, M], sparse CSR
-    rows : Tensor [B], int64 (repeats allowed)
-    columns : Tensor [M], int64, optional
-        Renumber the column indices through this map (e.g. tracklet -> camera-sorted class
-        row); ``num_columns`` is then the new width (default M).
-    """
-    import warnings
-
-    crow, col, val = matrix.crow_indices(), matrix.col_indices(), matrix.values()
-    starts, ends = crow[rows], crow[rows + 1]
-    lengths = ends - starts
-    new_crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=crow.device), lengths.cumsum(0)])
-    total = int(new_crow[-1])
-    # Position of every output entry inside the input's col/values arrays.
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=crow.device), lengths, output_size=total)
-    source = starts[owner] + torch.arange(total, device=crow.device) - new_crow[:-1][owner]
-    new_col = col[source]
-    if columns is not None:
-        new_col = columns[new_col]
-    width = num_columns if num_columns is not None else matrix.shape[1]
-    if columns is not None and total:
-        # CSR wants sorted columns per row after renumbering.
-        key = owner * (width + 1) + new_col
-        order = torch.argsort(key, stable=True)
-        new_col, source = new_col[order], source[order]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(new_crow, new_col, val[source], size=(len(rows), width),
-                                       check_invariants=False)
 
 
 # -- diagnostics (ground truth only) ----------------------------------------------------------------
