@@ -29,7 +29,12 @@ call: the result type would be ambiguous (and a torch tensor may carry a gradien
 NumPy result cannot), so such a call raises a ``TypeError`` saying which argument is
 which. Python scalars, strings and NumPy scalars pass through untouched; anything
 else (a list, say) reaches the op, which names the argument in its own error.
-Inside ``torch.compile`` pass torch tensors: the conversion is eager-only.
+Under ``torch.compile`` a call with torch tensors is the bare op call (no graph break);
+dense NumPy arrays work there too, since dynamo traces them as tensors: results come back
+as NumPy arrays and an in-place argument is updated in the caller's array. Sparse results
+then need ``as_tuple=True`` (torch.compile cannot build sparse tensors), and SciPy, CuPy
+and other DLPack objects are not traceable: convert them before the compiled region.
+The eager path adds about 1 microsecond to a call made of tensors and plain values.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import inspect
 import sys
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .ops._sparse import CSRMatrix
@@ -251,6 +257,40 @@ def _call_kind(op_name: str, named: list[tuple[str, Any]]) -> str | None:
     return "dlpack" if "dlpack" in seen else None
 
 
+def _traced_call(op: Callable, op_name: str, in_place: str | None, parameters: list[str], args, kwargs):
+    """The call as dynamo traces it: tensors pass straight through, NumPy arrays convert.
+
+    Dynamo holds NumPy arrays as tensors, so ``torch.from_numpy`` and ``.numpy()`` cost
+    nothing in the graph. SciPy and CuPy objects cannot be traced and are left to the op.
+    Plain loops, not the eager path's helpers, keep what dynamo inlines small.
+    """
+    numpy_names, torch_names = [], []
+    for position, value in enumerate(args):
+        name = parameters[position] if position < len(parameters) else f"argument {position}"
+        if isinstance(value, np.ndarray):
+            numpy_names.append(name)
+        elif isinstance(value, torch.Tensor):
+            torch_names.append(name)
+    for name, value in kwargs.items():
+        if isinstance(value, np.ndarray):
+            numpy_names.append(name)
+        elif isinstance(value, torch.Tensor):
+            torch_names.append(name)
+    if not numpy_names:
+        return op(*args, **kwargs)
+    if torch_names:
+        raise TypeError(f"{op_name} got NumPy arrays ({', '.join(numpy_names)}) and torch tensors "
+                        f"({', '.join(torch_names)}) in one call; pass all as one kind")
+    converted_args = [torch.from_numpy(value) if isinstance(value, np.ndarray) else value for value in args]
+    converted_kwargs = {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                        for name, value in kwargs.items()}
+    out = op(*converted_args, **converted_kwargs)
+    if in_place is not None and in_place in numpy_names:
+        position = parameters.index(in_place)
+        return kwargs[in_place] if in_place in kwargs else args[position]
+    return _from_torch(out, "numpy")
+
+
 def accepts_arrays(op: Callable | None = None, *, in_place: str | None = None) -> Callable:
     """Let ``op`` take NumPy, CuPy and DLPack arrays and return the caller's array type.
 
@@ -285,8 +325,7 @@ def accepts_arrays(op: Callable | None = None, *, in_place: str | None = None) -
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling():
-            # Dynamo sees tensors here; the eager conversion below would only cost trace time.
-            return op(*args, **kwargs)
+            return _traced_call(op, op_name, in_place, parameters, args, kwargs)
         if _TRIVIAL_TYPES.issuperset(map(type, args)) and _TRIVIAL_TYPES.issuperset(map(type, kwargs.values())):
             return op(*args, **kwargs)
         named = [(parameters[i] if i < len(parameters) else f"argument {i}", value) for i, value in enumerate(args)]

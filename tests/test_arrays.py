@@ -492,3 +492,35 @@ def test_cupy_sparse_in_and_out():
     assert isinstance(loss_value, cupy.ndarray) and loss_value.shape == ()
     # GPU reductions may add in another order from call to call.
     assert float(loss_value) == pytest.approx(float(expected_loss), rel=1e-6)
+
+
+def test_numpy_calls_under_fullgraph_compile_give_numpy_and_update_the_bank():
+    def step(bank, index, values, cameras):
+        bank = fastassoc.ema_update_(bank, index, values, 0.5)
+        distances, indices = fastassoc.topk_anchors(values, bank, k=2)
+        soft = fastassoc.knn_soft_labels(bank, cameras, 1, as_tuple=True)
+        return bank, distances, indices, soft
+
+    bank, values = features(6, seed=37), features(3, seed=38)
+    index, cameras = np.array([0, 4, 4]), np.array([0, 0, 0, 1, 1, 1])
+    eager_bank = bank.copy()
+    want = step(eager_bank, index, values, cameras)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(bank, index, values, cameras)
+    assert got[0] is bank, "the compiled step must return the caller's bank"
+    np.testing.assert_array_equal(bank, eager_bank)
+    for name, got_part, want_part in zip(("distances", "indices"), got[1:3], want[1:3]):
+        assert isinstance(got_part, np.ndarray), name
+        np.testing.assert_array_equal(got_part, want_part, err_msg=name)
+    assert isinstance(got[3], _sparse.CSRMatrix)
+    for field in ("crow_indices", "col_indices", "values"):
+        assert isinstance(getattr(got[3], field), np.ndarray), field
+        np.testing.assert_array_equal(getattr(got[3], field), getattr(want[3], field), err_msg=field)
+
+
+def test_numpy_mixed_with_torch_under_compile_is_rejected():
+    def step(queries, anchors):
+        return fastassoc.topk_anchors(queries, anchors, k=1)
+
+    with pytest.raises(Exception, match=r"NumPy arrays \(queries\) and torch tensors \(anchors\)"):
+        torch.compile(step, fullgraph=True, backend="eager")(features(2), torch.from_numpy(features(3)))
