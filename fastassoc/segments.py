@@ -73,14 +73,15 @@ def _int_vector(name: str, t, *, length: int | None = None, device=None) -> torc
         raise ValueError(f"{name} must have length {length} (one per row), got {t.shape[0]}")
     if device is not None and t.device != torch.device(device):
         raise ValueError(f"{name} is on {t.device} but must be on {device}; move it with .to(device)")
-    if t.is_meta and _checking():
-        raise ValueError(f"{name} is a meta tensor: its values are needed to build segments")
     return t.to(torch.int64).contiguous()
 
 
 def _in_range(name: str, t: torch.Tensor, low: int, high: int | None) -> None:
-    """Eager-only value check: every entry of ``t`` in ``[low, high)`` (``high=None``: no bound)."""
-    if not _checking() or t.numel() == 0:
+    """Eager-only value check: every entry of ``t`` in ``[low, high)`` (``high=None``: no bound).
+
+    Meta tensors have no values to check; their shapes alone flow through the helpers.
+    """
+    if not _checking() or t.numel() == 0 or t.is_meta:
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < low:
@@ -380,7 +381,10 @@ class CameraLayout:
                 cameras = torch.as_tensor(cameras)
             except (TypeError, ValueError, RuntimeError) as error:
                 raise TypeError(f"cameras must be a 1-D tensor of integers, got {_describe(cameras)}") from error
-        cameras = _int_vector("cameras", cameras).cpu()
+        cameras = _int_vector("cameras", cameras)
+        if cameras.is_meta:
+            raise ValueError("cameras is a meta tensor: a CameraLayout needs the camera ids' values")
+        cameras = cameras.cpu()
         _in_range("cameras", cameras, 0, None)
         largest = int(cameras.max()) if cameras.numel() else -1
         if num_cameras is None:
@@ -436,7 +440,7 @@ def _components(name: str, matrix) -> tuple[CSRMatrix, bool]:
                          f"got {_describe(values)}")
     if values.device != crow.device:
         raise ValueError(f"{name} values are on {values.device} but its indices on {crow.device}")
-    if _checking():
+    if _checking() and not crow.is_meta:
         nnz = col.shape[0]
         if int(crow[0]) != 0 or int(crow[-1]) != nnz:
             raise ValueError(f"{name} crow_indices must start at 0 and end at nnz ({nnz}), "
@@ -548,6 +552,9 @@ def csr_rows(matrix, rows: torch.Tensor, columns: torch.Tensor | None = None, nu
                              f"columns map is given")
     else:
         _in_range("columns", columns, 0, out_width)
+    if device.type == "meta":
+        raise ValueError("csr_rows needs the values of matrix's crow_indices (the result's size depends on them); "
+                         "got meta tensors")
     crow, col, val = csr.crow_indices, csr.col_indices, csr.values
     starts, ends = crow[rows], crow[rows + 1]
     lengths = ends - starts

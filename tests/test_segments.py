@@ -124,7 +124,6 @@ def test_huge_label_ids_allocate_nothing_per_id():
     (torch.tensor([0, 1]), {"length": 3, "name": "anchor_segments"}, ValueError,
      "anchor_segments must have length 3"),
     (torch.tensor([0, 1]), {"device": "meta"}, ValueError, "labels is on cpu but must be on meta"),
-    (torch.zeros(3, dtype=torch.int64, device="meta"), {}, ValueError, "labels is a meta tensor"),
 ])
 def test_bad_labels_get_clear_errors(labels, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -140,6 +139,21 @@ def test_bad_query_labels_and_indices_get_clear_errors():
     dense = segments_from_labels(torch.tensor([1, 0]), num_segments=2)
     with pytest.raises(ValueError, match="query_segments values must be < 2, found 2"):
         dense.segment_of(torch.tensor([2]), name="query_segments")
+
+
+def test_meta_labels_give_shapes_and_value_dependent_helpers_refuse_them():
+    labels = torch.zeros(5, dtype=torch.int64, device="meta")
+    seg = segments_from_labels(labels)
+    assert seg.offsets.shape == (7,) and seg.order.shape == (5,) and seg.order.is_meta
+    assert seg.segment_of(torch.zeros(3, dtype=torch.int64, device="meta")).shape == (3,)
+    assert seg.to_original(torch.zeros(3, 2, dtype=torch.int64, device="meta")).shape == (3, 2)
+    assert segments_from_labels(labels, num_segments=3).offsets.shape == (4,)
+    targets = one_hot_csr(torch.zeros(4, dtype=torch.int64, device="meta"), 5, as_tuple=True)
+    assert renumber_csr_columns(targets, torch.zeros(5, dtype=torch.int64, device="meta")).col_indices.shape == (4,)
+    with pytest.raises(ValueError, match="csr_rows needs the values"):
+        csr_rows(targets, torch.zeros(2, dtype=torch.int64, device="meta"))
+    with pytest.raises(ValueError, match="cameras is a meta tensor"):
+        CameraLayout.from_cameras(labels)
 
 
 def test_segments_trace_without_graph_breaks():
