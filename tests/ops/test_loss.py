@@ -327,18 +327,41 @@ class LargestTensor(TorchDispatchMode):
 
 
 def test_reference_never_allocates_full_logits_in_forward_or_backward():
+    from fastassoc.kernels.reference.loss import (segmented_cross_entropy_backward_reference,
+                                                  segmented_cross_entropy_forward_reference)
+
     num_rows, sizes, dim = 128, [40, 0, 56], 4
     num_classes = sum(sizes)
+    num_segments = len(sizes)
     full_logits = num_rows * num_classes
     features, weight, targets, offsets = make_problem(15, num_rows, sizes, dim, density=0.02)
     f, w, t, o = to_torch(features, weight, targets, offsets)
+    crow, col, values = t.crow_indices(), t.col_indices(), t.values()
     limit = 256
     # Everything the op legitimately holds whole: inputs, gradients, target entries, one tile.
     allowed = max(limit, num_classes, num_rows * dim, num_classes * dim, t.values().numel(), num_rows)
     assert allowed * 4 <= full_logits, "problem too small for the check to mean anything"
 
-    # Tensors kept alive for backward, counted once per storage: without per-chunk
-    # recomputation every chunk's logits would stay alive until backward.
+    # The public op is one custom-op call to a dispatch mode (its inside is opaque), so the
+    # tiles are watched in the backend's forward and backward functions themselves.
+    def kernels():
+        with LargestTensor() as forward:
+            loss, lse, mass = segmented_cross_entropy_forward_reference(f.detach(), w.detach(), crow, col, values, o,
+                                                                        2.0)
+        with LargestTensor() as backward:
+            grads = segmented_cross_entropy_backward_reference(torch.ones(()), f.detach(), w.detach(), crow, col,
+                                                               values, o, lse, mass, 2.0, True, True)
+        return forward, backward, loss, grads
+
+    with fastassoc.tile_limit(limit):
+        forward, backward, kernel_loss, (kernel_grad_f, kernel_grad_w) = kernels()
+    assert backward.calls > 0, "the dispatch mode saw no backward ops; the check is blind"
+    for phase, record in (("forward", forward), ("backward", backward)):
+        assert record.largest <= allowed, (f"{phase} created a tensor of {record.largest} elements "
+                                           f"({record.largest_op}); bound {allowed}, full logits {full_logits}")
+
+    # Tensors kept alive for backward by the public op, counted once per storage: the
+    # inputs, the CSR components and the [B, S] logsumexp and target mass, never logits.
     saved_storages: dict[int, int] = {}
 
     def pack(tensor):
@@ -347,30 +370,26 @@ def test_reference_never_allocates_full_logits_in_forward_or_backward():
         return tensor
 
     with fastassoc.tile_limit(limit):
-        with LargestTensor() as forward, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = fastassoc.segmented_cross_entropy(f, w, t, class_offsets=o, scale=2.0, backend="reference")
-        with LargestTensor() as backward:
-            grad_f, grad_w = torch.autograd.grad(loss, (f, w))
-    assert backward.calls > 0, "the dispatch mode saw no backward ops; the check is blind"
-    for phase, record in (("forward", forward), ("backward", backward)):
-        assert record.largest <= allowed, (f"{phase} created a tensor of {record.largest} elements "
-                                           f"({record.largest_op}); bound {allowed}, full logits {full_logits}")
-    # Inputs, class -> segment map, target entries (int64 row, int64 col, float32 value) and one tile.
-    nnz = t.values().numel()
-    saved_bound = f.nbytes + w.nbytes + 8 * num_classes + 20 * nnz + 8 * (num_rows + 1) + 4 * limit
+        grad_f, grad_w = torch.autograd.grad(loss, (f, w))
+    # The CSR components are the caller's (torch may over-allocate their storages).
+    inputs = sum(x.untyped_storage().nbytes() for x in (f, w, crow, col, values, o))
+    saved_bound = inputs + 2 * 4 * num_rows * num_segments
     saved = sum(saved_storages.values())
     assert saved <= saved_bound < 4 * full_logits, \
         f"{saved} bytes saved for backward; bound {saved_bound}, full float32 logits {4 * full_logits}"
     expected = oracle(features.astype(np.float32), weight.astype(np.float32), targets.astype(np.float32),
                       offsets, 2.0)
-    assert_close(grad_w, expected[2], rtol=2e-5, atol=2e-5, what="tiled d weight")
-    assert_close(grad_f, expected[1], rtol=2e-5, atol=2e-5, what="tiled d features")
+    for what, got in (("public", (loss, grad_f, grad_w)), ("kernel", (kernel_loss, kernel_grad_f, kernel_grad_w))):
+        assert_close(got[0], np.array(expected[0]), rtol=2e-5, atol=2e-5, what=f"tiled {what} loss")
+        assert_close(got[1], expected[1], rtol=2e-5, atol=2e-5, what=f"tiled {what} d features")
+        assert_close(got[2], expected[2], rtol=2e-5, atol=2e-5, what=f"tiled {what} d weight")
 
     # Positive control: with the default limit one tile holds every logit, and the mode sees it.
-    with LargestTensor() as untiled:
-        loss = fastassoc.segmented_cross_entropy(f, w, t, class_offsets=o, scale=2.0, backend="reference")
-        torch.autograd.grad(loss, (f, w))
-    assert untiled.largest >= full_logits, untiled.largest
+    untiled, untiled_backward, _, _ = kernels()
+    assert untiled.largest >= full_logits and untiled_backward.largest >= full_logits, \
+        (untiled.largest, untiled_backward.largest)
 
 
 # ----------------------------------------------------------------------------- bad inputs

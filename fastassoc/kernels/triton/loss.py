@@ -5,6 +5,10 @@ Must equal ``fastassoc.kernels.reference.loss.segmented_cross_entropy_reference`
     z_bj = scale * f_b . w_j
     L    = (1/B) sum_b sum_j t_bj (lse_{seg(j)}(z_b) - z_bj)
 
+The forward and backward below are the two halves of the ``fastassoc::segmented_cross_entropy_*``
+custom ops (``fastassoc.ops.loss``, which owns autograd and validation); the forward returns
+the loss with ``lse`` and the target mass ``T`` [B, S], which the backward takes back.
+
 Forward (three kernels, never a ``B x C`` logits matrix)
 --------------------------------------------------------
 1. ``_target_mass_kernel``, one program per row: the row's target mass per segment,
@@ -60,6 +64,7 @@ import triton
 import triton.language as tl
 
 from ... import _backend
+from ..reference.loss import LossKernels
 
 # Classes per (segment, row block) program in the forward; ``None`` picks a size that
 # gives enough programs to fill the GPU. Tests lower it to exercise the chunk merge.
@@ -319,10 +324,11 @@ def _tl_dtype(dtype: torch.dtype):
 class _TargetLayout:
     """The CSR targets flattened for the kernels (int64 indices, compute-dtype values)."""
 
-    def __init__(self, targets: torch.Tensor, class_offsets: torch.Tensor, acc_dtype: torch.dtype):
-        self.crow = targets.crow_indices().to(torch.int64).contiguous()
-        self.cols = targets.col_indices().to(torch.int64).contiguous()
-        self.values = targets.values().detach().to(acc_dtype).contiguous()
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, class_offsets: torch.Tensor,
+                 acc_dtype: torch.dtype):
+        self.crow = crow.to(torch.int64).contiguous()
+        self.cols = col.to(torch.int64).contiguous()
+        self.values = values.to(acc_dtype).contiguous()
         # searchsorted(right) - 1 maps a class to the last segment starting at or before
         # it, which skips empty segments (equal offsets) correctly.
         self.segments = (torch.searchsorted(class_offsets, self.cols, right=True) - 1).contiguous()
@@ -384,107 +390,124 @@ def _segment_lse(features, weight, class_offsets, mass, scale_tensor, acc_dtype)
     return partial_max, partial_sum
 
 
-class _SegmentedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, weight, targets, class_offsets, scale):
-        num_rows, dim = features.shape
-        num_segments = class_offsets.shape[0] - 1
-        acc_dtype = _acc_dtype(features.dtype)
-        layout = _TargetLayout(targets, class_offsets, acc_dtype)
-        # Through memory so float64 inputs keep a float64 scale (Triton passes floats as fp32);
-        # torch.full fills on the device, without a host-to-device copy.
-        scale_tensor = torch.full((1,), scale, dtype=acc_dtype, device=features.device)
+def segmented_cross_entropy_forward_triton(features: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor,
+                                           col: torch.Tensor, values: torch.Tensor, class_offsets: torch.Tensor,
+                                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, per-(row, segment) logsumexp and target mass (see the module docstring).
 
-        mass = _target_mass(layout, num_rows, num_segments, acc_dtype)
-        partial_max, partial_sum = _segment_lse(features, weight, class_offsets, mass, scale_tensor, acc_dtype)
-        num_chunks = partial_max.shape[2]
-        lse = torch.empty((num_rows, num_segments), dtype=acc_dtype, device=features.device)
-        row_loss = torch.empty(num_rows, dtype=acc_dtype, device=features.device)
-        _row_loss_kernel[(num_rows,)](
-            features, weight, layout.crow, layout.cols, layout.values, layout.segments, partial_max, partial_sum,
-            scale_tensor, lse, row_loss,
-            dim, num_segments, num_chunks,
-            features.stride(0), weight.stride(0),
-            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_D=min(triton.next_power_of_2(max(dim, 1)), 1024),
-            BLOCK_K=min(triton.next_power_of_2(num_chunks), 128))
+    Parameters and results as ``segmented_cross_entropy_forward_reference``; ``lse`` is
+    ``-inf`` where a (row, segment) has no target mass (skipped), which the backward ignores.
+    """
+    features, weight = features.contiguous(), weight.contiguous()
+    class_offsets = class_offsets.to(torch.int64).contiguous()
+    num_rows, dim = features.shape
+    num_segments = class_offsets.shape[0] - 1
+    acc_dtype = _acc_dtype(features.dtype)
+    layout = _TargetLayout(crow, col, values, class_offsets, acc_dtype)
+    # Through memory so float64 inputs keep a float64 scale (Triton passes floats as fp32);
+    # torch.full fills on the device, without a host-to-device copy.
+    scale_tensor = torch.full((1,), scale, dtype=acc_dtype, device=features.device)
 
-        ctx.save_for_backward(features, weight, class_offsets, lse, mass, scale_tensor,
-                              layout.crow, layout.cols, layout.values)
-        return (row_loss.sum() / num_rows).to(features.dtype)
+    mass = _target_mass(layout, num_rows, num_segments, acc_dtype)
+    partial_max, partial_sum = _segment_lse(features, weight, class_offsets, mass, scale_tensor, acc_dtype)
+    num_chunks = partial_max.shape[2]
+    lse = torch.empty((num_rows, num_segments), dtype=acc_dtype, device=features.device)
+    row_loss = torch.empty(num_rows, dtype=acc_dtype, device=features.device)
+    _row_loss_kernel[(num_rows,)](
+        features, weight, layout.crow, layout.cols, layout.values, layout.segments, partial_max, partial_sum,
+        scale_tensor, lse, row_loss,
+        dim, num_segments, num_chunks,
+        features.stride(0), weight.stride(0),
+        ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_D=min(triton.next_power_of_2(max(dim, 1)), 1024),
+        BLOCK_K=min(triton.next_power_of_2(num_chunks), 128))
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        features, weight, class_offsets, lse, mass, scale_tensor, crow, cols, values = ctx.saved_tensors
-        need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_features or need_weight):
-            return None, None, None, None, None
-        num_rows, dim = features.shape
-        num_classes = weight.shape[0]
-        num_segments = class_offsets.shape[0] - 1
-        acc_dtype = lse.dtype
-        device = features.device
-        class_segment = (torch.searchsorted(class_offsets, torch.arange(num_classes, device=device), right=True)
-                         - 1).contiguous()
-        entry_rows = torch.repeat_interleave(torch.arange(num_rows, device=device), crow[1:] - crow[:-1],
-                                             output_size=cols.shape[0])
+    return (row_loss.sum() / num_rows).to(features.dtype), lse, mass
 
-        # The dz chunk is the only B x C-shaped buffer: at most tile_elements() entries.
-        tile = _backend.tile_elements()
-        rows_per_chunk = max(1, min(num_rows, tile))
-        # Class tiles are grid axis 1 (at most 65535 of them, BLOCK_C >= 16).
-        cols_per_chunk = max(1, min(num_classes, tile // rows_per_chunk, 65535 * 16))
-        row_chunks = range(0, num_rows, rows_per_chunk)
-        grad_features = torch.zeros((num_rows, dim), dtype=acc_dtype, device=device) if need_features else None
-        several_row_chunks = len(row_chunks) > 1
-        grad_weight = None
-        if need_weight:
-            grad_weight = (torch.zeros((num_classes, dim), dtype=acc_dtype, device=device) if several_row_chunks
-                           else torch.empty((num_classes, dim), dtype=features.dtype, device=device))
-        gemm_dtype = features.dtype
-        kernel, blocks = _launch_config(_logit_grad_kernel, _logit_grad_tuned)
-        # Entry ranges of row chunks; one chunk (the usual case) needs no host sync.
-        crow_host = crow.tolist() if several_row_chunks else [0] * num_rows + [cols.shape[0]]
 
-        for row_start in row_chunks:
-            row_stop = min(row_start + rows_per_chunk, num_rows)
-            lo, hi = crow_host[row_start], crow_host[row_stop]
-            chunk_entry_rows, chunk_entry_cols, chunk_values = entry_rows[lo:hi], cols[lo:hi], values[lo:hi]
-            for class_start in range(0, num_classes, cols_per_chunk):
-                class_stop = min(class_start + cols_per_chunk, num_classes)
-                rows_here, cols_here = row_stop - row_start, class_stop - class_start
-                grad_logits = torch.empty((rows_here, cols_here), dtype=gemm_dtype, device=device)
-                grid = lambda meta: (triton.cdiv(rows_here, meta["BLOCK_B"]),  # noqa: E731
-                                     triton.cdiv(cols_here, meta["BLOCK_C"]))
-                kernel[grid](features, weight, class_segment, lse, mass, scale_tensor, grad_logits,
-                             row_start, rows_here, class_start, cols_here, dim, num_segments,
-                             features.stride(0), weight.stride(0), grad_logits.stride(0),
-                             ACC_DTYPE=_tl_dtype(acc_dtype), DOT_PRECISION=_dot_precision(features.dtype),
-                             UPCAST_DOT=features.dtype == torch.bfloat16 and _backend.triton_interpret(),
-                             BF16_RNE=features.dtype == torch.bfloat16 and _backend.triton_interpret(),
-                             **blocks)
-                # Sparse part: -t_bj at the chunk's entries (accumulate: repeated entries add up).
-                # Entries of other class chunks add an exact 0 at a clamped position instead of
-                # being filtered out, which would need a host sync.
-                inside = (chunk_entry_cols >= class_start) & (chunk_entry_cols < class_stop)
-                local_cols = (chunk_entry_cols - class_start).clamp_(0, cols_here - 1)
-                corrections = torch.where(inside, -chunk_values, torch.zeros_like(chunk_values)).to(gemm_dtype)
-                grad_logits.index_put_((chunk_entry_rows - row_start, local_cols), corrections, accumulate=True)
-                if need_features:
-                    grad_features[row_start:row_stop] += grad_logits @ weight[class_start:class_stop]
-                if need_weight:
-                    part = grad_logits.T @ features[row_start:row_stop]
-                    if several_row_chunks:
-                        grad_weight[class_start:class_stop] += part
-                    else:
-                        grad_weight[class_start:class_stop] = part
+def segmented_cross_entropy_backward_triton(grad_loss: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                                            crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                                            class_offsets: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor,
+                                            scale: float, need_features: bool, need_weight: bool
+                                            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients with respect to ``features`` and ``weight`` (``None`` where not needed).
 
-        coefficient = grad_loss.to(acc_dtype) * scale_tensor[0] / num_rows
-        if need_features:
-            grad_features = grad_features.mul_(coefficient).to(features.dtype)
-        if need_weight:
-            # In place: no second [C, D] buffer (the op's peak memory is the point).
-            grad_weight = grad_weight.mul_(coefficient).to(weight.dtype)
-        return grad_features, grad_weight, None, None, None
+    ``lse`` and ``mass`` (the target mass) are :func:`segmented_cross_entropy_forward_triton`'s;
+    ``grad_loss`` [] is the loss's incoming gradient.
+    """
+    features, weight = features.contiguous(), weight.contiguous()
+    class_offsets = class_offsets.to(torch.int64).contiguous()
+    lse, mass = lse.contiguous(), mass.contiguous()
+    num_rows, dim = features.shape
+    num_classes = weight.shape[0]
+    num_segments = class_offsets.shape[0] - 1
+    acc_dtype = lse.dtype
+    device = features.device
+    crow = crow.to(torch.int64).contiguous()
+    cols = col.to(torch.int64).contiguous()
+    values = values.to(acc_dtype).contiguous()
+    scale_tensor = torch.full((1,), scale, dtype=acc_dtype, device=device)
+    class_segment = (torch.searchsorted(class_offsets, torch.arange(num_classes, device=device), right=True)
+                     - 1).contiguous()
+    entry_rows = torch.repeat_interleave(torch.arange(num_rows, device=device), crow[1:] - crow[:-1],
+                                         output_size=cols.shape[0])
+
+    # The dz chunk is the only B x C-shaped buffer: at most tile_elements() entries.
+    tile = _backend.tile_elements()
+    rows_per_chunk = max(1, min(num_rows, tile))
+    # Class tiles are grid axis 1 (at most 65535 of them, BLOCK_C >= 16).
+    cols_per_chunk = max(1, min(num_classes, tile // rows_per_chunk, 65535 * 16))
+    row_chunks = range(0, num_rows, rows_per_chunk)
+    grad_features = torch.zeros((num_rows, dim), dtype=acc_dtype, device=device) if need_features else None
+    several_row_chunks = len(row_chunks) > 1
+    grad_weight = None
+    if need_weight:
+        grad_weight = (torch.zeros((num_classes, dim), dtype=acc_dtype, device=device) if several_row_chunks
+                       else torch.empty((num_classes, dim), dtype=features.dtype, device=device))
+    gemm_dtype = features.dtype
+    kernel, blocks = _launch_config(_logit_grad_kernel, _logit_grad_tuned)
+    # Entry ranges of row chunks; one chunk (the usual case) needs no host sync.
+    crow_host = crow.tolist() if several_row_chunks else [0] * num_rows + [cols.shape[0]]
+
+    for row_start in row_chunks:
+        row_stop = min(row_start + rows_per_chunk, num_rows)
+        lo, hi = crow_host[row_start], crow_host[row_stop]
+        chunk_entry_rows, chunk_entry_cols, chunk_values = entry_rows[lo:hi], cols[lo:hi], values[lo:hi]
+        for class_start in range(0, num_classes, cols_per_chunk):
+            class_stop = min(class_start + cols_per_chunk, num_classes)
+            rows_here, cols_here = row_stop - row_start, class_stop - class_start
+            grad_logits = torch.empty((rows_here, cols_here), dtype=gemm_dtype, device=device)
+            grid = lambda meta: (triton.cdiv(rows_here, meta["BLOCK_B"]),  # noqa: E731
+                                 triton.cdiv(cols_here, meta["BLOCK_C"]))
+            kernel[grid](features, weight, class_segment, lse, mass, scale_tensor, grad_logits,
+                         row_start, rows_here, class_start, cols_here, dim, num_segments,
+                         features.stride(0), weight.stride(0), grad_logits.stride(0),
+                         ACC_DTYPE=_tl_dtype(acc_dtype), DOT_PRECISION=_dot_precision(features.dtype),
+                         UPCAST_DOT=features.dtype == torch.bfloat16 and _backend.triton_interpret(),
+                         BF16_RNE=features.dtype == torch.bfloat16 and _backend.triton_interpret(),
+                         **blocks)
+            # Sparse part: -t_bj at the chunk's entries (accumulate: repeated entries add up).
+            # Entries of other class chunks add an exact 0 at a clamped position instead of
+            # being filtered out, which would need a host sync.
+            inside = (chunk_entry_cols >= class_start) & (chunk_entry_cols < class_stop)
+            local_cols = (chunk_entry_cols - class_start).clamp_(0, cols_here - 1)
+            corrections = torch.where(inside, -chunk_values, torch.zeros_like(chunk_values)).to(gemm_dtype)
+            grad_logits.index_put_((chunk_entry_rows - row_start, local_cols), corrections, accumulate=True)
+            if need_features:
+                grad_features[row_start:row_stop] += grad_logits @ weight[class_start:class_stop]
+            if need_weight:
+                part = grad_logits.T @ features[row_start:row_stop]
+                if several_row_chunks:
+                    grad_weight[class_start:class_stop] += part
+                else:
+                    grad_weight[class_start:class_stop] = part
+
+    coefficient = grad_loss.to(acc_dtype) * scale_tensor[0] / num_rows
+    if need_features:
+        grad_features = grad_features.mul_(coefficient).to(features.dtype)
+    if need_weight:
+        # In place: no second [C, D] buffer (the op's peak memory is the point).
+        grad_weight = grad_weight.mul_(coefficient).to(weight.dtype)
+    return grad_features, grad_weight
 
 
 _segment_lse_tuned = triton.autotune(configs=_gpu_configs(), key=["dim", "num_segments", "chunk_size"])(
@@ -493,14 +516,5 @@ _logit_grad_tuned = triton.autotune(configs=_gpu_configs(), key=["num_rows", "nu
     _logit_grad_kernel)
 
 
-def segmented_cross_entropy_triton(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   class_offsets: torch.Tensor, scale: float) -> torch.Tensor:
-    """Fused segmented soft cross-entropy (see the module docstring), differentiable.
-
-    Parameters and result as ``segmented_cross_entropy_reference``.
-    """
-    num_rows, num_classes = features.shape[0], weight.shape[0]
-    if num_rows == 0 or num_classes == 0 or targets.values().numel() == 0:
-        # Nothing to launch; keep a (zero) gradient path to both inputs.
-        return (features.sum() + weight.sum()) * 0
-    return _SegmentedCrossEntropy.apply(features, weight, targets, class_offsets, float(scale))
+segmented_cross_entropy_triton = LossKernels(segmented_cross_entropy_forward_triton,
+                                             segmented_cross_entropy_backward_triton)
