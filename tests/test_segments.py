@@ -58,11 +58,10 @@ def test_compacted_segments_match_a_stable_sort(labels):
     assert seg.compact
     assert seg.order.tolist() == order
     assert seg.inverse.tolist() == [order.index(i) for i in range(n)]
-    # One segment per distinct label in increasing order, then empty padding up to N + 1 segments.
-    expected_offsets = [0] + list(np.cumsum(counts)) + [n] * (n + 1 - len(distinct))
-    assert seg.offsets.tolist() == expected_offsets
-    assert seg.num_segments == n + 1
-    assert seg.segment_labels.tolist() == distinct + [-1] * (n + 1 - len(distinct))
+    # One segment per distinct label in increasing order, then one empty segment.
+    assert seg.offsets.tolist() == [0] + [int(c) for c in np.cumsum(counts)] + [n]
+    assert seg.num_segments == len(distinct) + 1
+    assert seg.segment_labels.tolist() == distinct + [-1]
     assert seg.sorted_labels.tolist() == sorted(labels)
     for dtype in (torch.int32, torch.int16):
         if max(labels, default=0) < 2 ** 15:
@@ -87,6 +86,7 @@ def test_segment_of_maps_labels_and_sends_absent_ones_to_an_empty_segment():
     for label, segment in zip(queries, got):
         rows = seg.order[seg.offsets[segment]:seg.offsets[segment + 1]].tolist()
         assert sorted(rows) == [i for i, value in enumerate(labels) if value == label], (label, segment)
+    assert seg.offsets[-2] == seg.offsets[-1]                          # the absent labels' segment is empty
     empty = segments_from_labels(torch.zeros(0, dtype=torch.int64))
     assert empty.segment_of(torch.tensor([0, 5])).tolist() == [0, 0]
     assert empty.offsets.tolist() == [0, 0]
@@ -104,9 +104,10 @@ def test_index_maps_round_trip_and_keep_out_of_range_values():
 
 def test_huge_label_ids_allocate_nothing_per_id():
     # A per-id array for 2**62 would be 32 EiB; a compacted layout only depends on N.
-    labels = torch.tensor([2 ** 62, 1, 2 ** 62 - 1])
+    labels = torch.tensor([2 ** 62, 1, 2 ** 62 - 1, 1])
     seg = segments_from_labels(labels)
-    assert seg.offsets.shape == (5,) and seg.segment_labels.shape == (4,)
+    assert seg.offsets.tolist() == [0, 2, 3, 4, 4]
+    assert seg.segment_labels.tolist() == [1, 2 ** 62 - 1, 2 ** 62, -1]
 
 
 @pytest.mark.parametrize("labels, kwargs, error, match", [
@@ -160,14 +161,21 @@ def test_segments_trace_without_graph_breaks():
     def step(labels, query_labels, exclude, picked):
         seg = segments_from_labels(labels)
         targets = renumber_csr_columns(one_hot_csr(picked, labels.shape[0], as_tuple=True), seg.inverse)
-        return (seg.order, seg.offsets, seg.segment_of(query_labels), seg.to_sorted(exclude),
-                seg.to_original(picked), targets.col_indices, targets.crow_indices)
+        return (seg.order, seg.inverse, seg.to_sorted(exclude), seg.to_original(picked), targets.col_indices,
+                targets.crow_indices, seg.offsets, seg.segment_of(query_labels))
 
     args = (torch.tensor([5, 2, 5, 2 ** 40, 2]), torch.tensor([2, 7, 2 ** 40]), torch.tensor([-1, 3, 0]),
             torch.tensor([4, 0, 3, 2, 1]))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
-    for got, expected in zip(compiled, step(*args)):
+    eager = step(*args)
+    for got, expected in zip(compiled[:6], eager[:6]):
         assert torch.equal(got, expected)
+    # Traced: N + 1 segments (the count of labels is unknown); eager: the 3 used ones and one
+    # empty. Each query still gets the rows of its label (none for the absent label 7).
+    assert compiled[6].tolist() == [0, 2, 4, 5, 5, 5, 5] and eager[6].tolist() == [0, 2, 4, 5, 5]
+    for offsets, segment in ((compiled[6], compiled[7]), (eager[6], eager[7])):
+        spans = [(int(offsets[s]), int(offsets[s + 1])) for s in segment.tolist()]
+        assert [eager[0][a:b].tolist() for a, b in spans] == [[1, 4], [], [3]]
 
 
 # -- the topk_anchors wiring: anchors labelled in any order -----------------------------------------
@@ -197,9 +205,17 @@ def _oracle_topk(queries, anchors, k, anchor_labels, query_labels, exclude):
     return distances, indices
 
 
+@pytest.fixture(params=["eager", "traced-layout"])
+def layout_mode(request, monkeypatch):
+    """``traced-layout``: the helpers behave as under torch.compile (no value checks, N + 1 segments)."""
+    if request.param == "traced-layout":
+        monkeypatch.setattr(segments, "_checking", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_topk_with_unsorted_labels_matches_brute_force(backend, seed):
+def test_topk_with_unsorted_labels_matches_brute_force(backend, seed, layout_mode):
     _require("topk_anchors", backend)
     rng = np.random.default_rng(seed)
     num_anchors, num_queries, dim, k = 23, 9, 5, 4
@@ -217,6 +233,8 @@ def test_topk_with_unsorted_labels_matches_brute_force(backend, seed):
     exclude = rng.integers(-1, num_anchors, num_queries)
     exclude[1] = 4
     labels_a, labels_q = torch.from_numpy(anchor_labels), torch.from_numpy(query_labels)
+    expected_segments = num_anchors + 1 if layout_mode == "traced-layout" else len(set(anchor_labels.tolist())) + 1
+    assert segments_from_labels(labels_a).num_segments == expected_segments
     got_d, got_i = topk_by_labels(queries, anchors, k, labels_a, labels_q, torch.from_numpy(exclude), backend)
     want_d, want_i = _oracle_topk(queries, anchors, k, anchor_labels.tolist(), query_labels.tolist(),
                                   exclude.tolist())
@@ -265,7 +283,7 @@ def _oracle_loss(features, weight, dense_targets, class_labels, scale):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("as_tuple", [False, True])
-def test_loss_with_class_labels_matches_oracle_and_sorted_layout(backend, as_tuple):
+def test_loss_with_class_labels_matches_oracle_and_sorted_layout(backend, as_tuple, layout_mode):
     _require("segmented_cross_entropy", backend)
     rng = np.random.default_rng(3)
     num_rows, num_classes, dim = 6, 11, 4
