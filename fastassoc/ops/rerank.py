@@ -26,8 +26,10 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
     :math:`V_{ij} = \mathrm{softmax}_j(-(2 - 2 x_i \cdot x_j))` over that expanded set; with
     ``k2 > 1`` :math:`V_i` becomes the mean of :math:`V` over the ``k2`` nearest of ``i``;
     :math:`J_{ij} = 1 - m_{ij} / (2 - m_{ij})` with :math:`m_{ij} = \sum_k \min(V_{ik}, V_{jk})`,
-    clamped at 0. ``N < k1`` uses all ``N`` rows. Not differentiable (runs as under
-    ``torch.no_grad``).
+    clamped at 0. ``N < k1`` uses all ``N`` rows. ``weighting="zhong"`` is the paper's form as
+    in torchreid's ``re_ranking`` (all rows as one set): ``k1 + 1`` neighbours in the lists
+    and weights :math:`\exp(-d_{ij}^2 / \max_k d_{ik}^2)` normalised per row, ``d`` the
+    metric's distance. Not differentiable (runs as under ``torch.no_grad``).
 
     Parameters
     ----------
@@ -37,7 +39,7 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
     k2 : int, 1 <= k2 <= k1
         Query expansion width (1: none).
     weighting : {"spcl", "zhong"}
-        ``"zhong"`` (torchreid's ``re_ranking`` variant) is not implemented yet.
+        SpCL's softmax weights, or torchreid's ``re_ranking`` (Zhong et al.) weights and lists.
     max_distance : float >= 0, optional
         Store only pairs with ``J <= max_distance`` (compared in float64); others read as 1.
     metric : {"sqeuclidean", "euclidean", "cosine"}
@@ -78,11 +80,18 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
 
 
 def _symmetric(name: str, matrix: CSRMatrix) -> None:
-    """Raise unless the CSR matrix equals its transpose (same pattern, same values)."""
+    """Raise unless the CSR matrix has no duplicate entries and equals its transpose."""
     crow, cols, values = matrix.crow_indices, matrix.col_indices, matrix.values
     num_rows = matrix.size[0]
     rows = torch.repeat_interleave(torch.arange(num_rows, device=cols.device), crow[1:] - crow[:-1])
     keys, order = torch.sort(rows * num_rows + cols)
+    repeated = keys[1:] == keys[:-1]
+    if bool(repeated.any()):
+        # A repeated pair would count twice as a neighbour; scikit-learn's radius search does the same
+        # only by accident of its storage, so it is refused rather than given a meaning.
+        key = int(keys[1:][repeated][0])
+        raise ValueError(f"{name} must hold each entry once, but ({key // num_rows}, {key % num_rows}) "
+                         f"is stored more than once; sum duplicates first (scipy: m.sum_duplicates())")
     mirrored_keys, mirrored_order = torch.sort(cols * num_rows + rows)
     if not torch.equal(keys, mirrored_keys):
         missing = ~torch.isin(mirrored_keys, keys)

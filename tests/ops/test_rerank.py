@@ -39,13 +39,20 @@ BOUNDARY = 1e-6
 
 # ----------------------------------------------------------------------------- oracles
 
-def oracle_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:
-    """Dense float64 Jaccard distances [N, N] by plain loops over the semantics."""
+def oracle_jaccard(x: np.ndarray, k1: int, k2: int, weighting: str = "spcl") -> np.ndarray:
+    """Dense float64 Jaccard distances [N, N] by plain loops over the semantics.
+
+    ``weighting="zhong"``: lists of k1 + 1 and weights exp(-D^2 / column max of D^2), D the
+    squared Euclidean matrix, as torchreid's re_ranking applied to it.
+    """
     x = np.asarray(x, np.float64)
     n = len(x)
     squared = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(squared, 0.0)
-    width = min(k1, n)
+    width = min(k1 if weighting == "spcl" else k1 + 1, n)
+    original = squared ** 2
+    column_max = original.max(axis=0)
+    scaled = np.where(column_max > 0, original / np.where(column_max > 0, column_max, 1.0), 0.0).T
     ranked = [list(np.lexsort((np.arange(n), squared[i]))[:width]) for i in range(n)]
 
     def reciprocal(i: int, size: int) -> set:
@@ -64,8 +71,11 @@ def oracle_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:
         members = sorted(expanded)
         if not members:              # more than k1 duplicates with smaller indices crowd i out of its own list
             continue
-        logits = -(2.0 - 2.0 * (x[members] @ x[i]))
-        exps = np.exp(logits - logits.max())
+        if weighting == "spcl":
+            logits = -(2.0 - 2.0 * (x[members] @ x[i]))
+            exps = np.exp(logits - logits.max())
+        else:
+            exps = np.exp(-scaled[i, members])
         weights[i, members] = exps / exps.sum()
     if k2 != 1:
         weights = np.stack([weights[ranked[i][:k2]].mean(0) for i in range(n)])
@@ -233,6 +243,18 @@ def test_jaccard_one_identity_and_isolated_points(backend_device):
     for x, k1, k2 in ((same, 5, 2), (same, 20, 6), (np.concatenate([same, far]), 4, 2)):
         got = jaccard_distance(torch.from_numpy(x).to(device), k1, k2, backend=backend)
         assert_matches_oracle(got.cpu(), oracle_jaccard(x, k1, k2), f"N={len(x)} k1={k1} k2={k2}")
+
+
+@pytest.mark.parametrize("size, k1, k2, kind", [(110, 20, 6, "reid"), (70, 9, 1, "reid"), (25, 30, 6, "reid"),
+                                                (80, 10, 4, "quantised"), (12, 4, 2, "identical")])
+def test_jaccard_zhong_weighting_matches_oracle(backend_device, size, k1, k2, kind):
+    backend, device = backend_device
+    require_backend("jaccard_distance", backend)
+    rng = np.random.default_rng(size + k1)
+    x = {"reid": lambda: reid_like(rng, size), "quantised": lambda: quantised(rng, size),
+         "identical": lambda: np.full((size, 4), 0.25, np.float32)}[kind]()
+    got = jaccard_distance(torch.from_numpy(x).to(device), k1, k2, weighting="zhong", backend=backend)
+    assert_matches_oracle(got.cpu(), oracle_jaccard(x, k1, k2, "zhong"), f"zhong {kind} N={size} k1={k1} k2={k2}")
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -413,6 +435,9 @@ def test_bad_arguments_are_named():
         (lambda: dbscan(one_sided, 0.5, 1), ValueError, "distances"),
         (lambda: dbscan(torch.zeros(2, 3).to_sparse_csr(), 0.5, 1), ValueError, "distances"),
         (lambda: dbscan(torch.zeros(2, 2), 0.5, 1), TypeError, "distances"),
+        (lambda: dbscan(torch.sparse_csr_tensor(torch.tensor([0, 2, 4]), torch.tensor([1, 1, 0, 0]),
+                                                torch.full((4,), 0.1), size=(2, 2), check_invariants=False),
+                        0.5, 1), ValueError, "distances"),
         (lambda: dbscan(torch.tensor([[0.0, -1.0], [-1.0, 0.0]]).to_sparse_csr(), 0.5, 1), ValueError, "distances"),
         (lambda: dbscan(torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]]).to_sparse_csr(), 0.5, 1),
          ValueError, "distances"),
@@ -423,6 +448,3 @@ def test_bad_arguments_are_named():
         assert_names_argument(caught.value, name)
 
 
-def test_zhong_weighting_says_it_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="zhong"):
-        jaccard_distance(torch.from_numpy(reid_like(np.random.default_rng(15), 10)), 4, 2, weighting="zhong")

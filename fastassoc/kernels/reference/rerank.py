@@ -4,10 +4,11 @@ centres: the spec and oracle of ``jaccard_distance``, ``dbscan`` and ``cluster_c
 
 Algorithm
 ---------
-``jaccard_distance`` (``weighting="spcl"``), on rows ``x`` (L2-normalised first for
+``jaccard_distance``, on rows ``x`` (L2-normalised first for
 ``metric="cosine"``; the semantics are SpCL's when the caller L2-normalised them):
 
-1. *k1-nearest lists.* ``K = min(k1, N)``: every row ranks all ``N`` rows, itself included
+1. *k1-nearest lists.* ``K = min(k1, N)`` (``weighting="zhong"``: ``min(k1 + 1, N)``, as
+   torchreid's ``re_ranking`` slices ``[:k1 + 1]`` of a full ranking): every row ranks all ``N`` rows, itself included
    (its own distance is taken as exactly 0), with ``_tiles.distance_tile`` in row chunks of
    at most ``_backend.tile_elements()`` distances, and keeps its ``K`` nearest in
    (distance, index) order (:func:`fastassoc.kernels.reference.knn.smallest_k`).
@@ -23,7 +24,12 @@ Algorithm
    sorted keys ``i * N + j`` of ``R1``.
 4. *Weights.* ``V[i, E(i)] = softmax(-(2 - 2 x_i . x_E(i)))`` (a segment softmax over each
    row's sorted ``E(i)``), dot products gathered in chunks of at most ``tile_elements()``
-   elements.
+   elements. ``weighting="zhong"`` (torchreid's ``re_ranking``, the paper's form):
+   ``V[i, m] = exp(-d_im^2 / max_k d_ik^2)`` divided by the row sum, ``d`` the metric's
+   distance (so ``d^2`` is the 4th power of the Euclidean distance for ``"sqeuclidean"``, as
+   torchreid squares the squared-Euclidean matrices its callers pass), ``max_k`` over all
+   ``N`` rows (kept per row by the tile pass of step 1); a row whose distances are all 0
+   weighs its entries equally (torchreid divides 0 by 0 there).
 5. *Query expansion* (only when ``k2 != 1``, as SpCL): row ``i`` becomes the mean of the
    ``V`` rows of its first ``min(k2, K)`` list entries (itself normally first), summed in
    list order and divided by their number. With ``k2 == 1`` ``V`` is left as it is (not
@@ -58,7 +64,8 @@ to itself is exactly 0, so exact duplicates with a smaller index come first.
 Limits
 ------
 Arithmetic in float32 (float64 inputs stay float64); the output values are float32.
-``weighting="zhong"`` is not implemented here. Memory: a few tiles, the ``N x K`` lists and
+Distances of the weights are recomputed per pair from the rows (same formulas as the tiles,
+not the GEMM's rounding). Memory: a few tiles, the ``N x K`` lists and
 the sparse ``V`` (about ``N * k2 * |E|`` entries) plus the stored pairs. One stored ``V``
 entry's partner list (at most ``N``) is never split, so a piece may exceed its budget by
 that much. Python loops run over tiles and pieces only.
@@ -108,18 +115,21 @@ def _crow(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return crow
 
 
-def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> torch.Tensor:
-    """[N, width] int64: every row's ``width`` nearest rows, itself included at distance 0."""
+def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's ``width`` nearest rows ([N, width] int64, itself included at distance 0) and
+    its largest distance ([N], compute dtype)."""
     num_rows = x.shape[0]
     norms = (x * x).sum(1) if metric != "cosine" else None
     ranks = torch.empty((num_rows, width), dtype=torch.int64, device=x.device)
+    farthest = torch.empty(num_rows, dtype=x.dtype, device=x.device)
     for start, stop in row_chunks(num_rows, num_rows):
         tile = distance_tile(x[start:stop], x, metric, norms)
         local = torch.arange(stop - start, device=x.device)
         # The formula may leave a rounding residue on the diagonal; the distance to itself is 0.
         tile[local, local + start] = 0.0
+        farthest[start:stop] = tile.amax(1)
         ranks[start:stop] = smallest_k(tile, width)[1]
-    return ranks
+    return ranks, farthest
 
 
 def _reciprocal(ranks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +168,34 @@ def _expanded_sets(ranks: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Te
         added.append(queries[accepted[entry]])
     keys = torch.unique(torch.cat(added))
     return keys // num_rows, keys % num_rows
+
+
+def _pair_distances(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric: str) -> torch.Tensor:
+    """The metric's distance of every pair ``(rows[p], cols[p])``, in chunks of ``tile_elements()``."""
+    distances = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
+    step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
+    for start in range(0, rows.numel(), step):
+        stop = min(start + step, rows.numel())
+        left, right = x[rows[start:stop]], x[cols[start:stop]]
+        dots = (left * right).sum(1)
+        if metric == "cosine":
+            distances[start:stop] = 1.0 - dots
+            continue
+        squared = ((left * left).sum(1) + (right * right).sum(1) - 2.0 * dots).clamp_min_(0.0)
+        distances[start:stop] = squared.sqrt_() if metric == "euclidean" else squared
+    return torch.where(rows == cols, 0.0, distances)
+
+
+def _zhong_weights(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric: str,
+                   farthest: torch.Tensor) -> torch.Tensor:
+    """``exp(-d_im^2 / max_k d_ik^2)`` over each row's entries, divided by the row sum (rows sorted)."""
+    num_rows = x.shape[0]
+    squared = _pair_distances(x, rows, cols, metric).square_()
+    scale = farthest.square()[rows]
+    # A row whose distances are all 0 (every row identical) weighs its entries equally.
+    exps = torch.exp(-torch.where(scale > 0, squared / scale, 0.0))
+    sums = torch.zeros(num_rows, dtype=x.dtype, device=x.device).index_add_(0, rows, exps)
+    return exps / sums[rows]
 
 
 def _weights(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -254,7 +292,7 @@ def jaccard_distance_reference(features: torch.Tensor, k1: int, k2: int, weighti
     features : Tensor [N, D], float, finite
     k1 : int >= 1
     k2 : int, 1 <= k2 <= k1
-    weighting : {"spcl"}
+    weighting : {"spcl", "zhong"}
     max_distance : float >= 0 or None
     metric : {"sqeuclidean", "euclidean", "cosine"}
         Ranking of the nearest lists; ``"cosine"`` also L2-normalises the rows used for weights.
@@ -264,17 +302,20 @@ def jaccard_distance_reference(features: torch.Tensor, k1: int, k2: int, weighti
     Tensor [N, N], sparse CSR, float32, symmetric, column indices sorted per row: every pair
     with ``J < 1`` (and ``<= max_distance``) plus explicit zeros on the diagonal.
     """
-    if weighting != "spcl":
-        raise NotImplementedError(f"jaccard_distance: weighting={weighting!r} is not implemented in the "
-                                  "reference backend yet; use weighting='spcl'")
     num_rows, device = features.shape[0], features.device
     diagonal = torch.arange(num_rows, device=device)
     if num_rows == 0:
         return to_csr(diagonal, diagonal, torch.empty(0, dtype=torch.float32, device=device), 0)
     x = prepare(features, metric)
-    ranks = _nearest_lists(x, min(k1, num_rows), metric)
+    # SpCL's lists hold k1 rows; torchreid's slices [:k1 + 1] of a full ranking.
+    width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
+    ranks, farthest = _nearest_lists(x, width, metric)
     rows, cols = _expanded_sets(ranks, k1)
-    values = _weights(x, rows, cols)
+    if weighting == "spcl":
+        values = _weights(x, rows, cols)
+    else:
+        values = _zhong_weights(x, rows, cols, metric, farthest)
+    del farthest
     if k2 != 1:
         rows, cols, values = _query_expansion(_crow(rows, num_rows), cols, values, ranks, k2)
     del ranks
