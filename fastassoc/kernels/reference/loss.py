@@ -31,14 +31,16 @@ already validated components of the CSR targets (int64 ``crow``/``col``).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ._tiles import compute_dtype, row_chunks
 
 
-class LossKernels(NamedTuple):
+@dataclass(frozen=True)
+class LossKernels:
     """What a backend provides for ``segmented_cross_entropy``: the two halves of its autograd.
 
     ``forward(features, weight, crow, col, values, class_offsets, scale) -> (loss, lse, target_mass)``
@@ -51,6 +53,11 @@ class LossKernels(NamedTuple):
 
     forward: Callable
     backward: Callable
+
+    @property
+    def __name__(self) -> str:
+        # What _backend names an implementation: ``segmented_cross_entropy_<backend>``.
+        return self.forward.__name__.replace("_forward_", "_")
 
 
 def _class_segment(class_offsets: torch.Tensor, num_classes: int) -> torch.Tensor:
