@@ -6,11 +6,13 @@ from ._backend import BACKENDS, available_backends, tile_limit
 from .ops import (RankingResult, agglomerative_merge, cross_camera_graph, ema_update_, evaluate_ranking,
                   knn_soft_labels, mutual_knn, segmented_cross_entropy, topk_anchors)
 from .ops._sparse import CSRMatrix
+from .segments import CameraLayout, Segments, csr_rows, one_hot_csr, renumber_csr_columns, segments_from_labels
 
 __version__ = "0.1.0"
 
 __all__ = [
     "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "segmented_cross_entropy",
     "agglomerative_merge", "ema_update_", "evaluate_ranking", "RankingResult", "CSRMatrix",
+    "segments_from_labels", "Segments", "CameraLayout", "csr_rows", "one_hot_csr", "renumber_csr_columns",
     "available_backends", "tile_limit", "BACKENDS", "__version__",
 ]
