@@ -268,3 +268,23 @@ def test_meta_tensors_give_shapes():
     assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
     grad_f, grad_w = torch.autograd.grad(loss, (f, w))
     assert grad_f.shape == (5, 3) and grad_w.shape == (5, 3)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_value_checks_run_inside_the_op_also_under_compile(mode):
+    """Checks that read values are not traced away: the compiled step raises what eager raises."""
+    features, weight, targets, offsets = make_problem(14, 6, [2, 4], 3)
+    step = eager_step if mode == "eager" else compiled("aot_eager")
+    negative = targets._replace(values=targets.values.clone())
+    negative.values[1] = -0.25
+    with pytest.raises(ValueError, match=r"\btargets\b.*non-negative"):
+        step(features, weight, negative, offsets, 1.0, "reference")
+    broken = targets._replace(col_indices=targets.col_indices.clone())
+    broken.col_indices[0] = 6
+    with pytest.raises(ValueError, match=r"\btargets\.col_indices\b"):
+        step(features, weight, broken, offsets, 1.0, "cpu")
+    with pytest.raises(ValueError, match=r"\bclass_offsets\b"):
+        step(features, weight, targets, torch.tensor([0, 4, 5]), 1.0, "reference")
+    with pytest.raises(ValueError, match=r"\bscale\b"):
+        step(features, weight, targets, offsets, 1e39, "reference")
+    assert mode == "eager" or graph_breaks() == 0
