@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup build demo test bench
+.PHONY: setup build demo test bench gpu-check
 
 $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,9 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest -q bench --benchmark-only
+
+# On a CUDA machine (no package index needed): build, CUDA tests, GPU benchmarks, one summary
+# (summary.json + summary.md) under GPU_CHECK_OUT. Each stage has its own timeout; see bench/gpu_check.sh.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu-check-results)
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_OUT)

@@ -1,13 +1,20 @@
 """The compiled core carries the CUDA kernels exactly when the build machine has nvcc.
 
 CI machines have the CUDA toolkit but no GPU: these checks are the evidence that
-csrc/cuda/*.cu compiled and registered their entry points. (The build and the test
+csrc/cuda/*.cu compiled and registered their entry points. The last tests check the
+GPU readiness script (``bench/gpu_check.sh``, its ``--dry-run`` and its summary writer) on CPU. (The build and the test
 run on the same machine; a module built elsewhere should be rebuilt first.)
 ``FASTASSOC_EXTENSION`` points the loader at a development build, as everywhere.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +79,73 @@ def test_cuda_entry_points_validate_arguments_without_a_gpu(core):
         core.cuda_greedy_union(0, 0, -1, 0, 0, 0, 0, 1, 0)
     # Empty work launches nothing and succeeds even without a device.
     core.cuda_ema_update(0, 0, 0, 0, 0, 8, 0.5, True, "mean", "float32", 0, 0)
+
+
+# --------------------------------------------------------------------------- bench/gpu_check.sh
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _summary_module():
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", _ROOT / "bench" / "gpu_check_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_summary_counts_outcomes_timeouts_and_ratios(tmp_path):
+    """The summary writer on hand-written stage files: a timed-out stage, a failure, two benchmark forms."""
+    summary_writer = _summary_module()
+    (tmp_path / "stages.tsv").write_text(
+        "stage\trc\tseconds\tlimit_s\tlog\n"
+        "tests\t1\t30\t150\ttests.log\n"
+        "tests-cuda\t124\t150\t150\ttests-cuda.log\n"
+        "bench W-ce\t0\t20\t45\tbench-W-ce.log\n")
+    (tmp_path / "environment.json").write_text(json.dumps({"device_name": "NVIDIA H100 80GB HBM3",
+                                                           "torch": "2.x", "triton": "3.x"}))
+    (tmp_path / "tests.log").write_text(
+        "tests/ops/test_knn.py::test_a[triton-cuda] PASSED                      [ 10%]\n"
+        "tests/ops/test_knn.py::test_b[triton-cuda] FAILED                      [ 20%]\n"
+        "tests/ops/test_knn.py::test_c[cuda-cuda] SKIPPED (needs x)             [ 30%]\n"
+        "SKIPPED [1] tests/ops/test_knn.py:12: needs x\n"
+        "FAILED tests/ops/test_knn.py::test_b[triton-cuda] - AssertionError\n")
+    # A stage stopped by its timeout: only the lines printed before the kill exist.
+    (tmp_path / "tests-cuda.log").write_text("tests/test_x.py::test_y[reference-cuda] PASSED [ 1%]\n")
+    (tmp_path / "bench-W-ce.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_w_ce[bf16-triton]", "group": "W-ce bf16", "params": {"provider": "triton"},
+         "extra_info": {"gpu": "H100"}, "stats": {"median": 0.003, "rounds": 5}},
+        {"name": "test_w_ce[bf16-gemm]", "group": "W-ce bf16", "params": {"provider": "gemm"},
+         "extra_info": {"gpu": "H100"}, "stats": {"median": 0.002, "rounds": 5}}]}))
+    (tmp_path / "bench-W-rank-1M-fp32.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_gpu_workload[W-rank-1M-fp32-triton]", "group": "W-rank-1M fp32",
+         "extra_info": {"provider": "triton", "ratio_to_gemm": 1.2, "gemm_floor_s": 0.1},
+         "stats": {"median": 0.12, "rounds": 3}}]}))
+    summary = summary_writer.summarize(str(tmp_path))
+    assert summary["tests"]["tests.log"]["counts"] == dict(passed=1, failed=1, error=0, skipped=1, xfailed=0,
+                                                           xpassed=0)
+    assert summary["tests"]["tests.log"]["failed"] == ["tests/ops/test_knn.py::test_b[triton-cuda]"]
+    assert summary["tests"]["tests-cuda.log"]["counts"]["passed"] == 1
+    assert [s["status"] for s in summary["stages"]] == ["failed", "timeout", "ok"]
+    ratios = {row["name"]: row["ratio_to_gemm"] for row in summary["benchmarks"]}
+    assert ratios["test_w_ce[bf16-triton]"] == pytest.approx(1.5)
+    assert ratios["test_gpu_workload[W-rank-1M-fp32-triton]"] == 1.2
+    assert summary["ok"] is False
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["test_totals"]["failed"] == 1
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in markdown and "| tests-cuda | timeout | 124 |" in markdown
+    assert "1.50x" in markdown and "FAILED (tests.log): `tests/ops/test_knn.py::test_b[triton-cuda]`" in markdown
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_dry_run_writes_a_summary(tmp_path):
+    """`bench/gpu_check.sh --dry-run` runs its stages on CPU and writes both summary files."""
+    result = subprocess.run(["bash", str(_ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                            cwd=_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["environment", "tests", "bench W-rank-1M-fp32"]
+    assert summary["tests"]["tests.log"]["total"] == 2
+    assert summary["environment"]["torch"] == torch.__version__
+    assert (tmp_path / "summary.md").read_text().startswith("# GPU check")

@@ -374,3 +374,216 @@ def test_select_smallest_orders_by_value_then_index():
     assert got_values.tolist() == [[1.0, 1.0, 1.0, 2.0, 3.0]], got_values.tolist()
     one_value, one_index = _common.select_smallest(values, indices, 1)
     assert (one_value.item(), one_index.item()) == (1.0, 4)
+
+
+# ----------------------------------------------------------------------------- identical vectors
+
+# Positions of the copies of one vector among 70 rows: first row, last row of a 16-row
+# tile, first row of the next, both sides of the 32/48 tile boundaries, the last row.
+DUPLICATE_POSITIONS = (0, 15, 16, 31, 47, 48, 69)
+
+
+def _with_copies(rng, rows: int, dim: int, vector: np.ndarray, positions=DUPLICATE_POSITIONS) -> np.ndarray:
+    x = rng.standard_normal((rows, dim)) * 3.0
+    x[list(positions)] = vector
+    return x
+
+
+@pytest.fixture(params=[(16, 16, 16), (32, 32, 32)], ids=["blocks16", "blocks32"])
+def tile_blocks(request, monkeypatch):
+    """Tiles of 16 and 32: the copies sit at different places of their tiles in each."""
+    monkeypatch.setattr(_common, "INTERPRET_BLOCKS", request.param)
+    monkeypatch.setattr(_common, "MIN_CHUNK_COLUMNS", 16)
+    monkeypatch.setattr(_common, "INTERPRET_TARGET_PROGRAMS", 64)
+    monkeypatch.setattr(_common, "TARGET_WAVES", 64)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+def test_identical_vectors_get_bit_identical_distances_in_every_tile_position(tile_blocks, metric):
+    """Distance tiles (evaluate_ranking / large-k kernel): a pair's value depends only on its two vectors."""
+    rng = np.random.default_rng(70)
+    vector = rng.standard_normal(21) * 3.0
+    x = tensor(_with_copies(rng, 70, 21, vector))
+    operand = _common.prepare(x, metric)
+    positions = list(DUPLICATE_POSITIONS)
+    for start, stop, tile in _common.distance_tiles(operand, operand, torch.arange(70, device=DEVICE),
+                                                    precision="highest"):
+        tile = tile.cpu()
+        copies = tile[:, positions]
+        # Every row sees all copies at one value, bit for bit; copy rows are equal rows.
+        assert_same(copies, copies[:, :1].expand_as(copies).numpy(), f"{metric}: columns of the copies")
+        rows = tile[[p - start for p in positions if start <= p < stop]]
+        assert_same(rows, rows[:1].expand_as(rows).numpy(), f"{metric}: rows of the copies")
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+@pytest.mark.parametrize("k", [9, 70])
+def test_topk_ties_between_copies_go_to_the_smaller_index(tile_blocks, metric, k):
+    """Copies of one anchor are listed in index order with one distance, from any query row."""
+    rng = np.random.default_rng(71)
+    vector = rng.standard_normal(21) * 3.0
+    anchors = _with_copies(rng, 70, 21, vector)
+    queries = np.concatenate([_with_copies(rng, 70, 21, vector)[:40], vector + 0.01 * rng.standard_normal((3, 21))])
+    distances, found = fastassoc.topk_anchors(tensor(queries), tensor(anchors), k, metric=metric, backend="triton")
+    distances, found = distances.cpu().numpy(), found.cpu().numpy()
+    _, expected = oracle_topk(queries, anchors, k, metric, [0, 70], np.zeros(len(queries), np.int64),
+                              np.full(len(queries), -1))
+    assert_same(found, expected, f"{metric} k={k} indices")
+    for row in range(len(queries)):
+        listed = [column for column in range(k) if found[row, column] in DUPLICATE_POSITIONS]
+        values = distances[row, listed]
+        assert (values == values[:1]).all(), f"row {row}: copies at {found[row, listed]} got {values.tolist()}"
+    # Query rows that are copies get bit-identical lists.
+    copy_rows = [p for p in DUPLICATE_POSITIONS if p < 40]
+    assert_same(distances[copy_rows], np.repeat(distances[copy_rows[:1]], len(copy_rows), 0), "copy query rows")
+
+
+@pytest.mark.parametrize("k", [2, 66])
+def test_mutual_knn_copies_pair_by_smallest_indices(tile_blocks, k):
+    """a holds copies of u, b copies of v (u's nearest): mutual pairs are the k first copies of each."""
+    rng = np.random.default_rng(72)
+    u = rng.standard_normal(13) * 3.0
+    v = u + 0.01
+    a, b = _with_copies(rng, 70, 13, u), _with_copies(rng, 70, 13, v)
+    rows, cols, distances = fastassoc.mutual_knn(tensor(a), tensor(b), k, backend="triton")
+    pairs = sorted(zip(rows.tolist(), cols.tolist()))
+    expected_pairs, _ = oracle_mutual(a, b, k, "sqeuclidean")
+    assert pairs == expected_pairs
+    among = [(i, j) for i, j in pairs if i in DUPLICATE_POSITIONS and j in DUPLICATE_POSITIONS]
+    first = DUPLICATE_POSITIONS[:k]
+    assert among == [(i, j) for i in first for j in first], among
+    values = {d for (i, j), d in zip(zip(rows.tolist(), cols.tolist()), distances.tolist())
+              if (i, j) in among}
+    assert len(values) == 1, values
+
+
+def test_graphs_link_copies_by_smallest_indices(tile_blocks):
+    """knn_soft_labels and cross_camera_graph: equal weights for copies, ties to the smaller index."""
+    rng = np.random.default_rng(73)
+    vector = rng.standard_normal(11) * 3.0
+    x = _with_copies(rng, 70, 11, vector)
+    cameras = np.zeros(70, np.int64)
+    cameras[[16, 31, 48]] = 1          # copies in both cameras, interleaved with the others
+    cameras[50:60] = 1
+    soft = fastassoc.knn_soft_labels(tensor(x), index(cameras), 2, backend="triton").to_dense().cpu().numpy()
+    for row in DUPLICATE_POSITIONS:
+        same_camera = [p for p in DUPLICATE_POSITIONS if cameras[p] == cameras[row] and p != row]
+        listed = [column for column in np.nonzero(soft[row])[0] if column != row]
+        assert listed == same_camera[:2], (row, listed)
+        assert soft[row, listed[0]] == soft[row, listed[1]], (row, soft[row, listed])
+    graph = fastassoc.cross_camera_graph(tensor(x), index(cameras), 1, mode="pooled", self_loops=False,
+                                         backend="triton").to_dense().cpu().numpy()
+    # Camera 0 copies' nearest in camera 1 is copy 16, camera 1 copies' nearest in camera 0 is copy 0.
+    linked = sorted((int(i), int(j)) for i, j in zip(*np.nonzero(graph))
+                    if i in DUPLICATE_POSITIONS and j in DUPLICATE_POSITIONS)
+    assert linked == [(0, 16), (16, 0)], linked
+
+
+@pytest.mark.parametrize("linkage", ["centroid", "buc"])
+def test_agglomerative_merge_joins_copies_in_index_order(tile_blocks, linkage):
+    """Copies are the closest pairs, all at one value: merges take them in (i, j) order."""
+    rng = np.random.default_rng(74)
+    vector = rng.standard_normal(9) * 3.0
+    x = tensor(_with_copies(rng, 70, 9, vector) * 10.0)
+    labels = index(np.arange(70))
+    merged = fastassoc.agglomerative_merge(x, labels, 2, linkage=linkage, backend="triton").cpu().numpy()
+    # Pairs (0, 15) then (0, 16): {0, 15, 16} is one cluster, every other copy alone.
+    groups = [{p for p in DUPLICATE_POSITIONS if merged[p] == merged[q]} for q in DUPLICATE_POSITIONS]
+    assert groups[0] == {0, 15, 16}, groups
+    assert all(len(group) == 1 for group in groups[3:]), groups
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_evaluate_ranking_ranks_copies_by_gallery_index(tile_blocks, metric):
+    """Gallery copies of the query tie; the first true match is found at its copy's index rank."""
+    rng = np.random.default_rng(75)
+    vector = rng.standard_normal(17) * 3.0
+    gallery = _with_copies(rng, 70, 17, vector)
+    query = np.stack([vector] * 3)
+    gallery_pids = 100 + np.arange(70)
+    gallery_pids[[0, 15, 16]] = [5, 6, 7]         # query q matches the copy at rank q + 1
+    result = fastassoc.evaluate_ranking(tensor(query), tensor(gallery), index([5, 6, 7]), index(gallery_pids),
+                                        index([0, 0, 0]), index(np.ones(70, np.int64)), metric=metric,
+                                        max_rank=5, backend="triton")
+    assert_same(result.cmc.cpu().numpy(), np.array([1, 2, 3, 3, 3], np.float64) / 3, f"{metric} cmc")
+    assert result.mAP == pytest.approx((1 + 1 / 2 + 1 / 3) / 3, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- compile failures
+
+def _compile_errors():
+    import ast
+
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return {
+        "CompilationError": lambda: CompilationError("x = y", ast.parse("x = y").body[0], "unsupported construct"),
+        "OutOfResources": lambda: OutOfResources(262144, 232448, "shared memory"),
+        "PTXASError": lambda: PTXASError("ptxas fatal: Unresolved extern function"),
+        "ptxas missing": lambda: RuntimeError("Cannot find ptxas"),
+    }
+
+
+@pytest.mark.skipif(HAS_GPU, reason="simulates a compile failure of the interpreted kernels")
+@pytest.mark.parametrize("error", ["CompilationError", "OutOfResources", "PTXASError", "ptxas missing"])
+@pytest.mark.parametrize("op", ["topk_anchors", "evaluate_ranking"])
+def test_compile_failure_names_kernel_device_and_other_backends(monkeypatch, error, op):
+    """No silent fallback: a kernel that cannot be built raises an error that says what to do."""
+    kernel_type = type(_common._fused_topk_kernel)
+    make_error = _compile_errors()[error]
+
+    def fail(self, *args, **kwargs):
+        raise make_error()
+
+    monkeypatch.setattr(kernel_type, "run", fail)
+    x = tensor(np.random.default_rng(80).standard_normal((6, 4)))
+    ids = index(np.arange(6))
+    with pytest.raises(_common.TritonKernelError) as caught:
+        if op == "topk_anchors":
+            fastassoc.topk_anchors(x, x, 2, backend="triton")
+        else:
+            fastassoc.evaluate_ranking(x, x, ids, ids, ids * 0, ids * 0 + 1, backend="triton")
+    message = str(caught.value)
+    kernel = "_fused_topk_kernel" if op == "topk_anchors" else "_distance_tile_kernel"
+    assert message.startswith(f"{op}: the Triton kernel {kernel} failed to compile on "), message
+    assert "TRITON_INTERPRET=1" in message and "backend='reference'" in message, message
+    assert type(caught.value.__cause__).__name__ == type(make_error()).__name__
+
+
+@pytest.mark.skipif(HAS_GPU, reason="simulates a failure of the interpreted kernels")
+def test_errors_of_a_compiled_kernel_pass_through_unchanged(monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise ValueError("a bug inside the kernel")
+
+    monkeypatch.setattr(type(_common._fused_topk_kernel), "run", fail)
+    x = tensor(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="a bug inside the kernel"):
+        fastassoc.topk_anchors(x, x, 1, backend="triton")
+
+
+def test_compile_failure_message_on_a_cuda_device_names_the_gpu(monkeypatch):
+    """The message a GPU user sees: the device name from torch.cuda and the CUDA-side backends."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(_backend, "available_backends",
+                        lambda op=None: {op: {"reference": True, "cpu": True, "triton": True, "cuda": True}})
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise OutOfResources(262144, 232448, "shared memory")
+            return run
+
+    def _fused_topk_kernel():
+        pass
+
+    kernel = Kernel()
+    kernel.fn = _fused_topk_kernel
+    with pytest.raises(_common.TritonKernelError) as caught:
+        _common.launch(kernel, (1,), device=torch.device("cuda", 0), op="mutual_knn", BLOCK_M=64)
+    message = str(caught.value)
+    assert "mutual_knn: the Triton kernel _fused_topk_kernel failed to compile on NVIDIA H100 80GB HBM3 (cuda:0)" \
+        in message, message
+    assert "OutOfResources" in message and "backend='cuda' or backend='reference'" in message, message

@@ -53,6 +53,19 @@ worst pair only when it is strictly smaller in that order, and the host merge so
 column then stably by value. Padding slots hold ``(inf, PAD_BASE + slot)`` so that a
 genuine ``inf`` value (TSSL overflow) still beats padding and ranks by its column.
 Columns must be in global index order within a chunk (callers guarantee it).
+Ties between copies of one vector are only ties if the value of a pair depends on the
+two vectors alone, not on where they sit in a tile: every pair's dot product is reduced
+in one fixed order (on the GPU, ``tl.dot`` gives each output element the same FMA chain
+or tensor-core instruction sequence; under the interpreter, whose ``tl.dot`` is BLAS with
+position-dependent edge kernels, an explicit product + sum, ``INTERPRET_DOT``) and the
+norms are per row, so copies get bit-identical distances and ties go to the smaller index.
+
+Compile failures
+----------------
+Every launch goes through :func:`launch`: a kernel that Triton cannot build for the
+user's GPU raises :class:`TritonKernelError` naming the op, the kernel, the device and
+the ``backend=`` values that avoid Triton, instead of failing deep inside Triton (there
+is no silent fallback from ``backend="auto"``).
 
 Limits
 ------
@@ -60,11 +73,12 @@ Limits
 sort on bounded tiles (see ``knn.py``). Fewer than ``2**31 - 256`` columns and rows
 (int32 lists, 32-bit key halves). Output buffers are cut into passes of at most
 ``tile_elements()`` entries. Autotuning (GPU only) covers ``BLOCK_N``, ``BLOCK_K``,
-warps and stages keyed on the feature dimension, ``K`` and the epilogue; ``BLOCK_M`` is
+warps and stages keyed on the feature dimension, ``K`` and the epilogue, over configs
+that neither spill nor hit the register cap on sm_90 (:func:`gpu_configs`); ``BLOCK_M`` is
 chosen on the host (64, or 32 for ``K > 32``: the lists live in registers) because the
 work list depends on it. Under ``TRITON_INTERPRET=1`` one configuration
-(:data:`INTERPRET_BLOCKS`) is used and bf16/fp16 tiles are widened to fp32 before
-``tl.dot`` (the Triton 3.8 interpreter's half-precision ``dot`` gives wrong values; products of half
+(:data:`INTERPRET_BLOCKS`) is used and bf16/fp16 tiles are widened to fp32 before the
+dot product (the Triton 3.8 interpreter's half-precision ``dot`` gives wrong values; products of half
 values are exact in fp32, so the numbers are those of the tensor-core path up to
 summation order). Reductions are written ``tl.reduce(x, axis, _MIN_COMBINE)``: the
 same code as ``tl.min`` on the GPU, ~100x faster in the interpreter. The distance tile
@@ -86,6 +100,7 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -148,8 +163,8 @@ def _load_rows(row_ids_ptr, row_aux_ptr, offs_m, row_mask, METRIC: tl.constexpr,
 def _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux, offs_n, col_mask,
                     dim, stride_row, stride_col,
                     METRIC: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    INTERPRET_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_M, BLOCK_N] distances of rows ``row_ids`` to columns ``offs_n`` (both kernels).
 
     ``rows @ cols^T`` accumulated over ``BLOCK_K`` slices with ``tl.dot``, then the metric:
@@ -169,7 +184,14 @@ def _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux,
         if CAST_F32:
             row_tile = row_tile.to(tl.float32)
             col_tile = col_tile.to(tl.float32)
-        acc = tl.dot(row_tile, col_tile, acc, input_precision=PRECISION)
+        if INTERPRET_DOT:
+            # The interpreter's tl.dot is numpy.matmul, i.e. BLAS, whose rounding may depend
+            # on where a pair sits in the tile (edge micro-kernels, thread splits): identical
+            # vectors then get different distances and ties break by position. An explicit
+            # product + sum reduces every pair in the same k order, wherever it sits.
+            acc += tl.sum(row_tile[:, :, None].to(ACC_DTYPE) * col_tile[None, :, :].to(ACC_DTYPE), 1)
+        else:
+            acc = tl.dot(row_tile, col_tile, acc, input_precision=PRECISION)
     if METRIC == 2:
         value = 1.0 - acc
     else:
@@ -200,8 +222,8 @@ def _fused_topk_kernel(
     # meta-parameters
     METRIC: tl.constexpr, LINKAGE: tl.constexpr, REF_MODE: tl.constexpr, GROUP_MASK: tl.constexpr,
     LOWER: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, COL_K: tl.constexpr,
-    PRECISION: tl.constexpr, CAST_F32: tl.constexpr, ACC_DTYPE: tl.constexpr, PACKED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, CAST_F32: tl.constexpr, INTERPRET_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     work_ptrs = work_ptr + tl.program_id(0).to(tl.int64) * 6
     row_start = tl.load(work_ptrs)
@@ -247,7 +269,7 @@ def _fused_topk_kernel(
         offs_n = col0 + tl.arange(0, BLOCK_N)
         col_mask = offs_n < col_end
         value = _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux, offs_n, col_mask,
-                                dim, stride_row, stride_col, METRIC, PRECISION, CAST_F32, ACC_DTYPE,
+                                dim, stride_row, stride_col, METRIC, PRECISION, CAST_F32, INTERPRET_DOT, ACC_DTYPE,
                                 BLOCK_M, BLOCK_N, BLOCK_K)
         if LINKAGE != 0:
             col_bias = tl.load(col_bias_ptr + offs_n, mask=col_mask, other=0.0)
@@ -349,7 +371,7 @@ def _distance_tile_kernel(
     stride_row, stride_col, stride_out,
     # meta-parameters
     METRIC: tl.constexpr, JUNK: tl.constexpr, EXCLUDE: tl.constexpr,
-    PRECISION: tl.constexpr, CAST_F32: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, CAST_F32: tl.constexpr, INTERPRET_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] distance tile, masked entries (junk / excluded) set to +inf."""
@@ -359,7 +381,7 @@ def _distance_tile_kernel(
     col_mask = offs_n < num_cols
     row_ids, row_aux = _load_rows(row_ids_ptr, row_aux_ptr, offs_m, row_mask, METRIC, ACC_DTYPE, BLOCK_M)
     value = _distance_block(rows_ptr, cols_ptr, col_aux_ptr, row_ids, row_mask, row_aux, offs_n, col_mask,
-                            dim, stride_row, stride_col, METRIC, PRECISION, CAST_F32, ACC_DTYPE,
+                            dim, stride_row, stride_col, METRIC, PRECISION, CAST_F32, INTERPRET_DOT, ACC_DTYPE,
                             BLOCK_M, BLOCK_N, BLOCK_K)
     if JUNK:
         # Market/MARS junk: same identity and camera, or gallery identity -1.
@@ -377,24 +399,100 @@ def _distance_tile_kernel(
     tl.store(out_ptrs, value, mask=row_mask[:, None] & col_mask[None, :])
 
 
+# ----------------------------------------------------------------------------- launching
+
+class TritonKernelError(RuntimeError):
+    """A Triton kernel could not be compiled (or its binary loaded) for the user's device."""
+
+
+def _compile_failure(error: BaseException) -> bool:
+    """Is ``error`` Triton failing to build or load a kernel (not a bug inside a running one)?"""
+    from triton.errors import TritonError
+    from triton.runtime.errors import InterpreterError
+
+    if isinstance(error, InterpreterError):
+        return False
+    if isinstance(error, (TritonError, subprocess.CalledProcessError, FileNotFoundError)):
+        return True   # CompilationError, OutOfResources, PTXASError, AutotunerError; ptxas crashed / absent
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("ptxas" in text or "Cannot find" in text)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{device.type} through the Triton interpreter (TRITON_INTERPRET=1)"
+
+
+def other_backends(op: str, device: torch.device) -> str:
+    """The ``backend=`` values that run ``op`` on ``device`` without Triton, for error messages."""
+    report = _backend.available_backends(op)[op]
+    usable = ("cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    names = [f"backend={name!r}" for name in usable if report.get(name) is True] or ["backend='reference'"]
+    return " or ".join(names)
+
+
+def launch(kernel, grid, *args, device: torch.device, op: str, **meta) -> None:
+    """``kernel[grid](*args, **meta)``; a compile failure names the op, kernel, device and way out.
+
+    ``backend="auto"`` never falls back silently: when Triton cannot build a kernel for
+    the user's GPU (CompilationError, out of shared memory or registers, ptxas missing or
+    failing), :class:`TritonKernelError` says which kernel of which op failed on which
+    device (``torch.cuda.get_device_name``) and which ``backend=`` runs the op without
+    Triton. Errors of a kernel that did compile pass through unchanged.
+    """
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as error:
+        if not _compile_failure(error):
+            raise
+        inner = kernel
+        while hasattr(inner, "fn"):   # Autotuner -> JITFunction -> python function
+            inner = inner.fn
+        name = getattr(inner, "__name__", repr(kernel))
+        raise TritonKernelError(
+            f"{op}: the Triton kernel {name} failed to compile on {device_name(device)} "
+            f"({type(error).__name__}: {str(error).strip()[:2000]}). backend='auto' uses Triton for "
+            f"{device.type} tensors; run this op without it with {other_backends(op, device)}.") from error
+
+
 # ----------------------------------------------------------------------------- configs
 
-def _gpu_configs() -> list:
-    shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3),
-              (128, 64, 8, 3), (64, 64, 8, 4), (128, 64, 4, 4), (64, 16, 4, 2)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per rows-per-program. Chosen from the sm_90
+# resource reports of bench/triton_registers.py (table in bench/README.md): a program holds
+# its [BLOCK_M, BLOCK_N] distance tile, the int64 keys of that tile and the [BLOCK_M, K_PAD]
+# lists in registers, so configs keep BLOCK_M * BLOCK_N / threads <= 16 tile entries per
+# thread, and fp32 "ieee" dots run on FMA units with both operand slices in registers, so
+# BLOCK_K stays at 8-16. The earlier list (64-128 wide tiles, BLOCK_K up to 64, 4 warps) hit
+# the 255-register cap and spilled in every configuration, at every k.
+_TOPK_CONFIGS = {
+    64: [(64, 8, 8, 3), (32, 8, 4, 3), (32, 16, 4, 2)],
+    32: [(64, 16, 8, 2), (64, 8, 4, 3), (64, 16, 4, 2), (32, 16, 4, 2)],
+}
+_TILE_CONFIGS = [(64, 16, 8, 2), (64, 8, 8, 3), (32, 16, 4, 2), (128, 16, 8, 2)]
+
+
+def gpu_configs(k_pad: int, block_m: int) -> list:
+    """Autotuning candidates of ``_fused_topk_kernel`` for lists of ``k_pad`` and ``block_m`` rows."""
+    shapes = _TOPK_CONFIGS[block_m]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
 
 
+def tile_configs() -> list:
+    """Autotuning candidates of ``_distance_tile_kernel`` (64 rows per program)."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _TILE_CONFIGS]
+
+
 @functools.lru_cache(maxsize=None)
-def _autotuned_topk():
-    return triton.autotune(configs=_gpu_configs(),
+def _autotuned_topk(k_pad: int, block_m: int):
+    return triton.autotune(configs=gpu_configs(k_pad, block_m),
                            key=["dim", "K", "METRIC", "LINKAGE", "COL_K", "BLOCK_M", "PRECISION", "REF_MODE"]
                            )(_fused_topk_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _autotuned_tile():
-    return triton.autotune(configs=_gpu_configs(), key=["dim", "METRIC", "PRECISION", "BLOCK_M"])(_distance_tile_kernel)
+    return triton.autotune(configs=tile_configs(), key=["dim", "METRIC", "PRECISION", "BLOCK_M"])(_distance_tile_kernel)
 
 
 def interpreting() -> bool:
@@ -405,6 +503,10 @@ def block_m_for(k_pad: int) -> int:
     """Rows per program: fewer when the running lists are long (registers)."""
     if interpreting():
         return INTERPRET_BLOCKS[0]
+    return block_m_for_gpu(k_pad)
+
+
+def block_m_for_gpu(k_pad: int) -> int:
     return 64 if k_pad <= 32 else 32
 
 
@@ -454,7 +556,7 @@ def _kernel_flags(features: torch.Tensor, precision: str) -> dict:
     half = features.dtype in (torch.float16, torch.bfloat16)
     tf32 = features.dtype == torch.float32 and precision == "tf32"
     return dict(PRECISION="tf32" if tf32 else "ieee", CAST_F32=bool(half and interpreting()),
-                ACC_DTYPE=_tl_dtype(features.dtype))
+                INTERPRET_DOT=interpreting(), ACC_DTYPE=_tl_dtype(features.dtype))
 
 
 def _dummy(device, dtype=torch.int64) -> torch.Tensor:
@@ -563,7 +665,8 @@ def fused_topk(rows: Operand, cols: Operand, k: int, groups: list[RowGroup], num
                col_bias: torch.Tensor | None = None, bias_scale: float = 0.0,
                lower: tuple[torch.Tensor, torch.Tensor] | None = None,
                col_k: int = 0, col_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-               col_pass: tuple[int, int] = (0, 0), block_m: int | None = None) -> TopkResult:
+               col_pass: tuple[int, int] = (0, 0), block_m: int | None = None,
+               op: str = "topk_anchors") -> TopkResult:
     """Per position and target, the ``k`` best columns (``k <= K_MAX``).
 
     Parameters
@@ -592,6 +695,8 @@ def fused_topk(rows: Operand, cols: Operand, k: int, groups: list[RowGroup], num
         Column candidates (``mutual_knn``): ``col_out`` buffers [blocks, pass size, col_k]
         (values in the compute dtype, int32 rows) receive each block's best rows of the
         columns ``col_pass[0] : col_pass[0] + col_pass[1]``.
+    op : str
+        The public op this launch serves (named in compile-failure errors, see :func:`launch`).
 
     Returns
     -------
@@ -665,9 +770,10 @@ def fused_topk(rows: Operand, cols: Operand, k: int, groups: list[RowGroup], num
         grid = (selected.shape[0],)
         if interpreting():
             _, block_n, block_k = INTERPRET_BLOCKS
-            _fused_topk_kernel[grid](*args, **common, BLOCK_N=block_n, BLOCK_K=block_k)
+            launch(_fused_topk_kernel, grid, *args, device=device, op=op, **common, BLOCK_N=block_n,
+                   BLOCK_K=block_k)
         else:
-            _autotuned_topk()[grid](*args, **common)
+            launch(_autotuned_topk(k_pad, block_m), grid, *args, device=device, op=op, **common)
         part_index = out_index.to(torch.int64)
         pad = part_index >= PAD_BASE
         if index_map is not None:
@@ -683,13 +789,14 @@ def fused_topk(rows: Operand, cols: Operand, k: int, groups: list[RowGroup], num
 
 def distance_tiles(rows: Operand, cols: Operand, row_ids: torch.Tensor, *, precision: str,
                    junk: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   exclude: torch.Tensor | None = None, rows_per_tile: int | None = None):
+                   exclude: torch.Tensor | None = None, rows_per_tile: int | None = None,
+                   op: str = "topk_anchors"):
     """Yield ``(start, stop, tile)``: distances of positions ``start:stop`` to every column.
 
     Tiles hold at most ``tile_elements()`` entries (``rows_per_tile`` rows when given).
     ``junk = (row_pids, row_cams, col_pids, col_cams)`` (rows indexed by row id) sets
     Market/MARS junk entries to +inf; ``exclude`` [P] (column per position, -1 none)
-    sets that entry to +inf.
+    sets that entry to +inf. ``op`` is the public op named in compile-failure errors.
     """
     device = rows.features.device
     num_positions, num_cols = row_ids.shape[0], cols.features.shape[0]
@@ -713,9 +820,10 @@ def distance_tiles(rows: Operand, cols: Operand, row_ids: torch.Tensor, *, preci
             if interpreting():
                 _, block_n, block_k = INTERPRET_BLOCKS
                 grid = (triton.cdiv(stop - start, block_m), triton.cdiv(num_cols, block_n))
-                _distance_tile_kernel[grid](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k)
+                launch(_distance_tile_kernel, grid, *args, device=device, op=op, **meta, BLOCK_N=block_n,
+                       BLOCK_K=block_k)
             else:
                 def grid(meta_):
                     return (triton.cdiv(stop - start, block_m), triton.cdiv(num_cols, meta_["BLOCK_N"]))
-                _autotuned_tile()[grid](*args, **meta)
+                launch(_autotuned_tile(), grid, *args, device=device, op=op, **meta)
         yield start, stop, tile

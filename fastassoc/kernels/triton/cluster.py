@@ -77,7 +77,7 @@ class _PairStream:
             row_group=group[rows].contiguous() if group is not None else None, col_group=group,
             linkage=self.linkage,
             row_bias=self.row_bias[rows].contiguous() if self.row_bias is not None else None,
-            col_bias=self.row_bias, bias_scale=self.bias_scale, lower=lower)
+            col_bias=self.row_bias, bias_scale=self.bias_scale, lower=lower, op="agglomerative_merge")
         return result.values[:, 0], result.indices[:, 0]
 
     def pair_keys(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ def _mean_neighbour_distance(means: Operand, num_clusters: int, neighbours: int,
     if k <= _common.K_MAX:
         result = _common.fused_topk(means, means, k, [RowGroup(0, num_clusters, [(0, num_clusters, 0)])], 1,
                                     row_ids=everyone, precision=precision, row_ref=everyone,
-                                    ref_mode=_common.REF_EXCLUDE)
+                                    ref_mode=_common.REF_EXCLUDE, op="agglomerative_merge")
         nearest = result.values[:, 0]
     else:
         zeros = torch.zeros(num_clusters, dtype=torch.int64, device=device)

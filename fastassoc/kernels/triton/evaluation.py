@@ -59,7 +59,7 @@ def evaluate_ranking_triton(query: torch.Tensor, gallery: torch.Tensor, query_pi
         positions = torch.arange(num_query, device=device)
         ranks = torch.arange(1, num_gallery + 1, device=device)
         for start, stop, tile in _common.distance_tiles(rows, cols, positions, precision=precision, junk=junk,
-                                                        rows_per_tile=rows_per_tile):
+                                                        rows_per_tile=rows_per_tile, op="evaluate_ranking"):
             values, order = torch.sort(tile, dim=1, stable=True)
             del tile
             matches = (gallery_pids[order] == query_pids[start:stop, None]) & ~torch.isinf(values)

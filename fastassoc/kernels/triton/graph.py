@@ -76,7 +76,7 @@ def _directed_pairs_fused(x, order, offsets, num_cameras, k, mode, precision):
         if ranges:
             groups.append(RowGroup(low, high, ranges))
     result = _common.fused_topk(operand, columns, k, groups, num_cameras if pairwise else 1, row_ids=order,
-                                precision=precision, index_map=order)
+                                precision=precision, index_map=order, op="cross_camera_graph")
     targets = result.indices
     found = targets < _common.PAD_INDEX
     sources = order.view(-1, 1, 1).expand_as(targets)
@@ -147,7 +147,8 @@ def knn_soft_labels_triton(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
         groups = [RowGroup(offsets[c], offsets[c + 1], [(offsets[c], offsets[c + 1], 0)])
                   for c in range(num_cameras) if sizes[c] > 1]
         result = _common.fused_topk(operand, columns, width, groups, 1, row_ids=order, precision=precision,
-                                    index_map=order, row_ref=diagonal, ref_mode=_common.REF_EXCLUDE)
+                                    index_map=order, row_ref=diagonal, ref_mode=_common.REF_EXCLUDE,
+                                    op="knn_soft_labels")
         distances, neighbours = result.values[:, 0], result.indices[:, 0]
     else:
         distances = torch.full((num_rows, width), float("inf"), dtype=dtype, device=device)

@@ -157,7 +157,7 @@ def _one_pass_lists(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, preci
         col_index = torch.full((num_blocks, width, k), _common.NO_COLUMN, dtype=torch.int32, device=device)
         result = _common.fused_topk(rows, cols, k, [RowGroup(0, num_a, [(c0, c1, 0)])], 1, row_ids=row_ids,
                                     precision=precision, col_k=k, col_out=(col_value, col_index),
-                                    col_pass=(c0, width), block_m=block_m)
+                                    col_pass=(c0, width), block_m=block_m, op="mutual_knn")
         row_values, row_indices = _common.select_smallest(torch.cat([row_values, result.values[:, 0]], 1),
                                                           torch.cat([row_indices, result.indices[:, 0]], 1), k)
         candidates = col_index.to(torch.int64).permute(1, 0, 2).reshape(width, num_blocks * k)
