@@ -43,7 +43,10 @@ class CSRMatrix(NamedTuple):
     @classmethod
     def from_sparse_csr(cls, t: torch.Tensor) -> "CSRMatrix":
         """The components of a torch sparse CSR tensor (no copy)."""
-        return cls(t.crow_indices(), t.col_indices(), t.values(), (int(t.shape[0]), int(t.shape[1])))
+        # detach(): the component accessors return views whose base is the sparse tensor, and
+        # dynamo's automatic-dynamic bookkeeping crashes on such views given to a compiled function.
+        return cls(t.crow_indices().detach(), t.col_indices().detach(), t.values().detach(),
+                   (int(t.shape[0]), int(t.shape[1])))
 
     def to_sparse_csr(self) -> torch.Tensor:
         """The torch sparse CSR tensor with these components (no copy)."""

@@ -361,11 +361,26 @@ def test_loss_gradcheck_float64_with_split_tiles(loss_available):
 
 
 def test_loss_never_holds_the_full_logits(loss_available):
-    problem = loss_problem(43, 64, [400, 300], 16, 4)
+    # The public op is one custom-op call to a dispatch mode (its inside is opaque), so the
+    # mode watches the cpu backend's forward and backward functions themselves.
+    from fastassoc.kernels.cpu.loss import segmented_cross_entropy_backward_cpu, segmented_cross_entropy_forward_cpu
+
+    features, weight, targets, offsets = loss_problem(43, 64, [400, 300], 16, 4)
+    crow, col, values = targets.crow_indices(), targets.col_indices(), targets.values()
+
+    def forward_and_backward():
+        _, lse, mass = segmented_cross_entropy_forward_cpu(features, weight, crow, col, values, offsets, 1.0)
+        return segmented_cross_entropy_backward_cpu(torch.ones(()), features, weight, crow, col, values, offsets,
+                                                    lse, mass, 1.0, True, True)
+
     with fastassoc.tile_limit(1000), LargestTensor() as recorder:
-        loss_and_grads(*problem, 1.0, "cpu")
+        forward_and_backward()
     # Inputs and gradients ([C, D] = 11,200) are the largest; logit tiles hold <= 1000.
     assert recorder.largest < 64 * 700, f"largest tensor {recorder.largest} elements >= B*C = {64 * 700}"
+    # Positive control: one default tile holds all B x C logits, and the mode sees it.
+    with LargestTensor() as untiled:
+        forward_and_backward()
+    assert untiled.largest >= 64 * 700, untiled.largest
 
 
 def test_loss_half_precision_within_twice_the_reference_error(loss_available):
