@@ -4,23 +4,23 @@ centres: the spec and oracle of ``jaccard_distance``, ``dbscan`` and ``cluster_c
 
 Algorithm
 ---------
-``jaccard_distance``, on rows ``x`` (L2-normalised first for
-``metric="cosine"``; the semantics are SpCL's when the caller L2-normalised them):
+``jaccard_distance``, on rows ``x`` (L2-normalised first for ``metric="cosine"``; the
+semantics are SpCL's when the caller L2-normalised them):
 
 1. *k1-nearest lists.* ``K = min(k1, N)`` (``weighting="zhong"``: ``min(k1 + 1, N)``, as
-   torchreid's ``re_ranking`` slices ``[:k1 + 1]`` of a full ranking): every row ranks all ``N`` rows, itself included
-   (its own distance is taken as exactly 0), with ``_tiles.distance_tile`` in row chunks of
+   torchreid's ``re_ranking`` slices ``[:k1 + 1]`` of a full ranking): every row ranks all
+   ``N`` rows, itself included (its own distance is taken as exactly 0), with ``_tiles.distance_tile`` in row chunks of
    at most ``_backend.tile_elements()`` distances, and keeps its ``K`` nearest in
    (distance, index) order (:func:`fastassoc.kernels.reference.knn.smallest_k`).
 2. *k-reciprocal sets.* ``R(i, w)``: the ``j`` among the first ``w`` entries of ``i``'s list
    whose own first ``w`` entries hold ``i``. ``R1 = R(i, K)`` and
    ``Rh = R(i, min(round(k1 / 2) + 1, K))`` -- SpCL slices ``[:k + 1]`` of a list with ``k1``
    columns, so the half sets use one more neighbour than ``round(k1 / 2)`` and the full sets
-   exactly ``k1``. ``round`` is half-to-even, as NumPy's ``around``.
+   exactly ``K``. ``round`` is half-to-even, as NumPy's ``around``.
 3. *Expansion.* ``E(i) = R1(i)`` united with every ``Rh(c)``, ``c`` in ``R1(i)``, for which
    ``3 |Rh(c) & R1(i)| > 2 |Rh(c)|`` (SpCL's ``> 2/3 * len``, exact in integers; the test
    is against ``R1(i)``, not the growing set). Triples ``(i, c, m)`` are enumerated in
-   pieces of at most ``tile_elements() / 8`` and membership is a ``searchsorted`` on the
+   pieces of at most ``tile_elements() / 16`` and membership is a ``searchsorted`` on the
    sorted keys ``i * N + j`` of ``R1``.
 4. *Weights.* ``V[i, E(i)] = softmax(-(2 - 2 x_i . x_E(i)))`` (a segment softmax over each
    row's sorted ``E(i)``), dot products gathered in chunks of at most ``tile_elements()``
@@ -54,7 +54,8 @@ them. A non-core point with core neighbours takes the smallest of their cluster 
 scikit-learn expands one cluster completely before starting the next, so the first cluster
 to reach a border point is the smallest-numbered one.
 
-``cluster_centres``: ``index_add_`` of the rows of each non-noise label, divided by counts.
+``cluster_centres``: ``index_add_`` of the rows of each non-noise label (in row chunks of
+``tile_elements()`` elements, rows in index order), divided by the counts.
 
 Tie-breaking
 ------------
@@ -65,10 +66,10 @@ Limits
 ------
 Arithmetic in float32 (float64 inputs stay float64); the output values are float32.
 Distances of the weights are recomputed per pair from the rows (same formulas as the tiles,
-not the GEMM's rounding). Memory: a few tiles, the ``N x K`` lists and
-the sparse ``V`` (about ``N * k2 * |E|`` entries) plus the stored pairs. One stored ``V``
-entry's partner list (at most ``N``) is never split, so a piece may exceed its budget by
-that much. Python loops run over tiles and pieces only.
+not the GEMM's rounding). Memory: a few tiles, the ``N x K`` lists, the sparse ``V``
+(about ``N * k2 * |E|`` entries) and the stored pairs. One stored ``V`` entry's partner list
+(at most ``N``) is never split, so a piece may exceed its budget by that much. Python
+loops run over tiles and pieces only.
 """
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ from .knn import smallest_k
 
 
 def _triple_budget() -> int:
-    # A triple carries a few int64 and a float: an eighth of the tile is about one tile's bytes.
-    return max(1, _backend.tile_elements() // 8)
+    # A piece's triples live in about eight int64 temporaries at once: a sixteenth of the
+    # tile's elements is about the bytes of one float32 tile.
+    return max(1, _backend.tile_elements() // 16)
 
 
 def _pieces(counts: torch.Tensor, budget: int) -> Iterator[tuple[int, int]]:
