@@ -23,6 +23,11 @@ inline void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);
 }
 
+// Team size of every OpenMP region of the CPU kernels (csrc/cpu/core.cpp): the count
+// set by set_num_threads when there is one, else torch's count for the calling thread as
+// the launcher last reported it (follow_torch_threads), else omp_get_max_threads().
+int kernel_threads();
+
 // x.y of two float32 rows accumulated in float64 in a fixed order (csrc/cpu/screen.cpp):
 // deterministic, exactly symmetric in (x, y), vectorised. The exact distances of the
 // screened kernels all come from it, so equal rows give equal distances.

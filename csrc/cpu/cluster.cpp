@@ -190,7 +190,7 @@ template <typename T>
 class Merger {
  public:
   Merger(const Problem& problem, const T* sq_norms, const T* sizes)
-      : p_(problem), sq_norms_(sq_norms), sizes_(sizes), buffers_(omp_get_max_threads()) {}
+      : p_(problem), sq_norms_(sq_norms), sizes_(sizes), threads_(kernel_threads()), buffers_(threads_) {}
 
   // The `capacity` smallest pairs strictly after `after` (all pairs when has_after is false),
   // by linkage, sorted; `complete` is true when no other pair exists after `after`.
@@ -305,7 +305,7 @@ class Merger {
     const int64_t block_columns = p_.identity ? num_columns : num_clusters - first;
     if (!p_.identity) level_.resize((last - first) * block_columns);
     T* block = p_.identity ? tile : level_.data();
-#pragma omp parallel for schedule(dynamic, 1) if (work >= kMinParallelWork)
+#pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) if (work >= kMinParallelWork)
     for (int64_t i = first; i < last; ++i) {
       T* squared_row = block + (i - first) * block_columns - first;  // [j] for j > i
       if (p_.identity) {
@@ -333,7 +333,7 @@ class Merger {
     }
     take_sqrt(block, (last - first) * block_columns);
     if (offer_pairs_ && p_.linkage == kTssl) tssl_block(block, block_columns, first, last);
-#pragma omp parallel if (work >= kMinParallelWork)
+#pragma omp parallel num_threads(threads_) if (work >= kMinParallelWork)
     {
       PairBuffer<T>& buffer = buffers_[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
@@ -357,7 +357,7 @@ class Merger {
     const int64_t num_clusters = p_.num_clusters;
     exponent_.resize((last - first) * block_columns);
     const int64_t work = (last - first) * block_columns;
-#pragma omp parallel for schedule(static) if (work >= kMinParallelWork)
+#pragma omp parallel for num_threads(threads_) schedule(static) if (work >= kMinParallelWork)
     for (int64_t i = first; i < last; ++i) {
       const T* distances = block + (i - first) * block_columns - first;
       T* exponent = exponent_.data() + (i - first) * block_columns - first;
@@ -366,7 +366,7 @@ class Merger {
       }
     }
     take_exp(exponent_.data(), work);
-#pragma omp parallel for schedule(static) if (work >= kMinParallelWork)
+#pragma omp parallel for num_threads(threads_) schedule(static) if (work >= kMinParallelWork)
     for (int64_t i = first; i < last; ++i) {
       T* distances = block + (i - first) * block_columns - first;
       const T* exponent = exponent_.data() + (i - first) * block_columns - first;
@@ -381,7 +381,7 @@ class Merger {
     constexpr int64_t kRun = 64;
     const int64_t num_runs = (p_.num_clusters - (first + 1) + kRun - 1) / kRun;
     const int64_t work = (last - first) * block_columns;
-#pragma omp parallel for schedule(dynamic, 1) if (work >= kMinParallelWork)
+#pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) if (work >= kMinParallelWork)
     for (int64_t run = 0; run < num_runs; ++run) {
       const int64_t j0 = first + 1 + run * kRun, j1 = std::min(j0 + kRun, p_.num_clusters);
       const T* worst = nearest_.worst.data();
@@ -401,7 +401,7 @@ class Merger {
     const int64_t column_origin = start[c + 1];
     const int64_t num_columns = p_.num_points - column_origin;
     const int64_t work = (r1 - r0) * num_columns;
-#pragma omp parallel for schedule(dynamic, 16) if (work >= kMinParallelWork)
+#pragma omp parallel for num_threads(threads_) schedule(dynamic, 16) if (work >= kMinParallelWork)
     for (int64_t j = c + 1; j < p_.num_clusters; ++j) {
       T minimum = open_minimum_[j];
       for (int64_t s = r0; s < r1; ++s) {
@@ -456,6 +456,9 @@ class Merger {
   const Problem& p_;
   const T* sq_norms_;
   const T* sizes_;
+  // Team size of every region of this merge, fixed at construction: buffers_ holds one
+  // buffer per thread, so a later set_num_threads cannot outgrow it mid-merge.
+  int threads_;
   std::vector<PairBuffer<T>> buffers_;
   std::vector<T> open_minimum_;
   std::vector<T> level_;

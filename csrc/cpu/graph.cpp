@@ -66,7 +66,7 @@ py::tuple csr_from_edges(int64_t num_nodes, const int64_t* sources, const int64_
         staged[at] = diagonal_value;
       }
     }
-#pragma omp parallel if (num_nodes >= kParallelMinRows)
+#pragma omp parallel num_threads(kernel_threads()) if (num_nodes >= kParallelMinRows)
     {
       std::vector<std::pair<int64_t, double>> row;
 #pragma omp for schedule(static)

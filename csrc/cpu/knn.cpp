@@ -229,7 +229,7 @@ void tile_update(const TileArgs<T>& a) {
   if (a.rows <= 0 || a.cols <= 0 || k <= 0) return;
   const bool want_rows = a.row_values != nullptr;
   const bool want_cols = a.col_values != nullptr;
-  const int num_threads = a.rows * a.cols >= kParallelMinElements ? std::max(1, omp_get_max_threads()) : 1;
+  const int num_threads = a.rows * a.cols >= kParallelMinElements ? kernel_threads() : 1;
   // Slabs: at least two per thread where the tile is wide enough, whole scan blocks.
   const int64_t per_slab = std::min<int64_t>(
       kColumnSlab, std::max<int64_t>(kScanBlock, (a.cols + 2 * num_threads - 1) / (2 * num_threads)));
@@ -255,7 +255,7 @@ void tile_update(const TileArgs<T>& a) {
 
 template <typename T>
 void sort_lists(T* values, int64_t* indices, int64_t num_lists, int64_t k) {
-#pragma omp parallel if (num_lists * k >= kParallelMinElements)
+#pragma omp parallel num_threads(kernel_threads()) if (num_lists * k >= kParallelMinElements)
   {
     std::vector<std::pair<T, int64_t>> scratch;
 #pragma omp for schedule(static)
@@ -283,7 +283,7 @@ py::tuple mutual_pairs(const T* row_values, const int64_t* row_indices, int64_t 
   };
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (num_rows * k >= kParallelMinElements)
+#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (num_rows * k >= kParallelMinElements)
     for (int64_t i = 0; i < num_rows; ++i) {
       int64_t count = 0;
       for (int64_t s = 0; s < k; ++s) count += is_pair(i, s);
@@ -299,7 +299,7 @@ py::tuple mutual_pairs(const T* row_values, const int64_t* row_indices, int64_t 
   T* values_ptr = out_values.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel if (num_rows * k >= kParallelMinElements)
+#pragma omp parallel num_threads(kernel_threads()) if (num_rows * k >= kParallelMinElements)
     {
       std::vector<std::pair<int64_t, T>> found;
 #pragma omp for schedule(static)

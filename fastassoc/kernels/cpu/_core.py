@@ -28,11 +28,20 @@ METRIC_CODES = {"sqeuclidean": 0, "cosine": 1}
 
 
 def core():
-    """The compiled module ``fastassoc._C``; raises if it was not built."""
+    """The compiled module ``fastassoc._C``; raises if it was not built.
+
+    Every launcher reaches the kernels through here, so this is where the core learns
+    torch's thread count for the calling thread (``torch.get_num_threads()``, which
+    follows ``torch.set_num_threads`` and is per thread): its OpenMP regions use that
+    many threads unless ``fastassoc._C.set_num_threads(n)`` overrides it.
+    """
     module = _backend.compiled_core()
     if module is None:
         raise RuntimeError("the compiled core fastassoc._C is not built; reinstall with `pip install .` "
                            "or use backend='reference'")
+    follow = getattr(module, "follow_torch_threads", None)
+    if follow is not None:     # cores built before the thread control have no such hook
+        follow(torch.get_num_threads())
     return module
 
 
