@@ -11,7 +11,7 @@ Usage::
 
     python bench/triton_registers.py                 # markdown table on stdout
     python bench/triton_registers.py --json out.json # and the rows as JSON
-    python bench/triton_registers.py --quick         # the k <= 16 rows only
+    python bench/triton_registers.py --quick         # k = 1 and 16 only (the test uses it)
 
 Must run without ``TRITON_INTERPRET`` (the script clears it for itself).
 """
@@ -86,9 +86,9 @@ def resources(kernel) -> dict:
                 spill_loads=int(spill.group(3)), shared=kernel.metadata.shared)
 
 
-def _configs(k_pad: int, block_m: int) -> list:
+def _configs(k_pad: int, block_m: int, half: bool = False) -> list:
     if hasattr(_common, "gpu_configs"):
-        return _common.gpu_configs(k_pad, block_m)
+        return _common.gpu_configs(k_pad, block_m, half)
     return _common._gpu_configs()   # before per-k configs existed
 
 
@@ -103,11 +103,11 @@ def _with_optional(fn, constexprs: dict) -> dict:
     return {name: value for name, value in constexprs.items() if name in fn.arg_names}
 
 
-def topk_cases(quick: bool) -> list[dict]:
-    """Configurations the GPU launcher can pick (see ``_common.fused_topk`` / ``_gpu_configs``)."""
+def topk_cases(quick: bool, parts: str) -> list[dict]:
+    """Configurations the GPU launcher can pick (see ``_common.fused_topk`` / ``gpu_configs``)."""
     cases = []
-    ks = (1, 8, 16) if quick else (1, 8, 16, 32, 64)
-    for k in ks:
+    ks = (1, 16) if quick else (1, 8, 16, 32, 64)
+    for k in ks if "fp32" in parts else ():
         k_pad = max(triton.next_power_of_2(k), 2)
         block_m = _block_m(k_pad)
         for col_k in (0, k):
@@ -116,8 +116,8 @@ def topk_cases(quick: bool) -> list[dict]:
                                   BLOCK_N=config.kwargs["BLOCK_N"], BLOCK_K=config.kwargs["BLOCK_K"],
                                   num_warps=config.num_warps, num_stages=config.num_stages, inputs="fp32"))
     # Tensor-core inputs (tf32 dots, bf16 rows) at k = 16, same configs.
-    for inputs in ("tf32", "bf16"):
-        for config in _configs(16, _block_m(16)):
+    for inputs in ("tf32", "bf16") if "tensor-core" in parts else ():
+        for config in _configs(16, _block_m(16), inputs == "bf16"):
             cases.append(dict(kernel="_fused_topk_kernel", K=16, K_PAD=16, COL_K=0, BLOCK_M=_block_m(16),
                               BLOCK_N=config.kwargs["BLOCK_N"], BLOCK_K=config.kwargs["BLOCK_K"],
                               num_warps=config.num_warps, num_stages=config.num_stages, inputs=inputs))
@@ -152,17 +152,18 @@ def run_tile(config) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows as JSON here")
-    parser.add_argument("--quick", action="store_true", help="k <= 16 only, no distance-tile kernel")
-    parser.add_argument("--tile-only", action="store_true", help="only the distance-tile kernel")
+    parser.add_argument("--quick", action="store_true", help="k = 1 and 16 only, no distance-tile kernel")
+    parser.add_argument("--parts", default="fp32,tensor-core,tile",
+                        help="comma list of: fp32 (top-k, fp32 rows), tensor-core (top-k, tf32/bf16), tile")
     args = parser.parse_args(argv)
     rows = []
-    for case in ([] if args.tile_only else topk_cases(args.quick)):
+    for case in topk_cases(args.quick, args.parts):
         started = time.perf_counter()
         case.update(run_topk(case))
         case["compile_s"] = round(time.perf_counter() - started, 1)
         rows.append(case)
         print(json.dumps(case), file=sys.stderr, flush=True)
-    if not args.quick:
+    if not args.quick and "tile" in args.parts:
         tile_configs = _common.tile_configs() if hasattr(_common, "tile_configs") else _common._gpu_configs()
         for config in tile_configs:
             case = dict(kernel="_distance_tile_kernel", K=None, K_PAD=None, COL_K=None, BLOCK_M=64,

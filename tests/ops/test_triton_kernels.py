@@ -16,6 +16,12 @@ error of the reference fed the same low-precision inputs, plus a small atol.
 """
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -587,3 +593,33 @@ def test_compile_failure_message_on_a_cuda_device_names_the_gpu(monkeypatch):
     assert "mutual_knn: the Triton kernel _fused_topk_kernel failed to compile on NVIDIA H100 80GB HBM3 (cuda:0)" \
         in message, message
     assert "OutOfResources" in message and "backend='cuda' or backend='reference'" in message, message
+
+
+# ----------------------------------------------------------------------------- sm_90 resources
+
+@pytest.mark.skipif(HAS_GPU, reason="with a GPU the autotuned configs are compiled (and run) by the tests above")
+def test_autotune_configs_compile_for_sm90_without_spills_at_small_k(tmp_path):
+    """Every autotune config the GPU can pick at k <= 16 assembles for sm_90 with no spill (ptxas -v).
+
+    Runs bench/triton_registers.py (ahead-of-time compile, Triton's bundled ptxas) in a
+    process without TRITON_INTERPRET; bf16 rows check the tensor-core configs too
+    (BLOCK_K >= 16).
+    """
+    try:
+        from triton.backends import backends
+    except ImportError:
+        pytest.skip("this triton has no backend registry")
+    if "nvidia" not in backends:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = tmp_path / "registers.json"
+    result = subprocess.run([sys.executable, str(root / "bench" / "triton_registers.py"), "--quick",
+                             "--parts", "fp32,tensor-core", "--json", str(out)],
+                            env=environment, capture_output=True, text=True, timeout=900, cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert {row["inputs"] for row in rows} == {"fp32", "tf32", "bf16"}
+    assert {row["K"] for row in rows} == {1, 16}
+    spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"] or row["stack"]]
+    assert not spilling, f"configs that spill on sm_90: {spilling}"

@@ -472,27 +472,48 @@ _TOPK_CONFIGS = {
 _TILE_CONFIGS = [(64, 16, 8, 2), (64, 8, 8, 3), (32, 16, 4, 2), (128, 16, 8, 2)]
 
 
-def gpu_configs(k_pad: int, block_m: int) -> list:
-    """Autotuning candidates of ``_fused_topk_kernel`` for lists of ``k_pad`` and ``block_m`` rows."""
-    shapes = _TOPK_CONFIGS[block_m]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
+# Tensor-core dots of fp16/bf16 tiles need K >= 16 (tl.dot rejects 8 at compile time).
+_HALF_MIN_BLOCK_K = 16
 
 
-def tile_configs() -> list:
+def _to_configs(shapes, half: bool) -> list:
+    seen, configs = set(), []
+    for n, k, w, s in shapes:
+        k = max(k, _HALF_MIN_BLOCK_K) if half else k
+        if (n, k, w, s) not in seen:
+            seen.add((n, k, w, s))
+            configs.append(triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s))
+    return configs
+
+
+def gpu_configs(k_pad: int, block_m: int, half: bool = False) -> list:
+    """Autotuning candidates of ``_fused_topk_kernel`` for lists of ``k_pad`` and ``block_m`` rows.
+
+    ``half``: fp16/bf16 rows (tensor-core ``tl.dot``, which needs ``BLOCK_K >= 16``).
+    """
+    return _to_configs(_TOPK_CONFIGS[block_m], half)
+
+
+def tile_configs(half: bool = False) -> list:
     """Autotuning candidates of ``_distance_tile_kernel`` (64 rows per program)."""
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _TILE_CONFIGS]
+    return _to_configs(_TILE_CONFIGS, half)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_topk(k_pad: int, block_m: int):
-    return triton.autotune(configs=gpu_configs(k_pad, block_m),
+def _autotuned_topk(k_pad: int, block_m: int, half: bool):
+    return triton.autotune(configs=gpu_configs(k_pad, block_m, half),
                            key=["dim", "K", "METRIC", "LINKAGE", "COL_K", "BLOCK_M", "PRECISION", "REF_MODE"]
                            )(_fused_topk_kernel)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_tile():
-    return triton.autotune(configs=tile_configs(), key=["dim", "METRIC", "PRECISION", "BLOCK_M"])(_distance_tile_kernel)
+def _autotuned_tile(half: bool):
+    return triton.autotune(configs=tile_configs(half),
+                           key=["dim", "METRIC", "PRECISION", "BLOCK_M"])(_distance_tile_kernel)
+
+
+def _is_half(features: torch.Tensor) -> bool:
+    return features.dtype in (torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
@@ -773,7 +794,8 @@ def fused_topk(rows: Operand, cols: Operand, k: int, groups: list[RowGroup], num
             launch(_fused_topk_kernel, grid, *args, device=device, op=op, **common, BLOCK_N=block_n,
                    BLOCK_K=block_k)
         else:
-            launch(_autotuned_topk(k_pad, block_m), grid, *args, device=device, op=op, **common)
+            launch(_autotuned_topk(k_pad, block_m, _is_half(rows.features)), grid, *args, device=device, op=op,
+                   **common)
         part_index = out_index.to(torch.int64)
         pad = part_index >= PAD_BASE
         if index_map is not None:
@@ -825,5 +847,5 @@ def distance_tiles(rows: Operand, cols: Operand, row_ids: torch.Tensor, *, preci
             else:
                 def grid(meta_):
                     return (triton.cdiv(stop - start, block_m), triton.cdiv(num_cols, meta_["BLOCK_N"]))
-                launch(_autotuned_tile(), grid, *args, device=device, op=op, **meta)
+                launch(_autotuned_tile(_is_half(rows.features)), grid, *args, device=device, op=op, **meta)
         yield start, stop, tile
