@@ -100,7 +100,8 @@ def test_gpu_check_summary_counts_outcomes_timeouts_and_ratios(tmp_path):
         "stage\trc\tseconds\tlimit_s\tlog\n"
         "tests\t1\t30\t150\ttests.log\n"
         "tests-cuda\t124\t150\t150\ttests-cuda.log\n"
-        "bench W-ce\t0\t20\t45\tbench-W-ce.log\n")
+        "bench W-ce\t0\t20\t45\tbench-W-ce.log\n"
+        "bench W-merge-100k-bf16\t-1\t0\t0\tbench-W-merge-100k-bf16.log\n")
     (tmp_path / "environment.json").write_text(json.dumps({"device_name": "NVIDIA H100 80GB HBM3",
                                                            "torch": "2.x", "triton": "3.x"}))
     (tmp_path / "tests.log").write_text(
@@ -125,7 +126,7 @@ def test_gpu_check_summary_counts_outcomes_timeouts_and_ratios(tmp_path):
                                                            xpassed=0)
     assert summary["tests"]["tests.log"]["failed"] == ["tests/ops/test_knn.py::test_b[triton-cuda]"]
     assert summary["tests"]["tests-cuda.log"]["counts"]["passed"] == 1
-    assert [s["status"] for s in summary["stages"]] == ["failed", "timeout", "ok"]
+    assert [s["status"] for s in summary["stages"]] == ["failed", "timeout", "ok", "skipped"]
     ratios = {row["name"]: row["ratio_to_gemm"] for row in summary["benchmarks"]}
     assert ratios["test_w_ce[bf16-triton]"] == pytest.approx(1.5)
     assert ratios["test_gpu_workload[W-rank-1M-fp32-triton]"] == 1.2
@@ -149,3 +150,18 @@ def test_gpu_check_dry_run_writes_a_summary(tmp_path):
     assert summary["tests"]["tests.log"]["total"] == 2
     assert summary["environment"]["torch"] == torch.__version__
     assert (tmp_path / "summary.md").read_text().startswith("# GPU check")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_total_budget_skips_stages_and_fails_the_check(tmp_path):
+    """With no time left every stage is recorded as skipped, a summary is still written, and
+    the check fails (its tests did not run)."""
+    result = subprocess.run(["bash", str(_ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                            cwd=_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_TOTAL_S": "15"})
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
+        ("environment", "skipped"), ("tests", "skipped"), ("bench W-rank-1M-fp32", "skipped")]
+    assert summary["ok"] is False
+    assert "| tests | skipped | -1 |" in (tmp_path / "summary.md").read_text()

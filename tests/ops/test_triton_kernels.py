@@ -623,3 +623,12 @@ def test_autotune_configs_compile_for_sm90_without_spills_at_small_k(tmp_path):
     assert {row["K"] for row in rows} == {1, 16}
     spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"] or row["stack"]]
     assert not spilling, f"configs that spill on sm_90: {spilling}"
+
+
+def test_autotune_can_be_limited_to_one_config_for_gpu_test_runs(monkeypatch):
+    configs = _common.gpu_configs(16, 64)
+    assert len(configs) > 1 and all(c.kwargs["BLOCK_K"] >= 16 for c in _common.gpu_configs(16, 64, half=True))
+    monkeypatch.setenv("FASTASSOC_TRITON_AUTOTUNE", "0")
+    assert _common._candidates(configs) == configs[:1]
+    monkeypatch.setenv("FASTASSOC_TRITON_AUTOTUNE", "1")
+    assert _common._candidates(configs) == configs

@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import subprocess
 from dataclasses import dataclass
 
@@ -499,16 +500,22 @@ def tile_configs(half: bool = False) -> list:
     return _to_configs(_TILE_CONFIGS, half)
 
 
+def _candidates(configs: list) -> list:
+    """All configs, or the first alone with FASTASSOC_TRITON_AUTOTUNE=0 (``make gpu-check``'s
+    test stage: one compile per kernel instead of one per candidate)."""
+    return configs[:1] if os.environ.get("FASTASSOC_TRITON_AUTOTUNE", "1") == "0" else configs
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned_topk(k_pad: int, block_m: int, half: bool):
-    return triton.autotune(configs=gpu_configs(k_pad, block_m, half),
+    return triton.autotune(configs=_candidates(gpu_configs(k_pad, block_m, half)),
                            key=["dim", "K", "METRIC", "LINKAGE", "COL_K", "BLOCK_M", "PRECISION", "REF_MODE"]
                            )(_fused_topk_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _autotuned_tile(half: bool):
-    return triton.autotune(configs=tile_configs(half),
+    return triton.autotune(configs=_candidates(tile_configs(half)),
                            key=["dim", "METRIC", "PRECISION", "BLOCK_M"])(_distance_tile_kernel)
 
 
