@@ -408,13 +408,17 @@ class TritonKernelError(RuntimeError):
 
 def _compile_failure(error: BaseException) -> bool:
     """Is ``error`` Triton failing to build or load a kernel (not a bug inside a running one)?"""
-    from triton.errors import TritonError
-    from triton.runtime.errors import InterpreterError
-
-    if isinstance(error, InterpreterError):
+    try:   # module layout of Triton 3.x; older versions fall back to the checks below
+        from triton.errors import TritonError
+        from triton.runtime.errors import InterpreterError
+    except ImportError:
+        TritonError = InterpreterError = ()
+    if InterpreterError and isinstance(error, InterpreterError):
         return False
-    if isinstance(error, (TritonError, subprocess.CalledProcessError, FileNotFoundError)):
-        return True   # CompilationError, OutOfResources, PTXASError, AutotunerError; ptxas crashed / absent
+    if TritonError and isinstance(error, TritonError):
+        return True   # CompilationError, OutOfResources, PTXASError, AutotunerError
+    if isinstance(error, (subprocess.CalledProcessError, FileNotFoundError)):
+        return True   # ptxas crashed or is absent
     text = str(error)
     return isinstance(error, RuntimeError) and ("ptxas" in text or "Cannot find" in text)
 
