@@ -65,6 +65,7 @@ import triton.language as tl
 
 from ... import _backend
 from ..reference.loss import LossKernels
+from ._common import launch
 
 # Classes per (segment, row block) program in the forward; ``None`` picks a size that
 # gives enough programs to fill the GPU. Tests lower it to exercise the chunk merge.
@@ -337,8 +338,8 @@ class _TargetLayout:
 def _target_mass(layout: _TargetLayout, num_rows: int, num_segments: int, acc_dtype: torch.dtype) -> torch.Tensor:
     mass = torch.empty((num_rows, num_segments), dtype=acc_dtype, device=layout.crow.device)
     block_s = min(triton.next_power_of_2(max(num_segments, 1)), 128)
-    _target_mass_kernel[(num_rows,)](layout.crow, layout.values, layout.segments, mass, num_segments,
-                                     ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_S=block_s)
+    launch(_target_mass_kernel, (num_rows,), layout.crow, layout.values, layout.segments, mass, num_segments,
+           device=mass.device, op="segmented_cross_entropy", ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_S=block_s)
     return mass
 
 
@@ -382,9 +383,9 @@ def _segment_lse(features, weight, class_offsets, mass, scale_tensor, acc_dtype)
     partial_sum = torch.empty_like(partial_max)
     kernel, blocks = _launch_config(_segment_lse_kernel, _segment_lse_tuned)
     grid = lambda meta: (num_segments, triton.cdiv(num_rows, meta["BLOCK_B"]), num_chunks)  # noqa: E731
-    kernel[grid](features, weight, class_offsets, mass, scale_tensor, partial_max, partial_sum,
+    launch(kernel, grid, features, weight, class_offsets, mass, scale_tensor, partial_max, partial_sum,
                  num_rows, dim, num_segments, num_chunks, chunk_size,
-                 features.stride(0), weight.stride(0),
+                 features.stride(0), weight.stride(0), device=features.device, op="segmented_cross_entropy",
                  ACC_DTYPE=_tl_dtype(acc_dtype), DOT_PRECISION=_dot_precision(features.dtype),
                  UPCAST_DOT=features.dtype == torch.bfloat16 and _backend.triton_interpret(), **blocks)
     return partial_max, partial_sum
@@ -413,11 +414,11 @@ def segmented_cross_entropy_forward_triton(features: torch.Tensor, weight: torch
     num_chunks = partial_max.shape[2]
     lse = torch.empty((num_rows, num_segments), dtype=acc_dtype, device=features.device)
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=features.device)
-    _row_loss_kernel[(num_rows,)](
+    launch(_row_loss_kernel, (num_rows,),
         features, weight, layout.crow, layout.cols, layout.values, layout.segments, partial_max, partial_sum,
         scale_tensor, lse, row_loss,
         dim, num_segments, num_chunks,
-        features.stride(0), weight.stride(0),
+        features.stride(0), weight.stride(0), device=features.device, op="segmented_cross_entropy",
         ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_D=min(triton.next_power_of_2(max(dim, 1)), 1024),
         BLOCK_K=min(triton.next_power_of_2(num_chunks), 128))
 
@@ -478,9 +479,10 @@ def segmented_cross_entropy_backward_triton(grad_loss: torch.Tensor, features: t
             grad_logits = torch.empty((rows_here, cols_here), dtype=gemm_dtype, device=device)
             grid = lambda meta: (triton.cdiv(rows_here, meta["BLOCK_B"]),  # noqa: E731
                                  triton.cdiv(cols_here, meta["BLOCK_C"]))
-            kernel[grid](features, weight, class_segment, lse, mass, scale_tensor, grad_logits,
+            launch(kernel, grid, features, weight, class_segment, lse, mass, scale_tensor, grad_logits,
                          row_start, rows_here, class_start, cols_here, dim, num_segments,
                          features.stride(0), weight.stride(0), grad_logits.stride(0),
+                         device=features.device, op="segmented_cross_entropy",
                          ACC_DTYPE=_tl_dtype(acc_dtype), DOT_PRECISION=_dot_precision(features.dtype),
                          UPCAST_DOT=features.dtype == torch.bfloat16 and _backend.triton_interpret(),
                          BF16_RNE=features.dtype == torch.bfloat16 and _backend.triton_interpret(),
