@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .. import _backend
 from . import _checks
+from .knn import backend_name, fake_features, fake_index, tensor_input
 
 LINKAGES = ("tssl", "centroid", "buc")
 
@@ -29,6 +31,10 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     merges are done; distances and sizes stay frozen during the step. Never holds the
     full cluster-pair matrix beyond a bounded tile.
 
+    Not differentiable: behaves as under ``torch.no_grad`` (inputs that require grad are
+    accepted and detached). Runs as the custom op ``torch.ops.fastassoc.agglomerative_merge``;
+    the output shape is the input's, so it also runs on meta tensors.
+
     Parameters
     ----------
     x : Tensor [N, D], float
@@ -44,6 +50,20 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     -------
     Tensor [N], int64: clusters renumbered ``0..C'-1`` in order of first appearance in ``x``.
     """
+    x = tensor_input("x", x)
+    labels = tensor_input("labels", labels)
+    num_merges = _checks.non_negative_int("num_merges", num_merges)
+    linkage = _checks.choice("linkage", linkage, LINKAGES)
+    neighbours = _checks.non_negative_int("neighbours", neighbours, minimum=1)
+    size_penalty = _checks.real("size_penalty", size_penalty, low=0.0)
+    precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    return torch.ops.fastassoc.agglomerative_merge(x, labels, num_merges, linkage, neighbours, size_penalty,
+                                                   precision, backend_name(backend))
+
+
+@torch.library.custom_op("fastassoc::agglomerative_merge", mutates_args=())
+def _agglomerative_merge_op(x: Tensor, labels: Tensor, num_merges: int, linkage: str, neighbours: int,
+                            size_penalty: float, precision: str, backend: str) -> Tensor:
     x = _checks.features("x", x)
     labels = _checks.index_vector("labels", labels, length=x.shape[0], low=0, high=2**62, device=x.device)
     num_merges = _checks.non_negative_int("num_merges", num_merges)
@@ -57,3 +77,10 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
                          f"({max(num_clusters - 1, 0)}), got {num_merges}")
     _, impl = _backend.resolve("agglomerative_merge", backend, {"x": x, "labels": labels})
     return impl(x, labels, num_merges, linkage, neighbours, size_penalty, precision)
+
+
+@_agglomerative_merge_op.register_fake
+def _agglomerative_merge_fake(x, labels, num_merges, linkage, neighbours, size_penalty, precision, backend):
+    fake_features("x", x)
+    fake_index("labels", labels, length=x.shape[0], device=x.device)
+    return labels.new_empty((x.shape[0],), dtype=torch.int64)

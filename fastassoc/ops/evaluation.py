@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .. import _backend
 from . import _checks
+from .knn import backend_name, fake_features, fake_index, fake_same_feature_dim, tensor_input
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     skipped. Ties in distance are ranked by gallery index. Never holds the Q x G
     distance matrix beyond a bounded tile.
 
+    Not differentiable: behaves as under ``torch.no_grad`` (inputs that require grad are
+    accepted and detached). The computation runs as the custom op
+    ``torch.ops.fastassoc.evaluate_ranking`` (returning ``cmc`` float64 [max_rank] and
+    float64 [3] ``(mAP, mINP, num_valid_queries)``); this function turns its output into
+    Python numbers, so it reads values: call it outside a compiled training step, and
+    not on meta tensors (ValueError).
+
     Parameters
     ----------
     query : Tensor [Q, D], float
@@ -68,6 +77,29 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     ValueError
         When no query has a true match in the gallery.
     """
+    query = tensor_input("query", query)
+    gallery = tensor_input("gallery", gallery)
+    query_pids = tensor_input("query_pids", query_pids)
+    gallery_pids = tensor_input("gallery_pids", gallery_pids)
+    query_cameras = tensor_input("query_cameras", query_cameras)
+    gallery_cameras = tensor_input("gallery_cameras", gallery_cameras)
+    metric = _checks.choice("metric", metric, _checks.METRICS)
+    max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
+    precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    cmc, scores = torch.ops.fastassoc.evaluate_ranking(query, gallery, query_pids, gallery_pids, query_cameras,
+                                                       gallery_cameras, metric, max_rank, precision,
+                                                       backend_name(backend))
+    if scores.is_meta:
+        raise ValueError("evaluate_ranking: mAP, mINP and the number of valid queries are values of the inputs, "
+                         "so they cannot be computed from meta tensors; call it on real tensors")
+    mean_ap, mean_inp, num_valid = scores.tolist()
+    return RankingResult(cmc=cmc, mAP=mean_ap, mINP=mean_inp, num_valid_queries=int(num_valid))
+
+
+@torch.library.custom_op("fastassoc::evaluate_ranking", mutates_args=())
+def _evaluate_ranking_op(query: Tensor, gallery: Tensor, query_pids: Tensor, gallery_pids: Tensor,
+                         query_cameras: Tensor, gallery_cameras: Tensor, metric: str, max_rank: int,
+                         precision: str, backend: str) -> tuple[Tensor, Tensor]:
     query = _checks.features("query", query)
     gallery = _checks.features("gallery", gallery)
     _checks.same_device(query=query, gallery=gallery)
@@ -86,8 +118,27 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     metric = _checks.choice("metric", metric, _checks.METRICS)
     max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    _checks.allocation("max_rank", max_rank, 8, device=device, what="a float64 CMC curve")
     _, impl = _backend.resolve("evaluate_ranking", backend, {
         "query": query, "gallery": gallery, "query_pids": query_pids, "gallery_pids": gallery_pids,
         "query_cameras": query_cameras, "gallery_cameras": gallery_cameras})
-    return impl(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank,
-                precision)
+    result = impl(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank,
+                  precision)
+    # float64 holds mAP and mINP (Python floats) exactly, and any realistic query count.
+    scores = torch.tensor([result.mAP, result.mINP, result.num_valid_queries], dtype=torch.float64,
+                          device=result.cmc.device)
+    return result.cmc, scores
+
+
+@_evaluate_ranking_op.register_fake
+def _evaluate_ranking_fake(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
+                           max_rank, precision, backend):
+    fake_features("query", query)
+    fake_features("gallery", gallery)
+    _checks.same_device(query=query, gallery=gallery)
+    _checks.same_dtype(query=query, gallery=gallery)
+    fake_same_feature_dim(query=query, gallery=gallery)
+    for name, ids, rows in (("query_pids", query_pids, query), ("gallery_pids", gallery_pids, gallery),
+                            ("query_cameras", query_cameras, query), ("gallery_cameras", gallery_cameras, gallery)):
+        fake_index(name, ids, length=rows.shape[0], device=query.device)
+    return (query.new_empty((max_rank,), dtype=torch.float64), query.new_empty((3,), dtype=torch.float64))

@@ -1,11 +1,94 @@
-"""Nearest-anchor ranking and mutual nearest neighbours (DAL Eqs. 2 and 4, UTAL Eq. 9)."""
+"""Nearest-anchor ranking and mutual nearest neighbours (DAL Eqs. 2 and 4, UTAL Eq. 9).
+
+Every public op of fastassoc is a torch custom op (``torch.ops.fastassoc.<op>``) so that
+``torch.compile(fullgraph=True)`` sees one opaque node per call: the public function
+only checks argument types, detaches its inputs (the ops are not differentiable) and
+calls the op; the op's real implementation validates values, picks a backend and runs
+the kernel; its fake implementation checks metadata and gives output shapes. The
+helpers shared by the op families live here.
+"""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import _backend
 from . import _checks
 
+
+# ----------------------------------------------------------------------------- shared by the op families
+
+def tensor_input(name: str, value) -> Tensor:
+    """``value`` detached from autograd: the non-differentiable ops behave as under no_grad."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__} {value!r:.80}")
+    return value.detach()
+
+
+def optional_tensor_input(name: str, value) -> Tensor | None:
+    return None if value is None else tensor_input(name, value)
+
+
+def backend_name(backend) -> str:
+    # The backend name itself is checked when the op resolves it; the schema needs a str.
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return backend
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def fake_features(name: str, x: Tensor) -> None:
+    """The metadata half of ``_checks.features``: what a fake (or meta) tensor can show."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have 2 dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def fake_same_feature_dim(**tensors: Tensor) -> None:
+    """``_checks.same_feature_dim`` for symbolic sizes (which are not hashable)."""
+    dims = {name: t.shape[-1] for name, t in tensors.items()}
+    first = next(iter(dims.values()))
+    if any(dim != first for dim in dims.values()):
+        described = ", ".join(f"{name} has {dim}" for name, dim in dims.items())
+        raise ValueError(f"feature dimensions must match, got {described}")
+
+
+def fake_index(name: str, t: Tensor | None, *, length=None, device=None) -> None:
+    """The metadata half of ``_checks.index_vector`` / ``_checks.offsets``."""
+    if t is None:
+        return
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}; move it with .to(device)")
+
+
+def dynamic_size(op: str, *tensors: Tensor):
+    """An unbacked symbolic size for a data-dependent output of ``op``.
+
+    Only fake tensors (torch.compile, FakeTensorMode) can carry one; plain meta tensors
+    cannot, so ``op`` on meta tensors raises a ValueError naming it.
+    """
+    if torch._guards.detect_fake_mode(tensors) is None:
+        raise ValueError(f"{op}: the size of its output depends on the input values, so it cannot run on "
+                         "meta tensors; call it on real tensors (under torch.compile or FakeTensorMode it "
+                         "traces with a symbolic size)")
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+# ----------------------------------------------------------------------------- topk_anchors
 
 def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
                  metric: str = "sqeuclidean", anchor_offsets: torch.Tensor | None = None,
@@ -14,7 +97,10 @@ def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
     r"""The ``k`` nearest anchors of every query, searched inside one segment per query.
 
     DAL Eq. 2 (rank-1 anchor of a tracklet in its own camera); the neighbour search
-    of UTAL (Eq. 9) and TSSL (Eq. 5).
+    of UTAL (Eq. 9) and TSSL (Eq. 5). Not differentiable: behaves as under
+    ``torch.no_grad`` (inputs that require grad are accepted and detached).
+    Runs as the custom op ``torch.ops.fastassoc.topk_anchors``; its output shapes follow
+    from the input shapes, so it also runs on meta tensors.
 
     Parameters
     ----------
@@ -43,6 +129,22 @@ def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
         Ties go to the smaller anchor index. Rows with fewer than ``k`` candidates
         are padded with ``(inf, -1)``.
     """
+    queries = tensor_input("queries", queries)
+    anchors = tensor_input("anchors", anchors)
+    anchor_offsets = optional_tensor_input("anchor_offsets", anchor_offsets)
+    query_segments = optional_tensor_input("query_segments", query_segments)
+    exclude = optional_tensor_input("exclude", exclude)
+    k = _checks.non_negative_int("k", k)
+    metric = _checks.choice("metric", metric, _checks.METRICS)
+    precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    return torch.ops.fastassoc.topk_anchors(queries, anchors, k, metric, anchor_offsets, query_segments, exclude,
+                                            precision, backend_name(backend))
+
+
+@torch.library.custom_op("fastassoc::topk_anchors", mutates_args=())
+def _topk_anchors_op(queries: Tensor, anchors: Tensor, k: int, metric: str, anchor_offsets: Optional[Tensor],
+                     query_segments: Optional[Tensor], exclude: Optional[Tensor], precision: str,
+                     backend: str) -> tuple[Tensor, Tensor]:
     queries = _checks.features("queries", queries)
     anchors = _checks.features("anchors", anchors)
     _checks.same_device(queries=queries, anchors=anchors)
@@ -53,6 +155,8 @@ def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
     num_queries, num_anchors = queries.shape[0], anchors.shape[0]
     device = queries.device
+    # float32 distances + int64 indices per output entry.
+    _checks.allocation("k", num_queries * k, 12, device=device, what=f"[{num_queries}, k] distances and indices")
     if anchor_offsets is None:
         anchor_offsets = torch.tensor([0, num_anchors], dtype=torch.int64, device=device)
     else:
@@ -76,6 +180,23 @@ def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
     return impl(queries, anchors, k, metric, anchor_offsets, query_segments, exclude, precision)
 
 
+@_topk_anchors_op.register_fake
+def _topk_anchors_fake(queries, anchors, k, metric, anchor_offsets, query_segments, exclude, precision, backend):
+    fake_features("queries", queries)
+    fake_features("anchors", anchors)
+    _checks.same_device(queries=queries, anchors=anchors)
+    _checks.same_dtype(queries=queries, anchors=anchors)
+    fake_same_feature_dim(queries=queries, anchors=anchors)
+    num_queries, device = queries.shape[0], queries.device
+    fake_index("anchor_offsets", anchor_offsets, device=device)
+    fake_index("query_segments", query_segments, length=num_queries, device=device)
+    fake_index("exclude", exclude, length=num_queries, device=device)
+    return (queries.new_empty((num_queries, k), dtype=torch.float32),
+            queries.new_empty((num_queries, k), dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- mutual_knn
+
 def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 1, *, metric: str = "sqeuclidean",
                max_distance: float | None = None, precision: str = "highest",
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,6 +205,13 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 1, *, metric: str = "s
     A pair ``(i, j)`` is kept when ``b[j]`` is among the ``k`` nearest of ``a[i]`` in ``b``
     **and** ``a[i]`` is among the ``k`` nearest of ``b[j]`` in ``a`` (ties to the smaller
     index, as in :func:`topk_anchors`), and, if given, ``distance <= max_distance``.
+    Not differentiable: behaves as under ``torch.no_grad`` (inputs that require grad are
+    accepted and detached). Runs as the custom op ``torch.ops.fastassoc.mutual_knn``;
+    the number of pairs ``P`` depends on the values, so it traces under torch.compile
+    with a symbolic ``P`` (with ``fullgraph=True``, or else
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``; without either
+    dynamo breaks the graph here, as it does at ``torch.nonzero``) and raises ValueError
+    on meta tensors.
 
     Parameters
     ----------
@@ -102,6 +230,18 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 1, *, metric: str = "s
     distances : Tensor [P], float32
         Sorted by ``(ia, ib)``.
     """
+    a = tensor_input("a", a)
+    b = tensor_input("b", b)
+    k = _checks.non_negative_int("k", k)
+    metric = _checks.choice("metric", metric, _checks.METRICS)
+    precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    max_distance = _checks.real("max_distance", max_distance, allow_none=True)
+    return torch.ops.fastassoc.mutual_knn(a, b, k, metric, max_distance, precision, backend_name(backend))
+
+
+@torch.library.custom_op("fastassoc::mutual_knn", mutates_args=())
+def _mutual_knn_op(a: Tensor, b: Tensor, k: int, metric: str, max_distance: Optional[float], precision: str,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     a = _checks.features("a", a)
     b = _checks.features("b", b)
     _checks.same_device(a=a, b=b)
@@ -111,5 +251,19 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 1, *, metric: str = "s
     metric = _checks.choice("metric", metric, _checks.METRICS)
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
     max_distance = _checks.real("max_distance", max_distance, allow_none=True)
+    # k past both sets keeps every pair: the same result without k-sized scratch.
+    k = min(k, max(a.shape[0], b.shape[0]))
     _, impl = _backend.resolve("mutual_knn", backend, {"a": a, "b": b})
     return impl(a, b, k, metric, max_distance, precision)
+
+
+@_mutual_knn_op.register_fake
+def _mutual_knn_fake(a, b, k, metric, max_distance, precision, backend):
+    fake_features("a", a)
+    fake_features("b", b)
+    _checks.same_device(a=a, b=b)
+    _checks.same_dtype(a=a, b=b)
+    fake_same_feature_dim(a=a, b=b)
+    num_pairs = dynamic_size("mutual_knn", a, b)
+    return (a.new_empty((num_pairs,), dtype=torch.int64), a.new_empty((num_pairs,), dtype=torch.int64),
+            a.new_empty((num_pairs,), dtype=torch.float32))
