@@ -152,6 +152,22 @@ def test_compiled_step_with_inductor_equals_eager():
     _compare_with_eager("cpu", "inductor")
 
 
+def test_compiled_step_follows_new_batch_sizes_with_symbolic_shapes():
+    # A second size recompiles once with symbolic sizes (the fake implementations must
+    # handle SymInts); a third reuses that graph.
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(_step, backend="aot_eager", fullgraph=True)
+    for rows in (24, 30, 36):
+        features, bank, cameras, offsets = _step_inputs(rows=rows)
+        eager_bank, compiled_bank = bank.clone(), bank.clone()
+        eager = _step(features, eager_bank, cameras, offsets, "reference")
+        got = compiled(features, compiled_bank, cameras, offsets, "reference")
+        assert all(torch.equal(want, have) for want, have in zip(eager[1:], got[1:])), f"{rows} rows"
+        assert torch.equal(eager_bank, compiled_bank), f"{rows} rows"
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
 def test_explain_counts_one_graph():
     # Without fullgraph=True dynamo only captures ops with data-dependent output sizes
     # (mutual_knn's pairs, CSR nnz; torch.nonzero alike) when told to.
