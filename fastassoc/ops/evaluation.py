@@ -35,7 +35,8 @@ class RankingResult:
 
     @property
     def rank1(self) -> float:
-        return float(self.cmc[0]) if self.cmc.numel() else float("nan")
+        # len() rather than numel(): cmc is a NumPy/CuPy array when the inputs were.
+        return float(self.cmc[0]) if len(self.cmc) else float("nan")
 
 
 def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch.Tensor,
