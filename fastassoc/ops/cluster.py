@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .knn import backend_name, fake_features, fake_index, tensor_input
+from ._custom import backend_name, fake_features, fake_index, tensor_input
 
 LINKAGES = ("tssl", "centroid", "buc")
 

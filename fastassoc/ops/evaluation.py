@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .knn import backend_name, fake_features, fake_index, fake_same_feature_dim, tensor_input
+from ._custom import backend_name, fake_features, fake_index, fake_same_feature_dim, tensor_input
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import _backend
 from . import _checks
 from ._sparse import CSRMatrix
-from .knn import backend_name, dynamic_size, fake_features, fake_index, flag, tensor_input
+from ._custom import backend_name, dynamic_size, fake_features, fake_index, flag, tensor_input
 
 
 def _components(matrix: torch.Tensor) -> tuple[Tensor, Tensor, Tensor]:

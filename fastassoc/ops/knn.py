@@ -1,11 +1,8 @@
 """Nearest-anchor ranking and mutual nearest neighbours (DAL Eqs. 2 and 4, UTAL Eq. 9).
 
-Every public op of fastassoc is a torch custom op (``torch.ops.fastassoc.<op>``) so that
-``torch.compile(fullgraph=True)`` sees one opaque node per call: the public function
-only checks argument types, detaches its inputs (the ops are not differentiable) and
-calls the op; the op's real implementation validates values, picks a backend and runs
-the kernel; its fake implementation checks metadata and gives output shapes. The
-helpers shared by the op families live here.
+Both are torch custom ops (``torch.ops.fastassoc.topk_anchors``, ``.mutual_knn``); see
+:mod:`fastassoc.ops._custom` for how a public op, its real and its fake implementation split
+the work.
 """
 from __future__ import annotations
 
@@ -16,82 +13,16 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-
-
-# ----------------------------------------------------------------------------- shared by the op families
-
-def tensor_input(name: str, value) -> Tensor:
-    """``value`` detached from autograd: the non-differentiable ops behave as under no_grad."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__} {value!r:.80}")
-    return value.detach()
-
-
-def optional_tensor_input(name: str, value) -> Tensor | None:
-    return None if value is None else tensor_input(name, value)
-
-
-def backend_name(backend) -> str:
-    # The backend name itself is checked when the op resolves it; the schema needs a str.
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return backend
-
-
-def flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def fake_features(name: str, x: Tensor) -> None:
-    """The metadata half of ``_checks.features``: what a fake (or meta) tensor can show."""
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have 2 dimensions, got shape {tuple(x.shape)}")
-    if x.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
-def fake_same_feature_dim(**tensors: Tensor) -> None:
-    """``_checks.same_feature_dim`` for symbolic sizes (which are not hashable)."""
-    dims = {name: t.shape[-1] for name, t in tensors.items()}
-    first = next(iter(dims.values()))
-    if any(dim != first for dim in dims.values()):
-        described = ", ".join(f"{name} has {dim}" for name, dim in dims.items())
-        raise ValueError(f"feature dimensions must match, got {described}")
-
-
-def fake_index(name: str, t: Tensor | None, *, length=None, device=None) -> None:
-    """The metadata half of ``_checks.index_vector`` / ``_checks.offsets``."""
-    if t is None:
-        return
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if length is not None and t.shape[0] != length:
-        raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the features are on {device}; move it with .to(device)")
-
-
-def dynamic_size(op: str, *tensors: Tensor):
-    """An unbacked symbolic size for a data-dependent output of ``op``.
-
-    Only fake tensors (torch.compile, FakeTensorMode) can carry one; plain meta tensors
-    cannot, so ``op`` on meta tensors raises a ValueError naming it.
-    """
-    if torch._guards.detect_fake_mode(tensors) is None:
-        raise ValueError(f"{op}: the size of its output depends on the input values, so it cannot run on "
-                         "meta tensors; call it on real tensors (under torch.compile or FakeTensorMode it "
-                         "traces with a symbolic size)")
-    return torch.library.get_ctx().new_dynamic_size()
+from ..segments import segments_from_labels
+from ._custom import backend_name, dynamic_size, fake_features, fake_index, fake_same_feature_dim, \
+    optional_tensor_input, tensor_input
 
 
 # ----------------------------------------------------------------------------- topk_anchors
 
 def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
                  metric: str = "sqeuclidean", anchor_offsets: torch.Tensor | None = None,
+                 anchor_segments: torch.Tensor | None = None,
                  query_segments: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
                  precision: str = "highest", backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     r"""The ``k`` nearest anchors of every query, searched inside one segment per query.
@@ -113,8 +44,16 @@ def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
     anchor_offsets : Tensor [S+1], integer, optional
         Anchors ``anchor_offsets[s] : anchor_offsets[s+1]`` form segment ``s`` (e.g. one
         camera). Default: one segment holding every anchor.
-    query_segments : Tensor [B], integer in [0, S), optional
-        The segment each query searches. Default: 0 for every query.
+    anchor_segments : Tensor [N], integer >= 0, optional
+        The segment label of every anchor (e.g. its camera id), in any order, instead of
+        ``anchor_offsets``; labels may be arbitrarily large. ``query_segments`` then holds the
+        label each query searches (a label no anchor has finds nothing). Runs on a stably
+        label-sorted copy of ``anchors`` (one N x D gather: sort a fixed anchor set once and
+        pass offsets when calling often); ``exclude`` and the returned ``indices`` stay in the
+        caller's anchor order. See :func:`fastassoc.segments_from_labels`.
+    query_segments : Tensor [B], integer, optional
+        The segment each query searches: in [0, S) with ``anchor_offsets``, a label with
+        ``anchor_segments``. Default: 0 for every query (one segment only).
     exclude : Tensor [B], integer in [-1, N), optional
         One anchor index each query must skip (its own tracklet); -1 skips nothing.
     precision : {"highest", "tf32"}
@@ -137,6 +76,20 @@ def topk_anchors(queries: torch.Tensor, anchors: torch.Tensor, k: int = 1, *,
     k = _checks.non_negative_int("k", k)
     metric = _checks.choice("metric", metric, _checks.METRICS)
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
+    if anchor_segments is not None:
+        if anchor_offsets is not None:
+            raise ValueError("give anchor_offsets (rows already grouped) or anchor_segments (a label per row), "
+                             "not both")
+        if query_segments is None:
+            raise ValueError("query_segments (the label each query searches) is required with anchor_segments")
+        fake_features("anchors", anchors)
+        layout = segments_from_labels(tensor_input("anchor_segments", anchor_segments), length=anchors.shape[0],
+                                      device=anchors.device, name="anchor_segments")
+        distances, indices = torch.ops.fastassoc.topk_anchors(
+            queries, anchors[layout.order], k, metric, layout.offsets,
+            layout.segment_of(query_segments, name="query_segments"),
+            None if exclude is None else layout.to_sorted(exclude, name="exclude"), precision, backend_name(backend))
+        return distances, layout.to_original(indices)
     return torch.ops.fastassoc.topk_anchors(queries, anchors, k, metric, anchor_offsets, query_segments, exclude,
                                             precision, backend_name(backend))
 

@@ -26,13 +26,15 @@ from torch import Tensor
 from .. import _backend
 from . import _checks
 from ._sparse import CSRMatrix
-from .knn import backend_name, fake_features, fake_index, fake_same_feature_dim, tensor_input
+from ..segments import renumber_csr_columns, segments_from_labels
+from ._custom import backend_name, fake_features, fake_index, fake_same_feature_dim, tensor_input
 
 OP = "segmented_cross_entropy"
 
 
 def segmented_cross_entropy(features: torch.Tensor, weight: torch.Tensor, targets, *,
-                            class_offsets: torch.Tensor | None = None, scale: float = 1.0,
+                            class_offsets: torch.Tensor | None = None,
+                            class_segments: torch.Tensor | None = None, scale: float = 1.0,
                             backend: str = "auto") -> torch.Tensor:
     r"""Soft-target cross-entropy with one softmax per class segment (camera).
 
@@ -61,6 +63,11 @@ def segmented_cross_entropy(features: torch.Tensor, weight: torch.Tensor, target
         Non-negative, finite target weights; repeated columns in a row add up.
     class_offsets : Tensor [S+1], integer, optional
         Classes ``class_offsets[s] : class_offsets[s+1]`` share one softmax. Default: one segment.
+    class_segments : Tensor [C], integer >= 0, optional
+        The segment label of every class (e.g. the camera of each class row), in any order,
+        instead of ``class_offsets``: classes sharing a label share one softmax. Runs on the
+        label-sorted rows of ``weight`` (one C x D gather; gradients reach the caller's rows)
+        with ``targets``' columns renumbered to match; the loss is unchanged.
     scale : float
         Logit scale ``s`` (``1/tau`` for temperature ``tau``); refused when ``s f.w`` can
         overflow the compute dtype.
@@ -86,6 +93,18 @@ def segmented_cross_entropy(features: torch.Tensor, weight: torch.Tensor, target
     weight = _differentiable_input("weight", weight)
     crow, col, values = _target_components(targets, features, weight)
     class_offsets = None if class_offsets is None else tensor_input("class_offsets", class_offsets)
+    if class_segments is not None:
+        if class_offsets is not None:
+            raise ValueError("give class_offsets (classes already grouped) or class_segments (a label per class), "
+                             "not both")
+        fake_features("features", features)
+        fake_features("weight", weight)
+        layout = segments_from_labels(tensor_input("class_segments", class_segments), length=weight.shape[0],
+                                      device=weight.device, name="class_segments")
+        weight = weight[layout.order]
+        crow, col, values, _ = renumber_csr_columns(
+            CSRMatrix(crow, col, values, (features.shape[0], weight.shape[0])), layout.inverse, name="targets")
+        class_offsets = layout.offsets
     scale = _checks.real("scale", scale)
     loss, _, _ = torch.ops.fastassoc.segmented_cross_entropy_forward(
         features, weight, crow, col, values, class_offsets, scale, backend_name(backend))
@@ -100,14 +119,7 @@ def _differentiable_input(name: str, value) -> Tensor:
 
 def _target_components(targets, features: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``targets``' crow, col and (detached) values; the size is checked here, the rest by the op."""
-    if isinstance(targets, CSRMatrix):
-        crow, col, values, size = targets
-    elif isinstance(targets, torch.Tensor) and targets.layout == torch.sparse_csr:
-        crow, col, values, size = targets.crow_indices(), targets.col_indices(), targets.values(), targets.shape
-    else:
-        got = f"layout {targets.layout}" if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise TypeError(f"targets must be a torch sparse CSR tensor (tensor.to_sparse_csr()) or a "
-                        f"fastassoc CSRMatrix, got {got}")
+    crow, col, values, size = _checks.csr_components("targets", targets)
     if features.dim() == 2 and weight.dim() == 2:
         # The components do not carry the column count: it is checked here, once.
         expected = (features.shape[0], weight.shape[0])

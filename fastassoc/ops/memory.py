@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .knn import backend_name, fake_features, fake_index, fake_same_feature_dim, flag, tensor_input
+from ._custom import backend_name, fake_features, fake_index, fake_same_feature_dim, flag, tensor_input
 
 REDUCTIONS = ("mean", "sum", "sequential")
 
