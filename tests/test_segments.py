@@ -181,14 +181,9 @@ def test_segments_trace_without_graph_breaks():
 # -- the topk_anchors wiring: anchors labelled in any order -----------------------------------------
 
 def topk_by_labels(queries, anchors, k, anchor_segments, query_segments, exclude, backend):
-    """The body proposed for ``topk_anchors(..., anchor_segments=...)`` (see the report)."""
-    seg = segments_from_labels(anchor_segments, length=anchors.shape[0], device=anchors.device,
-                               name="anchor_segments")
-    distances, indices = fastassoc.topk_anchors(
-        queries, anchors[seg.order], k, anchor_offsets=seg.offsets,
-        query_segments=seg.segment_of(query_segments, name="query_segments"),
-        exclude=None if exclude is None else seg.to_sorted(exclude, name="exclude"), backend=backend)
-    return distances, seg.to_original(indices)
+    """``topk_anchors`` with a label per anchor, in the caller's anchor order."""
+    return fastassoc.topk_anchors(queries, anchors, k, anchor_segments=anchor_segments,
+                                  query_segments=query_segments, exclude=exclude, backend=backend)
 
 
 def _oracle_topk(queries, anchors, k, anchor_labels, query_labels, exclude):
@@ -262,12 +257,9 @@ def test_topk_with_labels_equals_the_presorted_layout():
 # -- the segmented_cross_entropy wiring: classes labelled in any order ------------------------------
 
 def loss_by_labels(features, weight, targets, class_segments, scale, backend):
-    """The body proposed for ``segmented_cross_entropy(..., class_segments=...)`` (see the report)."""
-    seg = segments_from_labels(class_segments, length=weight.shape[0], device=weight.device,
-                               name="class_segments")
-    return fastassoc.segmented_cross_entropy(features, weight[seg.order],
-                                             renumber_csr_columns(targets, seg.inverse, name="targets"),
-                                             class_offsets=seg.offsets, scale=scale, backend=backend)
+    """``segmented_cross_entropy`` with a label per class, in the caller's class order."""
+    return fastassoc.segmented_cross_entropy(features, weight, targets, class_segments=class_segments,
+                                             scale=scale, backend=backend)
 
 
 def _oracle_loss(features, weight, dense_targets, class_labels, scale):
@@ -437,3 +429,16 @@ def test_methods_base_reexports_the_public_helpers():
     from fastassoc.methods import base
 
     assert base.CameraLayout is CameraLayout and base.csr_rows is csr_rows and base.one_hot_csr is one_hot_csr
+
+
+def test_ops_refuse_offsets_and_labels_together():
+    x = torch.randn(6, 3)
+    labels = torch.tensor([2, 0, 2, 1, 0, 1])
+    offsets = torch.tensor([0, 2, 4, 6])
+    with pytest.raises(ValueError, match="anchor_offsets .* or anchor_segments"):
+        fastassoc.topk_anchors(x, x, 1, anchor_offsets=offsets, anchor_segments=labels, query_segments=labels)
+    with pytest.raises(ValueError, match="query_segments .* is required with anchor_segments"):
+        fastassoc.topk_anchors(x, x, 1, anchor_segments=labels)
+    targets = fastassoc.one_hot_csr(torch.arange(6), 6)
+    with pytest.raises(ValueError, match="class_offsets .* or class_segments"):
+        fastassoc.segmented_cross_entropy(x, x, targets, class_offsets=offsets, class_segments=labels)
