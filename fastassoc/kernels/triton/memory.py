@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
+from ._common import launch
 
 _EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's eps
 _MAX_BLOCK_D = 1 << 20
@@ -163,10 +164,11 @@ def ema_update_triton(bank: torch.Tensor, index: torch.Tensor, values: torch.Ten
     momentum_pair = torch.full((2,), momentum, dtype=acc_dtype, device=bank.device)
     momentum_pair[1] = 1.0 - momentum
     num_warps = 4 if block_d <= 2048 else 8
-    _ema_update_kernel[(count,)](
+    launch(
+        _ema_update_kernel, (count,),
         bank, values, order, sorted_index, run_end, momentum_pair,
         dim,
-        bank.stride(0), values.stride(0),
+        bank.stride(0), values.stride(0), device=bank.device, op="ema_update_",
         NORMALIZE=normalize, REDUCE=_REDUCE_CODES[reduce],
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         BF16_RNE=bank.dtype == torch.bfloat16 and triton_interpret(),
