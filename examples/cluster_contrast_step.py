@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     same = bool(np.array_equal(sklearn_labels, labels_np))
     print(f"drop-in (compat.compute_jaccard_distance(sparse=True) + sklearn DBSCAN): same labels: {same}")
     return dict(num_clusters=num_clusters, noise_fraction=float((labels_np < 0).mean()), purity=cluster_purity,
-                labels=labels_np, identities=identities, features=features, centres=memory, counts=counts, same_as_sklearn=same)
+                labels=labels_np, identities=identities, features=features, centres=memory, counts=counts,
+                same_as_sklearn=same)
 
 
 if __name__ == "__main__":

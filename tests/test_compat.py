@@ -16,6 +16,8 @@ so every row's weights sum to one and the original's diagonal is 0 up to roundin
 """
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -23,6 +25,7 @@ import torch
 from sklearn.cluster import DBSCAN
 
 import fastassoc
+from fastassoc import compat
 from fastassoc.compat import compute_jaccard_distance, re_ranking
 
 TOLERANCE = 1e-5
@@ -269,7 +272,8 @@ def rerank_inputs(kind: str, num_query: int, num_gallery: int, seed: int):
     query, gallery = rows[:num_query], rows[num_query:]
     if kind == "cosine":
         return 1 - query @ gallery.T, 1 - query @ query.T, 1 - gallery @ gallery.T
-    q_g, q_q, g_g = squared_distances(query, gallery), squared_distances(query, query), squared_distances(gallery, gallery)
+    q_g = squared_distances(query, gallery)
+    q_q, g_g = squared_distances(query, query), squared_distances(gallery, gallery)
     if kind == "asymmetric":
         # torchreid reads the joint matrix through a transpose (column maxima, then .T): a
         # clearly asymmetric one tells the orientations apart (GEMM-made ones are slightly so).
@@ -280,8 +284,8 @@ def rerank_inputs(kind: str, num_query: int, num_gallery: int, seed: int):
 
 @pytest.mark.parametrize("kind, num_query, num_gallery, k1, k2, lambda_value", [
     ("reid", 30, 90, 20, 6, 0.3), ("reid", 45, 70, 7, 3, 0.5), ("quantised", 40, 80, 10, 4, 0.3),
-    ("quantised", 25, 60, 6, 1, 0.0), ("cosine", 35, 85, 20, 6, 0.3), ("asymmetric", 30, 75, 12, 8, 0.4), ("reid", 20, 40, 5, 2, 1.0),
-    ("reid", 5, 8, 20, 6, 0.3),
+    ("quantised", 25, 60, 6, 1, 0.0), ("cosine", 35, 85, 20, 6, 0.3), ("asymmetric", 30, 75, 12, 8, 0.4),
+    ("reid", 20, 40, 5, 2, 1.0), ("reid", 5, 8, 20, 6, 0.3),
 ])
 def test_re_ranking_equals_torchreid_semantics(kind, num_query, num_gallery, k1, k2, lambda_value):
     q_g, q_q, g_g = rerank_inputs(kind, num_query, num_gallery, num_query * 7 + k1)
@@ -324,3 +328,8 @@ def test_re_ranking_bad_inputs():
         re_ranking(q_g, q_q, g_g, lambda_value=1.5)
     with pytest.raises(TypeError, match="q_g_dist must be a NumPy array"):
         re_ranking(q_g.tolist(), q_q, g_g)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(compat, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 2 and result.failed == 0, result
