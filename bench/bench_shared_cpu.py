@@ -27,7 +27,7 @@ loaded timings; ``extra_info`` holds quiet/loaded medians, both slowdowns and
 time: on a shared box the figures are noisy, so they are recorded, not enforced.
 
 Run: ``pytest bench/bench_shared_cpu.py --benchmark-only`` or, for a plain table,
-``python bench/bench_shared_cpu.py [case ...]``.
+``python bench/bench_shared_cpu.py [--providers cpu,faiss] [case ...]``.
 """
 from __future__ import annotations
 
@@ -258,6 +258,10 @@ def test_shared_cpu_slowdown(benchmark, report, case, provider):
 # ----------------------------------------------------------------------------- plain table
 
 def main(argv: list[str]) -> None:
+    """``python bench/bench_shared_cpu.py [--providers cpu,faiss] [case ...]``: a plain table."""
+    only = None
+    if argv[:1] == ["--providers"]:
+        only, argv = set(argv[1].split(",")), argv[2:]
     cases = argv or list(CASES)
     print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
           f"scale {SCALE}, {ROUNDS} rounds x {REPEATS} calls per state")
@@ -265,6 +269,8 @@ def main(argv: list[str]) -> None:
           f"{'mm quiet':>9} {'mm loaded':>10} {'mm slow':>8} {'vs mm':>6}")
     for case in cases:
         for provider in ("cpu", "reference") + PEERS.get(case, ()):
+            if only is not None and provider not in only:
+                continue
             f = measure(case, provider)
             print(f"{case:<20} {provider:<10} {f['op_quiet_s'] * 1e3:9.2f} {f['op_loaded_s'] * 1e3:10.2f} "
                   f"{f['op_slowdown']:9.2f} {f['mm_quiet_s'] * 1e3:9.2f} {f['mm_loaded_s'] * 1e3:10.2f} "
