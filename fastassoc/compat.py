@@ -12,7 +12,9 @@ from it (exact search instead of faiss' choice, ties to the smaller index, degen
 the original turns into NaN or garbage) the docstrings say so. Public sources they match:
 
 * SpCL ``spcl/utils/faiss_rerank.py`` at commit ``01a486e50f7324520a7d9e3741d6c7e1cfd540cf``
-  (github.com/yxgeee/SpCL; cluster-contrast's copy has the same semantics);
+  (github.com/yxgeee/SpCL), and cluster-contrast's ``clustercontrast/utils/faiss_rerank.py`` at
+  commit ``57b62e95eb3ade3da4a464c5eead69ca7d5f4e1d`` (github.com/alibaba/cluster-contrast-reid),
+  which differs from SpCL's only in whitespace;
 * deep-person-reid ``torchreid/utils/rerank.py`` at commit
   ``5ce43185b156c19c60d19be97dfb5ad89423e52c`` (github.com/KaiyangZhou/deep-person-reid).
 """
@@ -58,8 +60,9 @@ def compute_jaccard_distance(target_features, k1: int = 20, k2: int = 6, print_f
     r"""SpCL's ``compute_jaccard_distance``: k-reciprocal Jaccard distances between all rows.
 
     Matches ``spcl/utils/faiss_rerank.py`` of github.com/yxgeee/SpCL at commit
-    ``01a486e50f7324520a7d9e3741d6c7e1cfd540cf`` (cluster-contrast's ``faiss_rerank.py`` is the
-    same function): the k1-nearest lists by squared Euclidean distance with the row itself first,
+    ``01a486e50f7324520a7d9e3741d6c7e1cfd540cf`` and cluster-contrast's
+    ``clustercontrast/utils/faiss_rerank.py`` at ``57b62e95eb3ade3da4a464c5eead69ca7d5f4e1d`` (the
+    same function up to whitespace): the k1-nearest lists by squared Euclidean distance with the row itself first,
     k-reciprocal sets over ``k1`` and ``round(k1 / 2) + 1`` neighbours, the 2/3-overlap expansion,
     weights :math:`\mathrm{softmax}(-(2 - 2 x_i \cdot x_j))`, query expansion over the ``k2``
     nearest and :math:`J_{ij} = 1 - m_{ij} / (2 - m_{ij})`, negatives set to 0 (Zhong et al.,
