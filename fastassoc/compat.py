@@ -148,7 +148,13 @@ def compute_jaccard_distance(target_features, k1: int = 20, k2: int = 6, print_f
         result = scipy.sparse.csr_matrix((values, cols, crow), shape=(num_rows, num_rows))
     else:
         result = np.ones((num_rows, num_rows), dtype=np.float16 if use_float16 else np.float32)
-        result[np.repeat(np.arange(num_rows), np.diff(crow)), cols] = values
+        # Row blocks: a row index per stored entry at once would cost 8 bytes per pair.
+        step = max(1, _backend.tile_elements() // max(num_rows, 1))
+        for start in range(0, num_rows, step):
+            stop = min(start + step, num_rows)
+            first, last = crow[start], crow[stop]
+            local_rows = np.repeat(np.arange(stop - start), np.diff(crow[start:stop + 1]))
+            result[start:stop][local_rows, cols[first:last]] = values[first:last]
     if print_flag:
         print("Jaccard distance computing time cost: {}".format(time.time() - start))
     return result
