@@ -24,7 +24,6 @@ import numbers
 import time
 
 import numpy as np
-import scipy.sparse
 import torch
 
 from . import _backend
@@ -145,6 +144,7 @@ def compute_jaccard_distance(target_features, k1: int = 20, k2: int = 6, print_f
     cols = matrix.col_indices.cpu().numpy()
     values = matrix.values.cpu().numpy().astype(np.float32, copy=False)
     if sparse:
+        import scipy.sparse        # only this form needs scipy (not a core dependency)
         result = scipy.sparse.csr_matrix((values, cols, crow), shape=(num_rows, num_rows))
     else:
         result = np.ones((num_rows, num_rows), dtype=np.float16 if use_float16 else np.float32)
