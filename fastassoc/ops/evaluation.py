@@ -1,6 +1,7 @@
 """Re-id ranking evaluation: CMC, mAP and mINP under the Market-1501 / MARS protocol."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +43,34 @@ class RankingResult:
 def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch.Tensor,
                      gallery_pids: torch.Tensor, query_cameras: torch.Tensor, gallery_cameras: torch.Tensor,
                      *, metric: str = "euclidean", max_rank: int = 50, precision: str = "highest",
-                     backend: str = "auto") -> RankingResult:
+                     rerank: Mapping | None = None, backend: str = "auto") -> RankingResult:
     r"""CMC, mAP and mINP of ranking ``gallery`` for every query (Market-1501 / MARS protocol).
 
     Gallery entries with the query's identity *and* camera, and entries with identity
     -1, are junk: removed from that query's ranking. Queries without a true match are
     skipped. Ties in distance are ranked by gallery index. Never holds the Q x G
     distance matrix beyond a bounded tile.
+
+    With ``rerank``, the gallery is ranked by torchreid's ``re_ranking`` final distance
+    (Zhong et al., CVPR 2017) over query and gallery together, as torchreid's engine computes
+    it for the same features and ``metric``: it passes ``compute_distance_matrix(qf, gf,
+    metric)`` -- the *squared* Euclidean distance for ``"euclidean"``, ``1 - cos`` for
+    ``"cosine"`` -- and ``re_ranking`` squares it again. So, with ``d`` the squared Euclidean
+    distance (``"euclidean"`` and ``"sqeuclidean"``) or ``1 - cos`` (``"cosine"``)::
+
+        final[q, g] = (1 - lambda_value) * J[q, g] + lambda_value * d[q, g]^2 / max_r d[q, r]^2
+
+    ``max_r`` over all query and gallery rows (torchreid's per-column maximum, the query's
+    column; 0 where every row equals the query, where torchreid divides 0 by 0), ``J`` the
+    Jaccard distance of :func:`fastassoc.jaccard_distance` with ``weighting="zhong"``, ``k1``,
+    ``k2`` over all query and gallery rows (k-reciprocal sets and the shared weights run over
+    both, as torchreid's do), 1 where nothing is shared. Memory stays bounded: the sparse
+    k-reciprocal weights plus per-query-chunk tiles of ``final``; never a (Q + G)^2 array.
+    The re-ranked path always runs the reference implementation (pure torch, on the inputs'
+    device), whatever ``backend`` is; ``backend`` is still checked as without ``rerank``.
+    With ``lambda_value=1`` the order is that of ``d`` (the scaling per query is positive),
+    so the result equals the plain evaluation's unless squaring and scaling round two
+    different distances of one query to the same value.
 
     Not differentiable: behaves as under ``torch.no_grad`` (inputs that require grad are
     accepted and detached). The computation runs as the custom op
@@ -67,6 +89,10 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     max_rank : int >= 1
         Length of the CMC curve; ranks past the gallery size repeat the last value.
     precision : {"highest", "tf32"}
+    rerank : dict, optional
+        ``{"k1": int >= 1, "k2": int in [1, k1], "lambda_value": float in [0, 1]}``; missing
+        keys take torchreid's defaults ``k1=20, k2=6, lambda_value=0.3`` (``{}`` re-ranks with
+        all defaults). Runs as the custom op ``torch.ops.fastassoc.evaluate_ranking_reranked``.
     backend : {"auto", "reference", "cpu", "triton", "cuda"}
 
     Returns
@@ -87,9 +113,15 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     metric = _checks.choice("metric", metric, _checks.METRICS)
     max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
-    cmc, scores = torch.ops.fastassoc.evaluate_ranking(query, gallery, query_pids, gallery_pids, query_cameras,
-                                                       gallery_cameras, metric, max_rank, precision,
-                                                       backend_name(backend))
+    if rerank is None:
+        cmc, scores = torch.ops.fastassoc.evaluate_ranking(query, gallery, query_pids, gallery_pids, query_cameras,
+                                                           gallery_cameras, metric, max_rank, precision,
+                                                           backend_name(backend))
+    else:
+        k1, k2, lambda_value = _rerank_options(rerank)
+        cmc, scores = torch.ops.fastassoc.evaluate_ranking_reranked(
+            query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank, precision,
+            k1, k2, lambda_value, backend_name(backend))
     if scores.is_meta:
         raise ValueError("evaluate_ranking: mAP, mINP and the number of valid queries are values of the inputs, "
                          "so they cannot be computed from meta tensors; call it on real tensors")
@@ -97,10 +129,34 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     return RankingResult(cmc=cmc, mAP=mean_ap, mINP=mean_inp, num_valid_queries=int(num_valid))
 
 
-@torch.library.custom_op("fastassoc::evaluate_ranking", mutates_args=())
-def _evaluate_ranking_op(query: Tensor, gallery: Tensor, query_pids: Tensor, gallery_pids: Tensor,
-                         query_cameras: Tensor, gallery_cameras: Tensor, metric: str, max_rank: int,
-                         precision: str, backend: str) -> tuple[Tensor, Tensor]:
+RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
+
+
+def _rerank_options(rerank) -> tuple[int, int, float]:
+    """``(k1, k2, lambda_value)`` of a ``rerank`` mapping, defaults filled in, every error naming ``rerank``."""
+    if not isinstance(rerank, Mapping):
+        raise TypeError(f"rerank must be None or a dict with keys 'k1', 'k2', 'lambda_value', "
+                        f"got {type(rerank).__name__}")
+    unknown = [key for key in rerank if key not in RERANK_DEFAULTS]
+    if unknown:
+        raise ValueError(f"rerank has unknown key(s) {', '.join(map(repr, unknown))}; it takes 'k1', 'k2' and "
+                         "'lambda_value' (torchreid's re_ranking parameters)")
+    return _checked_rerank(**{**RERANK_DEFAULTS, **rerank})
+
+
+def _checked_rerank(k1, k2, lambda_value) -> tuple[int, int, float]:
+    k1 = _checks.non_negative_int("rerank['k1']", k1, minimum=1)
+    k2 = _checks.non_negative_int("rerank['k2']", k2, minimum=1)
+    if k2 > k1:
+        raise ValueError(f"rerank['k2'] must be <= rerank['k1'] ({k1}): query expansion averages over the "
+                         f"k1-nearest lists; got {k2}")
+    lambda_value = _checks.real("rerank['lambda_value']", lambda_value, low=0.0, high=1.0)
+    return k1, k2, lambda_value
+
+
+def _checked_inputs(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank,
+                    precision):
+    """What both evaluation ops validate: features, identities, cameras, options."""
     query = _checks.features("query", query)
     gallery = _checks.features("gallery", gallery)
     _checks.same_device(query=query, gallery=gallery)
@@ -120,20 +176,49 @@ def _evaluate_ranking_op(query: Tensor, gallery: Tensor, query_pids: Tensor, gal
     max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
     _checks.allocation("max_rank", max_rank, 8, device=device, what="a float64 CMC curve")
-    _, impl = _backend.resolve("evaluate_ranking", backend, {
-        "query": query, "gallery": gallery, "query_pids": query_pids, "gallery_pids": gallery_pids,
-        "query_cameras": query_cameras, "gallery_cameras": gallery_cameras})
-    result = impl(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank,
-                  precision)
+    return query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank, precision
+
+
+def _scores(result: RankingResult) -> tuple[Tensor, Tensor]:
     # float64 holds mAP and mINP (Python floats) exactly, and any realistic query count.
     scores = torch.tensor([result.mAP, result.mINP, result.num_valid_queries], dtype=torch.float64,
                           device=result.cmc.device)
     return result.cmc, scores
 
 
-@_evaluate_ranking_op.register_fake
+@torch.library.custom_op("fastassoc::evaluate_ranking", mutates_args=())
+def _evaluate_ranking_op(query: Tensor, gallery: Tensor, query_pids: Tensor, gallery_pids: Tensor,
+                         query_cameras: Tensor, gallery_cameras: Tensor, metric: str, max_rank: int,
+                         precision: str, backend: str) -> tuple[Tensor, Tensor]:
+    inputs = _checked_inputs(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
+                             max_rank, precision)
+    query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras = inputs[:6]
+    _, impl = _backend.resolve("evaluate_ranking", backend, {
+        "query": query, "gallery": gallery, "query_pids": query_pids, "gallery_pids": gallery_pids,
+        "query_cameras": query_cameras, "gallery_cameras": gallery_cameras})
+    return _scores(impl(*inputs))
+
+
+@torch.library.custom_op("fastassoc::evaluate_ranking_reranked", mutates_args=())
+def _evaluate_ranking_reranked_op(query: Tensor, gallery: Tensor, query_pids: Tensor, gallery_pids: Tensor,
+                                  query_cameras: Tensor, gallery_cameras: Tensor, metric: str, max_rank: int,
+                                  precision: str, k1: int, k2: int, lambda_value: float,
+                                  backend: str) -> tuple[Tensor, Tensor]:
+    # Imported here: the reference kernels import RankingResult from this module.
+    from ..kernels.reference.rerank import evaluate_reranked_reference
+
+    inputs = _checked_inputs(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
+                             max_rank, precision)
+    query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank, _ = inputs
+    k1, k2, lambda_value = _checked_rerank(k1, k2, lambda_value)
+    # Only checked (name, device, availability), as without rerank: every backend re-ranks with the reference.
+    _backend.resolve("evaluate_ranking", backend, {"query": query, "gallery": gallery})
+    return _scores(evaluate_reranked_reference(query, gallery, query_pids, gallery_pids, query_cameras,
+                                               gallery_cameras, metric, max_rank, k1, k2, lambda_value))
+
+
 def _evaluate_ranking_fake(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
-                           max_rank, precision, backend):
+                           max_rank, precision, backend, *rerank):
     fake_features("query", query)
     fake_features("gallery", gallery)
     _checks.same_device(query=query, gallery=gallery)
@@ -143,3 +228,13 @@ def _evaluate_ranking_fake(query, gallery, query_pids, gallery_pids, query_camer
                             ("query_cameras", query_cameras, query), ("gallery_cameras", gallery_cameras, gallery)):
         fake_index(name, ids, length=rows.shape[0], device=query.device)
     return (query.new_empty((max_rank,), dtype=torch.float64), query.new_empty((3,), dtype=torch.float64))
+
+
+_evaluate_ranking_op.register_fake(_evaluate_ranking_fake)
+
+
+@_evaluate_ranking_reranked_op.register_fake
+def _evaluate_ranking_reranked_fake(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras,
+                                    metric, max_rank, precision, k1, k2, lambda_value, backend):
+    return _evaluate_ranking_fake(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
+                                  max_rank, precision, backend)

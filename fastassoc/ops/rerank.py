@@ -1,11 +1,22 @@
 """k-reciprocal re-ranking and density clustering: Jaccard distance (Zhong et al., CVPR 2017,
-as SpCL's ``compute_jaccard_distance``), DBSCAN on a sparse distance matrix and cluster centres."""
+as SpCL's ``compute_jaccard_distance``), DBSCAN on a sparse distance matrix and cluster centres.
+
+All three are torch custom ops (``torch.ops.fastassoc.jaccard_distance``, ``.dbscan``,
+``.cluster_centres``); see :mod:`fastassoc.ops._custom` for how a public op, its real and its
+fake implementation split the work. CSR matrices cross the op boundary as their three
+component tensors.
+"""
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import _backend
 from . import _checks
+from ._custom import backend_name, dynamic_size, fake_features, fake_index, flag, tensor_input
 from ._sparse import CSRMatrix
 
 WEIGHTINGS = ("spcl", "zhong")
@@ -29,7 +40,11 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
     clamped at 0. ``N < k1`` uses all ``N`` rows. ``weighting="zhong"`` is the paper's form as
     in torchreid's ``re_ranking`` (all rows as one set): ``k1 + 1`` neighbours in the lists
     and weights :math:`\exp(-d_{ij}^2 / \max_k d_{ik}^2)` normalised per row, ``d`` the
-    metric's distance. Not differentiable (runs as under ``torch.no_grad``).
+    metric's distance. Not differentiable (runs as under ``torch.no_grad``). Runs as the custom
+    op ``torch.ops.fastassoc.jaccard_distance`` (returning the CSR components); the number of
+    stored pairs depends on the values, so it traces under torch.compile with a symbolic
+    ``nnz`` (use ``as_tuple=True`` there: compiled code cannot build sparse tensors) and raises
+    ValueError on meta tensors.
 
     Parameters
     ----------
@@ -63,20 +78,51 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
     >>> d.diagonal().tolist(), bool(d[0, 1] < 1), float(d[0, 2])
     ([0.0, 0.0, 0.0], True, 0.0)
     """
-    # Not differentiable: checks and kernels read the values only.
-    features = _checks.features("features", features.detach() if isinstance(features, torch.Tensor) else features)
+    features = tensor_input("features", features)
+    k1, k2 = _k1_k2(k1, k2)
+    weighting = _checks.choice("weighting", weighting, WEIGHTINGS)
+    max_distance = _checks.real("max_distance", max_distance, low=0.0, allow_none=True)
+    metric = _checks.choice("metric", metric, _checks.METRICS)
+    as_tuple = flag("as_tuple", as_tuple)
+    crow, cols, values = torch.ops.fastassoc.jaccard_distance(features, k1, k2, weighting, max_distance, metric,
+                                                              backend_name(backend))
+    matrix = CSRMatrix(crow, cols, values, (features.shape[0], features.shape[0]))
+    if as_tuple:
+        return matrix
+    with warnings.catch_warnings():
+        # torch warns once per process that sparse CSR is "beta"; that is not the caller's concern.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return matrix.to_sparse_csr()
+
+
+def _k1_k2(k1, k2) -> tuple[int, int]:
     k1 = _checks.non_negative_int("k1", k1, minimum=1)
     k2 = _checks.non_negative_int("k2", k2, minimum=1)
     if k2 > k1:
         raise ValueError(f"k2 must be <= k1 ({k1}): query expansion averages over the k1-nearest lists; got {k2}")
+    return k1, k2
+
+
+@torch.library.custom_op("fastassoc::jaccard_distance", mutates_args=())
+def _jaccard_distance_op(features: Tensor, k1: int, k2: int, weighting: str, max_distance: Optional[float],
+                         metric: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    features = _checks.features("features", features)
+    k1, k2 = _k1_k2(k1, k2)
     weighting = _checks.choice("weighting", weighting, WEIGHTINGS)
     max_distance = _checks.real("max_distance", max_distance, low=0.0, allow_none=True)
     metric = _checks.choice("metric", metric, _checks.METRICS)
-    if not isinstance(as_tuple, bool):
-        raise TypeError(f"as_tuple must be a bool, got {type(as_tuple).__name__}")
     _, impl = _backend.resolve("jaccard_distance", backend, {"features": features})
-    result = impl(features, k1, k2, weighting, max_distance, metric)
-    return CSRMatrix.from_sparse_csr(result) if as_tuple else result
+    matrix = impl(features, k1, k2, weighting, max_distance, metric)
+    # A custom op returns plain tensors; these belong to a matrix the kernel just built.
+    return matrix.crow_indices(), matrix.col_indices(), matrix.values()
+
+
+@_jaccard_distance_op.register_fake
+def _jaccard_distance_fake(features, k1, k2, weighting, max_distance, metric, backend):
+    fake_features("features", features)
+    nnz = dynamic_size("jaccard_distance", features)
+    return (features.new_empty((features.shape[0] + 1,), dtype=torch.int64),
+            features.new_empty((nnz,), dtype=torch.int64), features.new_empty((nnz,), dtype=torch.float32))
 
 
 def _symmetric(name: str, matrix: CSRMatrix) -> None:
@@ -117,7 +163,9 @@ def dbscan(distances, eps: float, min_samples: int, *, backend: str = "auto") ->
     neighbour unless its stored diagonal exceeds ``eps``; core points have at least
     ``min_samples`` neighbours; clusters are numbered in the order of their smallest core
     point and a border point joins the smallest-numbered cluster among its core neighbours.
-    Not differentiable.
+    Not differentiable. Runs as the custom op ``torch.ops.fastassoc.dbscan`` on the three CSR
+    component tensors (values are read only inside it); the output shape follows from the
+    input's, so it also runs on meta tensors.
 
     Parameters
     ----------
@@ -139,24 +187,50 @@ def dbscan(distances, eps: float, min_samples: int, *, backend: str = "auto") ->
     >>> dbscan(d, eps=0.2, min_samples=2).tolist()
     [0, 0, -1]
     """
-    if isinstance(distances, CSRMatrix):
-        distances = distances.to_sparse_csr()
-    if isinstance(distances, torch.Tensor) and distances.dim() == 2 and distances.shape[0] != distances.shape[1]:
-        raise ValueError(f"distances must be square, got shape {tuple(distances.shape)}")
-    num_rows = distances.shape[0] if isinstance(distances, torch.Tensor) and distances.dim() == 2 else 0
-    checked = _checks.csr("distances", distances, shape=(num_rows, num_rows))
-    matrix = checked if isinstance(checked, CSRMatrix) else CSRMatrix.from_sparse_csr(checked.detach())
+    crow, cols, values, size = _checks.csr_components("distances", distances)
+    try:
+        num_rows, num_cols = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise TypeError(f"distances.size must be a pair of ints, got {size!r}") from None
+    if num_rows != num_cols:
+        raise ValueError(f"distances must be square, got shape {(num_rows, num_cols)}")
+    eps = _checks.real("eps", eps, low=0.0)
+    min_samples = _checks.non_negative_int("min_samples", min_samples, minimum=1)
+    return torch.ops.fastassoc.dbscan(tensor_input("distances.crow_indices", crow),
+                                      tensor_input("distances.col_indices", cols),
+                                      tensor_input("distances.values", values), num_rows, eps, min_samples,
+                                      backend_name(backend))
+
+
+@torch.library.custom_op("fastassoc::dbscan", mutates_args=())
+def _dbscan_op(crow_indices: Tensor, col_indices: Tensor, values: Tensor, num_rows: int, eps: float,
+               min_samples: int, backend: str) -> Tensor:
+    matrix = _checks.csr("distances", CSRMatrix(crow_indices, col_indices, values, (num_rows, num_rows)),
+                         shape=(num_rows, num_rows), device=values.device)
     eps = _checks.real("eps", eps, low=0.0)
     min_samples = _checks.non_negative_int("min_samples", min_samples, minimum=1)
     _symmetric("distances", matrix)
     _, impl = _backend.resolve("dbscan", backend, {"distances": matrix.values})
-    return impl(matrix.crow_indices.to(torch.int64), matrix.col_indices.to(torch.int64), matrix.values.detach(),
-                num_rows, eps, min_samples)
+    return impl(matrix.crow_indices, matrix.col_indices, matrix.values, num_rows, eps, min_samples)
+
+
+@_dbscan_op.register_fake
+def _dbscan_fake(crow_indices, col_indices, values, num_rows, eps, min_samples, backend):
+    fake_index("distances.crow_indices", crow_indices, length=num_rows + 1, device=values.device)
+    fake_index("distances.col_indices", col_indices, device=values.device)
+    if values.dim() != 1 or values.dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"distances.values must be a 1-D floating tensor, got {values.dtype} of shape "
+                         f"{tuple(values.shape)}")
+    return values.new_empty((num_rows,), dtype=torch.int64)
 
 
 def cluster_centres(features: torch.Tensor, labels: torch.Tensor, *, num_clusters: int | None = None,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean feature of every cluster, noise (label -1) left out. Not differentiable.
+
+    Runs as the custom op ``torch.ops.fastassoc.cluster_centres``. With ``num_clusters`` the
+    output shapes follow from the inputs' (meta tensors work); without it ``C`` is read from
+    the labels: a symbolic size under torch.compile, a ValueError on meta tensors.
 
     Parameters
     ----------
@@ -180,8 +254,17 @@ def cluster_centres(features: torch.Tensor, labels: torch.Tensor, *, num_cluster
     >>> centres.tolist(), counts.tolist()
     ([[1.0]], [2])
     """
-    # Not differentiable: checks and kernels read the values only.
-    features = _checks.features("features", features.detach() if isinstance(features, torch.Tensor) else features)
+    features = tensor_input("features", features)
+    labels = tensor_input("labels", labels)
+    if num_clusters is not None:
+        num_clusters = _checks.non_negative_int("num_clusters", num_clusters)
+    return torch.ops.fastassoc.cluster_centres(features, labels, num_clusters, backend_name(backend))
+
+
+@torch.library.custom_op("fastassoc::cluster_centres", mutates_args=())
+def _cluster_centres_op(features: Tensor, labels: Tensor, num_clusters: Optional[int],
+                        backend: str) -> tuple[Tensor, Tensor]:
+    features = _checks.features("features", features)
     if num_clusters is not None:
         num_clusters = _checks.non_negative_int("num_clusters", num_clusters)
     high = num_clusters if num_clusters is not None else 2**62
@@ -191,3 +274,13 @@ def cluster_centres(features: torch.Tensor, labels: torch.Tensor, *, num_cluster
         num_clusters = int(labels.max()) + 1 if labels.numel() else 0
     _, impl = _backend.resolve("cluster_centres", backend, {"features": features, "labels": labels})
     return impl(features, labels, num_clusters)
+
+
+@_cluster_centres_op.register_fake
+def _cluster_centres_fake(features, labels, num_clusters, backend):
+    fake_features("features", features)
+    fake_index("labels", labels, length=features.shape[0], device=features.device)
+    rows = num_clusters if num_clusters is not None else dynamic_size("cluster_centres", features, labels)
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return (features.new_empty((rows, features.shape[1]), dtype=dtype),
+            features.new_empty((rows,), dtype=torch.int64))

@@ -54,6 +54,12 @@ them. A non-core point with core neighbours takes the smallest of their cluster 
 scikit-learn expands one cluster completely before starting the next, so the first cluster
 to reach a border point is the smallest-numbered one.
 
+``evaluate_reranked_reference`` (``evaluate_ranking(..., rerank=...)``): steps 1-5 with
+``weighting="zhong"`` on ``[query; gallery]``, then per chunk of queries the overlaps of step 6
+with the gallery rows only (a dense ``[b, G]`` tile, same sums as step 6), torchreid's final
+distance ``J (1 - lambda) + lambda d^2 / max d^2`` and the plain evaluation's scoring; see its
+docstring.
+
 ``cluster_centres``: ``index_add_`` of the rows of each non-noise label (in row chunks of
 ``tile_elements()`` elements, rows in index order), divided by the counts.
 
@@ -73,12 +79,14 @@ loops run over tiles and pieces only.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from ... import _backend
 from ._tiles import compute_dtype, distance_tile, prepare, row_chunks
+from ...ops.evaluation import RankingResult
+from .evaluation import RankingScores
 from .graph import to_csr
 from .knn import smallest_k
 
@@ -246,32 +254,68 @@ def _query_expansion(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tenso
     return torch.cat(out_rows), torch.cat(out_cols), torch.cat(out_values)
 
 
-def _jaccard_pairs(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, num_rows: int,
-                   max_distance: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pairs ``i < j`` with float32 ``J_ij < 1`` (and ``<= max_distance``) from ``V`` in (row, col) order."""
-    device = values.device
-    crow = _crow(rows, num_rows)
-    # Column lists of V: entries sorted by (column, row).
+class _SparseRows(NamedTuple):
+    """``V`` in both orders: entries by (row, col) with row offsets, and by (col, row) for the
+    partner lists of every column."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+    crow: torch.Tensor
+    column_keys: torch.Tensor
+    column_rows: torch.Tensor
+    column_values: torch.Tensor
+    num_rows: int
+
+
+def _both_orders(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, num_rows: int) -> _SparseRows:
     column_keys, order = torch.sort(cols * num_rows + rows)
-    column_rows, column_values = rows[order], values[order]
+    return _SparseRows(rows, cols, values, _crow(rows, num_rows), column_keys, rows[order], values[order], num_rows)
+
+
+def _overlaps(v: _SparseRows, block_start: int, block_stop: int, first_partner: int | None = None
+              ) -> torch.Tensor:
+    """``m_ij = sum_k min(V_ik, V_jk)`` for the rows ``i`` of a block, flat ``[b * width]``.
+
+    Partners are ``j > i`` (``first_partner=None``, width ``N``, column ``j``) or
+    ``j >= first_partner`` (width ``N - first_partner``, column ``j - first_partner``); every
+    other entry is 0. Each ``(i, j)`` adds its terms in ascending ``k``, as SpCL sums.
+    """
+    num_rows = v.num_rows
+    offset = 0 if first_partner is None else first_partner
+    width = num_rows - offset
+    overlaps = torch.zeros((block_stop - block_start) * width, dtype=v.values.dtype, device=v.values.device)
+    first, last = int(v.crow[block_start]), int(v.crow[block_stop])
+    if first == last:
+        return overlaps
+    owners, columns, mine = v.rows[first:last], v.cols[first:last], v.values[first:last]
+    if first_partner is None:
+        # Partners j > i of column k start right after the key k * N + i (itself stored there).
+        begin = torch.searchsorted(v.column_keys, columns * num_rows + owners, right=True)
+    else:
+        begin = torch.searchsorted(v.column_keys, columns * num_rows + first_partner)
+    end = torch.searchsorted(v.column_keys, (columns + 1) * num_rows)
+    for start, stop in _pieces(end - begin, _triple_budget()):
+        entry, step = _expand(end[start:stop] - begin[start:stop])
+        position = begin[start:stop][entry] + step
+        target = (owners[start:stop][entry] - block_start) * width + v.column_rows[position] - offset
+        overlaps.index_add_(0, target, torch.minimum(mine[start:stop][entry], v.column_values[position]))
+    return overlaps
+
+
+def _jaccard_from_overlaps(shared: torch.Tensor) -> torch.Tensor:
+    """float32 ``J = 1 - m / (2 - m)`` clamped at 0 (``m = 0`` gives exactly 1)."""
+    return (1.0 - shared / (2.0 - shared)).clamp_min_(0.0).to(torch.float32)
+
+
+def _jaccard_pairs(v: _SparseRows, max_distance: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs ``i < j`` with float32 ``J_ij < 1`` (and ``<= max_distance``) from ``V``."""
+    num_rows, device = v.num_rows, v.values.device
     out_i, out_j, out_d = [], [], []
     for block_start, block_stop in row_chunks(num_rows, num_rows):
-        first, last = int(crow[block_start]), int(crow[block_stop])
-        if first == last:
-            continue
-        owners, columns, mine = rows[first:last], cols[first:last], values[first:last]
-        # Partners j > i of column k start right after the key k * N + i (itself stored there).
-        begin = torch.searchsorted(column_keys, columns * num_rows + owners, right=True)
-        end = torch.searchsorted(column_keys, (columns + 1) * num_rows)
-        overlaps = torch.zeros((block_stop - block_start) * num_rows, dtype=values.dtype, device=device)
-        for start, stop in _pieces(end - begin, _triple_budget()):
-            entry, offset = _expand(end[start:stop] - begin[start:stop])
-            position = begin[start:stop][entry] + offset
-            target = (owners[start:stop][entry] - block_start) * num_rows + column_rows[position]
-            overlaps.index_add_(0, target, torch.minimum(mine[start:stop][entry], column_values[position]))
+        overlaps = _overlaps(v, block_start, block_stop)
         flat = overlaps.nonzero().squeeze(1)
-        shared = overlaps[flat]
-        distance = (1.0 - shared / (2.0 - shared)).clamp_min_(0.0).to(torch.float32)
+        distance = _jaccard_from_overlaps(overlaps[flat])
         keep = distance < 1.0
         if max_distance is not None:
             keep &= distance.to(torch.float64) <= max_distance
@@ -283,6 +327,24 @@ def _jaccard_pairs(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty, torch.empty(0, dtype=torch.float32, device=device)
     return torch.cat(out_i), torch.cat(out_j), torch.cat(out_d)
+
+
+def _encoding(x: torch.Tensor, k1: int, k2: int, weighting: str, metric: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-5 on prepared rows: ``V`` as (rows, cols, values) sorted by (row, col), and every
+    row's largest distance to all rows ([N], compute dtype)."""
+    num_rows = x.shape[0]
+    # SpCL's lists hold k1 rows; torchreid's slices [:k1 + 1] of a full ranking.
+    width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
+    ranks, farthest = _nearest_lists(x, width, metric)
+    rows, cols = _expanded_sets(ranks, k1)
+    if weighting == "spcl":
+        values = _weights(x, rows, cols)
+    else:
+        values = _zhong_weights(x, rows, cols, metric, farthest)
+    if k2 != 1:
+        rows, cols, values = _query_expansion(_crow(rows, num_rows), cols, values, ranks, k2)
+    return rows, cols, values, farthest
 
 
 def jaccard_distance_reference(features: torch.Tensor, k1: int, k2: int, weighting: str,
@@ -309,23 +371,94 @@ def jaccard_distance_reference(features: torch.Tensor, k1: int, k2: int, weighti
     if num_rows == 0:
         return to_csr(diagonal, diagonal, torch.empty(0, dtype=torch.float32, device=device), 0)
     x = prepare(features, metric)
-    # SpCL's lists hold k1 rows; torchreid's slices [:k1 + 1] of a full ranking.
-    width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
-    ranks, farthest = _nearest_lists(x, width, metric)
-    rows, cols = _expanded_sets(ranks, k1)
-    if weighting == "spcl":
-        values = _weights(x, rows, cols)
-    else:
-        values = _zhong_weights(x, rows, cols, metric, farthest)
-    del farthest
-    if k2 != 1:
-        rows, cols, values = _query_expansion(_crow(rows, num_rows), cols, values, ranks, k2)
-    del ranks
-    low, high, distances = _jaccard_pairs(rows, cols, values, num_rows, max_distance)
+    rows, cols, values, _ = _encoding(x, k1, k2, weighting, metric)
+    low, high, distances = _jaccard_pairs(_both_orders(rows, cols, values, num_rows), max_distance)
     all_rows = torch.cat([low, high, diagonal])
     all_cols = torch.cat([high, low, diagonal])
     all_values = torch.cat([distances, distances, torch.zeros(num_rows, dtype=torch.float32, device=device)])
     return to_csr(all_rows, all_cols, all_values, num_rows)
+
+
+# The sort, the gathered identities/cameras and the cumulative sums of a query chunk hold
+# several int64 entries per gallery entry; chunks are shrunk by this factor (as the plain
+# evaluation does) to keep the workspace near one tile.
+_WORKSPACE_FACTOR = 4
+
+
+def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch.Tensor,
+                                gallery_pids: torch.Tensor, query_cameras: torch.Tensor,
+                                gallery_cameras: torch.Tensor, metric: str, max_rank: int, k1: int, k2: int,
+                                lambda_value: float) -> RankingResult:
+    """CMC, mAP and mINP of ranking the gallery by torchreid's ``re_ranking`` final distance.
+
+    Rows ``x = [query; gallery]`` (L2-normalised for ``"cosine"``); ``d`` is the squared
+    Euclidean distance for ``"euclidean"`` and ``"sqeuclidean"`` (torchreid's
+    ``compute_distance_matrix(..., "euclidean")``, what its engine passes to ``re_ranking``)
+    and ``1 - cos`` for ``"cosine"``. Per query ``q`` and gallery entry ``g``::
+
+        final = J_qg * (1 - lambda_value) + (d_qg^2 / max_r d_qr^2) * lambda_value
+
+    with ``max_r`` over all ``Q + G`` rows (torchreid's column maximum of the squared matrix;
+    0 instead of torchreid's 0 / 0 when every row equals ``q``) and ``J`` the Zhong-weighted
+    Jaccard distance of :func:`jaccard_distance_reference` over all ``Q + G`` rows
+    (``weighting="zhong"``, ``k1``, ``k2``; reciprocal sets, expansion, weights and the sums
+    ``m_qg`` run over query and gallery rows alike, as torchreid's ``invIndex`` does), float32,
+    1 where no weight is shared. The gallery is then ranked by ``final`` (ties by gallery
+    index) and scored as ``evaluate_ranking_reference`` scores (junk removed, queries without a
+    true match skipped), with its accumulators.
+
+    Memory: the sparse ``V`` of step 5 and, per chunk of queries, a few ``[b, G]`` tiles (the
+    float32 GEMM distances of ``_tiles.distance_tile``, the overlaps ``m`` gathered from ``V``'s
+    column lists, the ranking workspace); never a ``(Q + G)^2`` or ``Q x G`` array beyond the
+    tile bound, nor the sparse Jaccard matrix of all pairs.
+
+    Parameters
+    ----------
+    query : Tensor [Q, D], float; gallery : Tensor [G, D], same dtype
+    query_pids, gallery_pids : Tensor [Q], [G], int64 (gallery -1: junk)
+    query_cameras, gallery_cameras : Tensor [Q], [G], int64
+    metric : {"euclidean", "sqeuclidean", "cosine"}
+    max_rank : int >= 1
+    k1 : int >= 1; k2 : int in [1, k1]; lambda_value : float in [0, 1]
+
+    Returns
+    -------
+    RankingResult with ``cmc`` float64 [max_rank] on the inputs' device.
+    """
+    num_query, num_gallery = query.shape[0], gallery.shape[0]
+    scores = RankingScores(num_query, max_rank, query.device)
+    if num_gallery == 0 or num_query == 0:
+        return scores.result(num_gallery)
+    distance = "cosine" if metric == "cosine" else "sqeuclidean"
+    x = prepare(torch.cat([query, gallery]), distance)
+    num_rows = x.shape[0]
+    rows, cols, values, farthest = _encoding(x, k1, k2, "zhong", distance)
+    encoding = _both_orders(rows, cols, values, num_rows)
+    del rows, cols, values
+    # max_r d^2 == (max_r d)^2: squaring is monotone, also after rounding.
+    scale = farthest.square().unsqueeze(1)
+    gallery_rows = x[num_query:]
+    gallery_sq_norms = (gallery_rows * gallery_rows).sum(1)
+    for start, stop in row_chunks(num_query, num_gallery * _WORKSPACE_FACTOR):
+        original = distance_tile(x[start:stop], gallery_rows, distance, gallery_sq_norms).square_()
+        block_scale = scale[start:stop]
+        original = torch.where(block_scale > 0, original / block_scale, 0.0)
+        shared = _overlaps(encoding, start, stop, first_partner=num_query).view(stop - start, num_gallery)
+        jaccard = _jaccard_from_overlaps(shared).to(original.dtype)
+        del shared
+        # torchreid's expression and order of operations.
+        final = jaccard * (1 - lambda_value) + original * lambda_value
+        del jaccard, original
+        order = torch.argsort(final, dim=1, stable=True)
+        del final
+        ranked_pids = gallery_pids[order]
+        same_pid = ranked_pids == query_pids[start:stop, None]
+        junk = same_pid & (gallery_cameras[order] == query_cameras[start:stop, None])
+        junk |= ranked_pids == -1
+        del order, ranked_pids
+        keep = ~junk
+        scores.add(same_pid & keep, keep.cumsum(1), start, stop)
+    return scores.result(num_gallery)
 
 
 def _components(num_rows: int, sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
