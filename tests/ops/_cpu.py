@@ -9,9 +9,9 @@ from fastassoc import _backend
 
 @pytest.fixture
 def core():
-    """The compiled core, with its OpenMP thread count restored after the test."""
+    """The compiled core, with its thread-count override restored after the test (None: follow torch)."""
     module = _backend.compiled_core()
-    before = module.get_num_threads()
+    before = module.num_threads_override()
     yield module
     module.set_num_threads(before)
 
