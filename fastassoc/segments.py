@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from .ops._custom import fake_index
 from .ops._sparse import CSRMatrix
 
 __all__ = ["Segments", "segments_from_labels", "CameraLayout", "csr_rows", "one_hot_csr",
@@ -67,14 +68,7 @@ def _int_vector(name: str, t, *, length: int | None = None, device=None) -> torc
     """A 1-D integer tensor, returned as contiguous int64 (metadata checks only)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor of integers, got {_describe(t)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if length is not None and t.shape[0] != length:
-        raise ValueError(f"{name} must have length {length} (one per row), got {t.shape[0]}")
-    if device is not None and t.device != torch.device(device):
-        raise ValueError(f"{name} is on {t.device} but must be on {device}; move it with .to(device)")
+    fake_index(name, t, length=length, device=None if device is None else torch.device(device))
     return t.to(torch.int64).contiguous()
 
 

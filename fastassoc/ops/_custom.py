@@ -67,7 +67,8 @@ def fake_index(name: str, t: Tensor | None, *, length=None, device=None) -> None
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the features are on {device}; move it with .to(device)")
+        raise ValueError(f"{name} is on {t.device} but must be on {device} (with the features); "
+                         "move it with .to(device)")
 
 
 def dynamic_size(op: str, *tensors: Tensor):
