@@ -21,14 +21,15 @@ instructions, and its integer result is exact for the quantised rows. Screening 
    distance: then no column outside the list can reach the top k. Rows that are not
    certified are recomputed with the float32 GEMM path, so the answer is exact either way.
 
-"Exact" means: indices and ties (by the smaller index) as the reference ranks them, values
-from an exactly rounded inner product (they may differ from a float32 GEMM's in the last
-bits; near-ties closer than float32 GEMM rounding may order differently, as between any two
-GEMM libraries). Screening is used where it pays (``mode()``): float32 inputs, finite
+"Exact" means: the reference's distances (``fastassoc.kernels.reference._tiles``: the
+fixed-order inner product of ``screen_dot``, a function of the two rows only), so indices,
+ties (by the smaller index) and values equal the reference's bit for bit. The float32 paths
+use the same machinery with :class:`FRows` bounds (``knn.refine_lists``). Screening is used where it pays (``mode()``): float32 inputs, finite
 values, dimension >= 32, enough columns per row that the GEMM dominates the rescoring.
 ``FASTASSOC_CPU_SCREEN=off|auto|always`` (or :func:`forced`) chooses; tests run both paths.
-``evaluate_ranking`` screens only under ``always``: its reference order is that of float32
-GEMM values, which screening cannot reproduce cheaply (``fastassoc/kernels/cpu/evaluation.py``).
+``evaluate_ranking`` screens with int8 only under ``always`` (its error band is too wide to
+pay at W-eval); its default path ranks float32 GEMM tiles with the same exact rescoring
+(``fastassoc/kernels/cpu/evaluation.py``).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import threading
 
 import torch
 
+from ..reference import _tiles
 from . import _core
 
 # Extra list entries kept while screening; certification fails (and the row falls back to
@@ -277,7 +279,14 @@ def row_bounds(rows: QRows, cols: QRows, metric: str, row_sq: torch.Tensor | Non
 
 def rescore(rows: torch.Tensor, cols: torch.Tensor, indices: torch.Tensor, metric: str, *, col_base: int = 0,
             row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact distances [R, W] of ``rows[r]`` to ``cols[indices[r, s] - col_base]`` (inf for -1)."""
+    """Exact distances [R, W] of ``rows[r]`` to ``cols[indices[r, s] - col_base]`` (inf for -1).
+
+    float32 rows: ``fastassoc._C.screen_rescore``; float64 rows: the reference's
+    ``_tiles.exact_distances`` (the same fixed-order definition, in torch).
+    """
+    if rows.dtype == torch.float64:
+        return _exact_torch(rows, cols, torch.arange(rows.shape[0]).unsqueeze(1).expand(indices.shape),
+                            indices - col_base, indices >= 0, metric, row_norms, col_norms)
     out = torch.empty(indices.shape, dtype=torch.float32)
     if indices.numel():
         _core.kernel("screen_rescore")(
@@ -329,11 +338,23 @@ def exact_distances(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Ten
                     col_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Exact distances [E] of the pairs ``(rows[row_index[e]], cols[col_index[e]])`` (as :func:`rescore`)."""
     row_index, col_index = row_index.contiguous(), col_index.contiguous()
+    if rows.dtype == torch.float64:
+        return _exact_torch(rows, cols, row_index, col_index, torch.ones_like(row_index, dtype=torch.bool), metric,
+                            row_norms, col_norms)
     out = torch.empty(row_index.shape[0], dtype=torch.float32)
     if out.numel():
         _core.kernel("screen_exact_distance")(
             _core.ptr(rows), _core.ptr(cols), rows.shape[1], _core.ptr(row_index), _core.ptr(col_index),
             out.shape[0], _core.METRIC_CODES[metric], _core.ptr(row_norms), _core.ptr(col_norms), _core.ptr(out))
+    return out
+
+
+def _exact_torch(rows, cols, row_index, col_index, present, metric, row_norms, col_norms) -> torch.Tensor:
+    """Exact distances of ``(rows[row_index], cols[col_index])`` where ``present`` (inf elsewhere), in torch."""
+    out = torch.full(row_index.shape, float("inf"), dtype=rows.dtype)
+    r, c = row_index[present], col_index[present]
+    out[present] = _tiles.exact_distances(rows[r], cols[c], metric, row_norms[r] if row_norms is not None else None,
+                                          col_norms[c] if col_norms is not None else None)
     return out
 
 

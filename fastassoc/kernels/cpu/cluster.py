@@ -1,53 +1,34 @@
-"""Compiled CPU launcher of ``agglomerative_merge`` (csrc/cpu/cluster.cpp).
+"""CPU launcher of ``agglomerative_merge``.
 
-Algorithm: Python prepares the "points" of the step exactly as the reference does
-(cluster means from ``index_add_`` / sizes for ``centroid`` and ``tssl``; the samples
-sorted by cluster for ``buc``) with their squared norms; the C++ driver walks the
-upper triangle of point pairs in tiles whose inner products it requests from a
-callback running torch's GEMM into one reused buffer, turns each tile into cluster-pair
-linkages (cluster minimum for ``buc``; square roots and tssl's exponentials through
-callbacks running torch's ``sqrt`` / ``exp``, whose bits the reference's ties depend on), streams the smallest pairs through bounded
-per-thread buffers, walks them with a union-find and renumbers the clusters by first
-appearance. See the C++ file for the selection, the re-scans and tssl's single-pass
-shortcut (one GEMM pass for every linkage in the common case: tssl's first pass both
-computes ``a_i`` and proves its nearest-list candidates to be the head of the order).
+Linkages are those of the reference: exact pair distances (a fixed-order inner product, so
+a pair's distance depends on its two points only; see
+:mod:`fastassoc.kernels.reference._tiles`), square roots and tssl's exponentials by torch.
 
-Screened path (:func:`_merge_screened`, float32 points on CPUs with bf16 dot products,
-one point per cluster): exact neighbour lists from the bf16-screened self-join, a proven
-head of the pair order, the reference's union-find walk; the driver above runs when the
-proof does not give enough merges. Its distances are exactly rounded inner products, so
-its linkages can differ from the float32 GEMM's in the last bits (near-ties only).
+One point per cluster (centroid and tssl always; buc from singletons),
+:func:`_merge_screened`: exact neighbour lists from the self-join of
+:func:`fastassoc.kernels.cpu.knn.topk_self_join` (bf16-screened where the CPU has bf16
+dot products, float32 GEMM proposals otherwise, exact rescoring either way), a proven head
+of the pair order, the reference's union-find walk. When the proof does not give enough
+merges, and for buc with clusters of several samples, the reference's exact two-phase
+walk runs (:func:`fastassoc.kernels.reference.cluster.exact_merged_roots`: a float32 GEMM
+walk bounds the last linkage, then every pair whose GEMM lower bound is below it is
+rescored). The compiled driver (csrc/cpu/cluster.cpp) is not used: it ranks float32 GEMM
+linkages, whose bits depend on a pair's position in its tile, so copies of one vector
+could tie-break by position.
 
 Must equal :func:`fastassoc.kernels.reference.cluster.agglomerative_merge_reference`:
-identical labels (pairs ordered by ``(linkage, i, j)``). Linkages carry the reference's
-bits: the same centroid arithmetic (torch), GEMM tiles with the reference's row counts,
-the shared distance expression, and torch's ``sqrt`` and ``exp`` (callbacks).
+identical labels (pairs ordered by ``(linkage, i, j)``).
 
-Memory: one dot tile of at most ``max(tile_elements(), P)`` elements, pair buffers of
-``O(capacity)`` per thread (``capacity <= tile_elements()`` but at least 1024 pairs), and
-for tssl ``O(C * depth)`` nearest lists per thread (depth = max(neighbours, 32)).
+Memory: ``O(C * depth)`` neighbour lists; the fallback holds the reference's tiles.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from ... import _backend
-from ..reference.cluster import _lexsort, renumber_by_first_appearance, union_find_roots, union_pair_keys
-from . import _screen, knn
-from ._core import compute_dtype, core, ptr, scratch_buffer
-
-_LINKAGE_CODES = {"centroid": 0, "tssl": 1, "buc": 2}
-
-# First buffer size, as in the reference: redundant pairs inside already-joined
-# clusters are common, so keep a few pairs per merge.
-_MIN_PAIR_BUFFER = 1024
-_PAIRS_PER_MERGE = 4
-# tssl's first pass collects each cluster's _TSSL_DEPTH nearest clusters (at least
-# `neighbours`); deeper lists make it more likely that the pairs they prove to be in
-# order already give every merge, so that no second GEMM pass is needed.
-_TSSL_DEPTH = 32
+from ..reference.cluster import (_lexsort, exact_merged_roots, renumber_by_first_appearance, union_find_roots,
+                                 union_pair_keys)
+from . import knn
+from ._core import compute_dtype
 
 
 def _points(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, linkage: str):
@@ -85,56 +66,26 @@ def agglomerative_merge_cpu(x: torch.Tensor, labels: torch.Tensor, num_merges: i
     -------
     Tensor [N], int64, labels renumbered 0..C'-1 by first appearance.
     """
-    num_samples = x.shape[0]
-    labels_out = torch.empty(num_samples, dtype=torch.int64)
-    if num_samples == 0:
-        return labels_out
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64)
     _, cluster_of_sample = torch.unique(labels, sorted=True, return_inverse=True)
     cluster_of_sample = cluster_of_sample.contiguous()
     num_clusters = int(cluster_of_sample.max()) + 1
-    if num_merges > 0 and num_clusters > 1:
-        points, cluster_start, sizes = _points(x, cluster_of_sample, num_clusters, linkage)
-    else:  # nothing to merge: only the renumbering runs
-        points = torch.zeros(num_clusters, 1, dtype=compute_dtype(x))
-        cluster_start = torch.arange(num_clusters + 1, dtype=torch.int64)
-        sizes = torch.ones(num_clusters, dtype=points.dtype)
-    sq_norms = (points * points).sum(1).contiguous()
-    num_points = points.shape[0]
-    if num_merges > 0 and num_points == num_clusters > 2:
+    if num_merges == 0 or num_clusters == 1:
+        return renumber_by_first_appearance(cluster_of_sample)
+    points, _, sizes = _points(x, cluster_of_sample, num_clusters, linkage)
+    if points.shape[0] == num_clusters > 2:
+        sq_norms = (points * points).sum(1).contiguous()
         screened = _merge_screened(points, sq_norms, sizes, linkage, neighbours, size_penalty, num_merges)
         if screened is not None:
             return renumber_by_first_appearance(screened[cluster_of_sample])
-    tile_elements = _backend.tile_elements()
-    buffer = torch.empty(0, dtype=points.dtype)
+    roots = exact_merged_roots(x, cluster_of_sample, num_clusters, num_merges, linkage, neighbours, size_penalty)
+    return renumber_by_first_appearance(roots[cluster_of_sample])
 
-    def dots(row_start: int, row_stop: int, column_start: int) -> int:
-        nonlocal buffer
-        shape = (row_stop - row_start, num_points - column_start)
-        if buffer.numel() < shape[0] * shape[1]:
-            # The thread's reused tile buffer (no page faults on every call).
-            buffer = scratch_buffer(max(shape[0] * shape[1], min(tile_elements, num_points * num_points)),
-                                    points.dtype)
-        out = buffer[: shape[0] * shape[1]].view(shape)
-        torch.mm(points[row_start:row_stop], points[column_start:].T, out=out)
-        return out.data_ptr()
 
-    element = ctypes.c_double if points.dtype == torch.float64 else ctypes.c_float
-
-    # torch's sqrt and exp, as the reference: they are not always correctly rounded, and
-    # linkages must have the reference's bits for ties and order to come out the same.
-    def sqrt_(address: int, count: int) -> None:
-        torch.frombuffer((element * count).from_address(address), dtype=points.dtype).sqrt_()
-
-    def exp_(address: int, count: int) -> None:
-        torch.frombuffer((element * count).from_address(address), dtype=points.dtype).exp_()
-
-    capacity = min(max(_PAIRS_PER_MERGE * num_merges, _MIN_PAIR_BUFFER), tile_elements)
-    kernel = core().agglomerative_merge_f64 if points.dtype == torch.float64 else core().agglomerative_merge_f32
-    kernel(num_points, num_clusters, ptr(cluster_start), ptr(sq_norms), ptr(sizes), _LINKAGE_CODES[linkage],
-           neighbours, float(size_penalty), num_merges, capacity, max(neighbours, _TSSL_DEPTH), tile_elements,
-           ptr(cluster_of_sample), num_samples, ptr(labels_out), dots, sqrt_, exp_)
-    return labels_out
-
+# The nearest-list depth of the compiled driver's tssl pass (csrc/cpu/cluster.cpp), which
+# this launcher no longer calls; kept while tests/ops/test_cpu_agg_kernels.py sets it.
+_TSSL_DEPTH = 32
 
 # Neighbour lists the screened path collects per cluster (at least `neighbours`): their
 # pairs are the candidates; deeper lists prove more of the pair order.
@@ -160,9 +111,7 @@ def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.T
     """
     num_clusters = points.shape[0]
     depth = min(num_clusters - 1, max(neighbours, _SCREEN_DEPTH))
-    if not _screen.worthwhile(points, num_clusters, depth + _screen.SLACK, "bf16"):
-        return None
-    values, indices = knn.new_lists(num_clusters, depth, torch.float32)
+    values, indices = knn.new_lists(num_clusters, depth, points.dtype)
     knn.topk_self_join(points, "sqeuclidean", depth, (values, indices), norms=sq_norms, exclude_self=True)
     distances = values.sqrt()   # torch's sqrt, as the reference's distance tiles
     density = None

@@ -2,26 +2,22 @@
 
 Algorithm: query rows are taken in tiles; torch's GEMM writes the tile's inner
 products with the whole gallery into one reused buffer, a C++/OpenMP pass converts them
-to distances in place (for ``euclidean`` the square root is torch's, as in the
-reference: torch's float sqrt is not always correctly rounded and ties need its bits),
-and a second pass (one query per task) computes each query's first-match rank, AP and
-INP without sorting the gallery: only the query's true matches are sorted, and each
-non-junk negative is counted in the gap between the true matches it falls into
-((distance, gallery index) order, so ties rank by gallery index). CMC, mAP and mINP are
-then reduced in float64 over the valid queries, in the reference's order.
+to distances in place (squared Euclidean for ``euclidean``: the reference ranks the
+squares), and a second pass (one query per task, ``rank_tile_screened_f32``) computes
+each query's first-match rank, AP and INP without sorting the gallery: the true matches
+get exact distances (the reference's fixed-order inner product, ``_C.screen_dot``) and are
+sorted, and each non-junk negative is counted in the gap between the true matches it
+falls into, from its GEMM distance, or from its exact distance when a true match lies
+within the GEMM's error bound of it (``_tiles.band``, about ``D 2^-24 |q| |g|``). That is
+the reference's ranking ((exact distance, gallery index) order, so ties rank by gallery
+index and copies of one gallery vector tie exactly), whatever the GEMM's rounding at a
+pair's position. CMC, mAP and mINP are then reduced in float64 over the valid queries,
+in the reference's order. float64 inputs run the reference itself.
 
-Screened path, only when forced (``FASTASSOC_CPU_SCREEN=always``, see :mod:`._screen`):
-the tiles come from an int8 GEMM (4-5x the float32 GEMM's speed) as approximate distances
-within a per-query bound of the exact ones; the true matches get exact distances, and a
-negative is placed among them from its approximate distance unless a true match lies within
-its error band, when its exact distance decides (``rank_tile_screened_f32``). That is the
-exact ranking of *exactly rounded* distances, which is not always the reference's: the
-reference ranks float32 GEMM values, and a negative and a true match closer than the GEMM's
-rounding can swap (W-eval: one query, mAP off by 3.8e-7). No screen can reproduce the float32
-GEMM's order cheaply: with D = 2048 its worst-case rounding band holds a negative next to a
-true match for 99.8 % of W-eval's queries (measured), so every query would need its float32
-row anyway. ``auto`` therefore ranks from float32 tiles, bit-identical to the reference and
-within 1.01x of the bare GEMM.
+int8 screening, only when forced (``FASTASSOC_CPU_SCREEN=always``, see :mod:`._screen`):
+the tiles come from an int8 GEMM (4-5x the float32 GEMM's speed) with its wider error
+bound and the same ranking kernel, hence the same exact result; at W-eval the wide band
+makes it slower than the float32 path, so it is not the default.
 
 Must equal :func:`fastassoc.kernels.reference.evaluation.evaluate_ranking_reference`:
 identical CMC / first-match ranks, AP and INP up to float64 summation order.
@@ -36,15 +32,16 @@ import torch
 
 from ... import _backend
 from ...ops.evaluation import RankingResult
+from ..reference import _tiles
+from ..reference.evaluation import evaluate_ranking_reference
 from . import _screen
 from ._core import DotTiles, core, prepare, ptr, scratch_buffer, squared_norms
 
 _METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
 
 
-# Query rows per tile: the reference's chunks (tile_elements / (4 G) rows), so that every
-# GEMM has the reference's row count. MKL's result for a row can depend on the number
-# of rows in the call (fewer than 8 take another path); equal calls give equal bits.
+# Query rows per tile: tile_elements / (4 G), the reference's chunks (memory only: the
+# exact rescoring makes results independent of the tiling).
 _REFERENCE_WORKSPACE_FACTOR = 4
 
 
@@ -93,27 +90,46 @@ def evaluate_ranking_cpu(query: torch.Tensor, gallery: torch.Tensor, query_pids:
                                gallery_pids.contiguous(), query_cameras.contiguous(), gallery_cameras.contiguous(),
                                metric, first_rank, ap, inp)
                 return _finish(first_rank, ap, inp, max_rank)
-        suffix = "f64" if queries.dtype == torch.float64 else "f32"
-        distance_tile = getattr(core(), f"distance_tile_{suffix}")
-        rank_tile = getattr(core(), f"rank_tile_{suffix}")
-        step = _rows_per_tile(num_query, num_gallery)
-        buffer = scratch_buffer(step * num_gallery, queries.dtype)
-        query_pids, gallery_pids = query_pids.contiguous(), gallery_pids.contiguous()
-        query_cameras, gallery_cameras = query_cameras.contiguous(), gallery_cameras.contiguous()
-        item = first_rank.element_size()
-        for start in range(0, num_query, step):
-            stop = min(start + step, num_query)
-            tile = buffer[: (stop - start) * num_gallery].view(stop - start, num_gallery)
-            torch.mm(queries[start:stop], gallery_rows.T, out=tile)
-            distance_tile(ptr(tile), stop - start, num_gallery, _METRIC_CODES[metric],
-                          ptr(query_norms) + start * queries.element_size() if query_norms is not None else 0,
-                          ptr(gallery_norms))
-            if metric == "euclidean":
-                tile.sqrt_()   # torch's sqrt, as the reference: ties need its exact bits
-            rank_tile(ptr(tile), stop - start, num_gallery, ptr(query_pids) + start * item, ptr(gallery_pids),
-                      ptr(query_cameras) + start * item, ptr(gallery_cameras), ptr(first_rank) + start * item,
-                      ptr(ap) + start * ap.element_size(), ptr(inp) + start * inp.element_size())
+        if queries.dtype == torch.float64:
+            # The exact rescoring kernels are float32 only; float64 ranks as the reference.
+            return evaluate_ranking_reference(query, gallery, query_pids, gallery_pids, query_cameras,
+                                              gallery_cameras, metric, max_rank, precision)
+        _rank_exact(queries, gallery_rows, query_norms, gallery_norms, query_pids.contiguous(),
+                    gallery_pids.contiguous(), query_cameras.contiguous(), gallery_cameras.contiguous(), metric,
+                    first_rank, ap, inp)
     return _finish(first_rank, ap, inp, max_rank)
+
+
+def _rank_exact(queries, gallery_rows, query_norms, gallery_norms, query_pids, gallery_pids, query_cameras,
+                gallery_cameras, metric, first_rank, ap, inp) -> int:
+    """Per-query statistics from float32 GEMM tiles, ranked by exact distances.
+
+    ``rank_tile_screened_f32`` gives the true matches their exact distances and rescores a
+    negative whenever a true match lies within its error band, here the float32 GEMM's
+    (``_tiles.band``, a few ``D * 2^-24 |q| |g|``): the reference's ranking, whatever the
+    GEMM's rounding at a pair's position. Returns how many negatives were rescored.
+    """
+    num_query, num_gallery = queries.shape[0], gallery_rows.shape[0]
+    ranking = "cosine" if metric == "cosine" else "sqeuclidean"
+    bounds = _tiles.band(queries, gallery_rows, ranking, query_norms, gallery_norms).contiguous()
+    step = _rows_per_tile(num_query, num_gallery)
+    buffer = scratch_buffer(step * num_gallery, torch.float32)
+    distance_tile, rank_tile = core().distance_tile_f32, core().rank_tile_screened_f32
+    code = _METRIC_CODES[ranking]
+    exact_count = torch.zeros(1, dtype=torch.int64)
+    item = first_rank.element_size()
+    for start in range(0, num_query, step):
+        stop = min(start + step, num_query)
+        tile = buffer[: (stop - start) * num_gallery].view(stop - start, num_gallery)
+        torch.mm(queries[start:stop], gallery_rows.T, out=tile)
+        distance_tile(ptr(tile), stop - start, num_gallery, code,
+                      ptr(query_norms) + start * 4 if query_norms is not None else 0, ptr(gallery_norms))
+        rank_tile(ptr(tile), stop - start, num_gallery, ptr(query_pids) + start * item, ptr(gallery_pids),
+                  ptr(query_cameras) + start * item, ptr(gallery_cameras), ptr(bounds) + start * 8,
+                  ptr(queries) + start * queries.shape[1] * 4, ptr(gallery_rows), queries.shape[1], code,
+                  ptr(query_norms) + start * 4 if query_norms is not None else 0, ptr(gallery_norms),
+                  ptr(first_rank) + start * item, ptr(ap) + start * 8, ptr(inp) + start * 8, ptr(exact_count))
+    return int(exact_count)
 
 
 def _rank_screened(queries, gallery_rows, quantized_query, quantized_gallery, query_norms, gallery_norms, query_pids,

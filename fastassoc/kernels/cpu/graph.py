@@ -6,8 +6,9 @@ from the knn tile kernels (``fastassoc.kernels.cpu.knn.block_topk``: torch GEMM 
 C++ (``fastassoc._C.graph_csr_from_edges``, csrc/cpu/graph.cpp) with columns sorted
 per row.
 
-- cross_camera_graph ranks by cosine distance ``1 - x_hat_i . x_hat_j`` (as the
-  reference). pairwise: every unordered camera pair (t, m) is one block
+- cross_camera_graph ranks by the exact cosine distance ``1 - x_hat_i . x_hat_j`` (as the
+  reference: GEMM tiles propose ``k + SLACK`` candidates per list, ``knn.refine_lists``
+  rescores them with the fixed-order inner product and certifies the lists). pairwise: every unordered camera pair (t, m) is one block
   ``x_t @ x_m.T`` whose tiles update the rows' lists (k nearest in m) and the
   columns' lists (k nearest in t) in the same pass, so the GEMM work is half of the
   ordered pairs'. pooled: the same blocks (t < m) feed one list per tracklet over all
@@ -30,8 +31,8 @@ import warnings
 
 import torch
 
-from . import _core
-from .knn import block_topk, mutual_pairs, new_lists, topk_self_join
+from . import _core, _screen
+from .knn import block_topk, exact_block_lists, mutual_pairs, new_lists, refine_lists, topk_self_join
 
 
 def _group_by_camera(cameras: torch.Tensor, num_cameras: int) -> tuple[torch.Tensor | None, list[int]]:
@@ -93,10 +94,7 @@ def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
         edges = [(empty_index, empty_index)]
         for t, m in pairs:
             t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]
-            row_lists = new_lists(t1 - t0, k, dtype)
-            col_lists = new_lists(m1 - m0, k, dtype)
-            block_topk(tiles, xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0,
-                       row_lists=row_lists, col_lists=col_lists)
+            row_lists, col_lists = exact_block_lists(xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0)
             edges.append(mutual_pairs(row_lists, col_lists, row_base=t0, col_base=m0)[:2])
         # A block's lists only meet one camera, whose grouped order is its original order,
         # so positions rank ties like original indices; map them back once at the end.
@@ -106,16 +104,22 @@ def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
             sources, targets = order[sources], order[targets]
     else:
         # Lists span several cameras: store original indices so ties go to the smaller one.
-        values, indices = new_lists(num_nodes, k, dtype)
+        # GEMM proposals k + SLACK wide, then exact lists (knn.refine_lists) in original order.
+        available = num_nodes - torch.bincount(cameras, minlength=num_cameras)[cameras]
+        width = max(k, min(int(available.max()), k + _screen.SLACK))
+        proposals = new_lists(num_nodes, width, dtype)
         for t, m in pairs:
             t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]
-            block_topk(tiles, xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0,
+            block_topk(tiles, xs[t0:t1], xs[m0:m1], "cosine", width, row_base=t0, col_base=m0,
                        row_ids=None if order is None else order[t0:t1],
                        col_ids=None if order is None else order[m0:m1],
-                       row_lists=(values[t0:t1], indices[t0:t1]), col_lists=(values[m0:m1], indices[m0:m1]))
+                       row_lists=(proposals[0][t0:t1], proposals[1][t0:t1]),
+                       col_lists=(proposals[0][m0:m1], proposals[1][m0:m1]))
         if order is not None:
-            values = torch.empty_like(values).index_copy_(0, order, values)
-            indices = torch.empty_like(indices).index_copy_(0, order, indices)
+            proposals = tuple(torch.empty_like(p).index_copy_(0, order, p) for p in proposals)
+        values, indices = new_lists(num_nodes, k, dtype)
+        refine_lists(xn, xn, "cosine", k, proposals, (values, indices), available=available,
+                     allowed=lambda rows: cameras[rows].unsqueeze(1) != cameras.unsqueeze(0))
         # One list per tracklet: keep each mutual pair once (i < j), symmetrised in the CSR.
         sources, targets, _ = mutual_pairs((values, indices), (values, indices))
         upper = sources < targets

@@ -13,15 +13,21 @@ Euclidean and finished with torch's ``sqrt`` (:func:`finish_lists`), as the refe
 Queries not ordered by segment are gathered into segment order once (one B x D copy)
 and scattered back. Peak extra memory: one tile plus ``(B + N) * k`` list entries.
 
-Self-joins of float32 rows (:func:`topk_self_join`: every anchor querying its own
-segment, and the soft labels) are screened with a bf16 GEMM where the CPU has bf16
-dot-product instructions (:mod:`._screen`): wider approximate lists, exact rescoring,
-certification, exact fallback for the rows it cannot certify.
+Distances are the reference's exact ones (``fastassoc.kernels.reference._tiles``: a
+fixed-order inner product, so a pair's distance depends on its two rows only and copies
+of one vector tie exactly, wherever they sit in a tile). A float32 GEMM's value for a
+pair depends on its position in the output, so GEMM tiles only *propose*: the lists are
+``k + SLACK`` wide, their candidates are rescored exactly (``_C.screen_rescore``) and
+re-sorted, and a row is kept when the GEMM error bound certifies that no column outside
+its list can reach the exact top k; other rows get exact distances to every column
+(:func:`refine_lists`). Self-joins of float32 rows (:func:`topk_self_join`: every anchor
+querying its own segment, and the soft labels) propose with a bf16 GEMM instead where the
+CPU has bf16 dot-product instructions (:mod:`._screen`), with the same rescoring.
 
-Ties go to the smaller index (lists are ordered by (distance, index)); tile shape
+Ties go to the smaller index (lists are ordered by (exact distance, index)); tile shape
 and thread count do not change results. Must equal
 ``fastassoc.kernels.reference.knn.topk_anchors_reference`` and
-``mutual_knn_reference`` (values to float32 rounding of the GEMM).
+``mutual_knn_reference`` bit for bit.
 """
 from __future__ import annotations
 
@@ -162,14 +168,18 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     n = x.shape[0]
     available = n - 1 if exclude_self else n
     width = min(available, k + _screen.SLACK)
-    if n == 0 or k == 0 or width <= k or not _screen.worthwhile(x, n, width, "bf16"):
-        self_join_topk(x, metric, k, lists, norms=norms, base=base, exclude_self=exclude_self)
-        sort_lists(*lists)
+    if n == 0 or k == 0:
         return
-    quantized = _screen.BRows.quantize(x)
-    if quantized is None:   # non-finite inputs: the exact path ranks them as the reference does
-        self_join_topk(x, metric, k, lists, norms=norms, base=base, exclude_self=exclude_self)
-        sort_lists(*lists)
+    quantized = None
+    if width > k and _screen.worthwhile(x, n, width, "bf16"):
+        quantized = _screen.BRows.quantize(x)   # None for non-finite inputs
+    if quantized is None:
+        # float32 GEMM proposals, refined to exact distances (see refine_lists).
+        proposals = new_lists(n, max(width, k), x.dtype)
+        self_join_topk(x, metric, proposals[0].shape[1], proposals, norms=norms, base=base, exclude_self=exclude_self)
+        exclude = torch.arange(base, base + n, dtype=torch.int64) if exclude_self else None
+        refine_lists(x, x, metric, k, proposals, lists, row_norms=norms, col_norms=norms, col_base=base,
+                     exclude=exclude, available=available)
         return
     approx_values, candidates = new_lists(n, width, torch.float32)
     self_join_topk(quantized, metric, width, (approx_values, candidates), norms=norms, base=base,
@@ -195,43 +205,84 @@ def _fall_back(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, list
 
     The same exact distances as the rescoring (``_screen.rescore``), so a row's result does
     not depend on the path it took (hence not on the thread count or tiling of the
-    approximate GEMM): float32 GEMM tiles propose ``k + SLACK`` candidates, which are
-    rescored and certified with the float32 GEMM's (much smaller) error bound; rows still
-    uncertain get exact distances to every column. Chunks keep each block within the tile
-    limit.
+    approximate GEMM): float32 GEMM tiles propose ``k + SLACK`` candidates and
+    :func:`refine_lists` decides. Chunks keep each block within the tile limit.
     """
     if failed.numel() == 0:
         return
     values, indices = lists
     num_cols = cols.shape[0]
     available = num_cols - 1 if exclude_self else num_cols
-    width = min(available, k + _screen.SLACK)
+    width = max(k, min(available, k + _screen.SLACK))
     chunk_rows = rows[failed].contiguous()
     chunk_norms = row_norms[failed].contiguous() if row_norms is not None else None
-    approx_values, candidates = new_lists(failed.numel(), width, values.dtype)
+    exclude = (failed + col_base) if exclude_self else None
+    proposals = new_lists(failed.numel(), width, values.dtype)
     tiles = _core.DotTiles.for_blocks([(failed.numel(), num_cols)], values.dtype)
     block_topk(tiles, chunk_rows, cols, metric, width, row_norms=chunk_norms, col_norms=col_norms,
-               col_base=col_base, exclude=(failed + col_base) if exclude_self else None,
-               row_lists=(approx_values, candidates))
+               col_base=col_base, exclude=exclude, row_lists=proposals)
+    found = new_lists(failed.numel(), k, values.dtype)
+    refine_lists(chunk_rows, cols, metric, k, proposals, found, row_norms=chunk_norms, col_norms=col_norms,
+                 col_base=col_base, exclude=exclude, available=available)
+    values[failed] = found[0]
+    indices[failed] = found[1]
+
+
+def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
+                 proposals: tuple[torch.Tensor, torch.Tensor], lists: tuple[torch.Tensor, torch.Tensor], *,
+                 row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None, col_base: int = 0,
+                 exclude: torch.Tensor | None = None, available: torch.Tensor | int,
+                 allowed=None) -> None:
+    """Exact top-k lists from float32-GEMM proposals: the reference's definition of distance.
+
+    A float32 GEMM's value for a pair depends on the pair's position in the tile, so copies
+    of one vector can get different distances; the exact distance (``_screen.rescore``:
+    fixed-order float64 accumulation, the reference's ``_tiles.exact_distances``) depends on
+    the two rows only. ``proposals`` hold each row's ``W >= k`` best columns by GEMM value
+    (from :func:`block_topk` / :func:`self_join_topk`, any order; overwritten); they are
+    rescored exactly (:func:`._screen.rescore_pruned`) and sorted by (exact distance, index).
+    A row is certified when its list holds every eligible column or when the GEMM error
+    bound (:class:`._screen.FRows`) puts every column outside the list strictly behind the
+    exact k-th; other rows get exact distances to every eligible column (:func:`_exact_rows`).
+
+    Parameters
+    ----------
+    rows : Tensor [R, D], cols : Tensor [C, D], prepared rows (float32 or float64)
+    metric : {"sqeuclidean", "cosine"} (ranking metric)
+    k : int >= 1, at most ``W``
+    proposals : (values [R, W], indices [R, W]), global column ids ``col_base + j``, -1 padding
+    lists : (values [R, k], indices [R, k]), written
+    row_norms, col_norms : squared norms for "sqeuclidean"
+    exclude : Tensor [R] int64, optional: the global column each row skips (-1 none)
+    available : int or Tensor [R], the number of eligible columns per row
+    allowed : callable(row_positions [c]) -> bool [c, C], optional: the eligible columns of
+        those rows (exclusions beyond ``exclude``), for the exact fallback
+    """
+    approx_values, candidates = proposals
+    values, indices = lists
+    if rows.shape[0] == 0:
+        return
     sort_lists(approx_values, candidates)
-    exact = _screen.rescore(chunk_rows, cols, candidates, metric, col_base=col_base, row_norms=chunk_norms,
-                            col_norms=col_norms)
+    exact = _screen.rescore_pruned(rows, cols, candidates, approx_values, _screen.FRows(rows), _screen.FRows(cols),
+                                   metric, k, col_base=col_base, row_norms=row_norms, col_norms=col_norms)
     sort_lists(exact, candidates)
-    values[failed] = exact[:, :k]
-    indices[failed] = candidates[:, :k]
-    lower = _screen.lower_outside(_screen.FRows(chunk_rows), _screen.FRows(cols), metric, approx_values[:, -1],
-                                  chunk_norms, col_norms)
+    values.copy_(exact[:, :k])
+    indices.copy_(torch.where(torch.isinf(exact[:, :k]), -1, candidates[:, :k]))
+    lower = _screen.lower_outside(_screen.FRows(rows), _screen.FRows(cols), metric, approx_values[:, -1],
+                                  row_norms, col_norms)
     uncertain = ~_screen.certify(approx_values, exact[:, k - 1], lower, available)
-    _exact_rows(rows, cols, metric, k, lists, failed[uncertain], row_norms=row_norms, col_norms=col_norms,
-                col_base=col_base, exclude_self=exclude_self)
+    _exact_rows(rows, cols, metric, k, lists, torch.nonzero(uncertain).flatten(), row_norms=row_norms,
+                col_norms=col_norms, col_base=col_base, exclude=exclude, allowed=allowed)
 
 
 def _exact_rows(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
                 failed: torch.Tensor, *, row_norms: torch.Tensor | None, col_norms: torch.Tensor | None,
-                col_base: int, exclude_self: bool) -> None:
-    """Rows ``failed``: exact distances to every column, the k smallest by (distance, index)."""
+                col_base: int, exclude: torch.Tensor | None = None, allowed=None) -> None:
+    """Rows ``failed``: exact distances to every eligible column, the k smallest by (distance, index)."""
     values, indices = lists
     num_cols = cols.shape[0]
+    if failed.numel() == 0 or num_cols == 0:
+        return
     step = max(1, _backend.tile_elements() // max(num_cols, 1))
     columns = torch.arange(col_base, col_base + num_cols, dtype=torch.int64)
     for start in range(0, failed.numel(), step):
@@ -240,8 +291,12 @@ def _exact_rows(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lis
         exact = _screen.rescore(rows[chunk].contiguous(), cols, candidates, metric, col_base=col_base,
                                 row_norms=row_norms[chunk].contiguous() if row_norms is not None else None,
                                 col_norms=col_norms)
-        if exclude_self:
-            exact[torch.arange(chunk.numel()), chunk] = float("inf")
+        if exclude is not None:
+            skip = exclude[chunk] - col_base
+            inside = ((skip >= 0) & (skip < num_cols)).nonzero().flatten()
+            exact[inside, skip[inside]] = float("inf")
+        if allowed is not None:
+            exact[~allowed(chunk)] = float("inf")
         sort_lists(exact, candidates)
         found = exact[:, :k]
         values[chunk] = found
@@ -338,10 +393,16 @@ def topk_anchors_cpu(queries: torch.Tensor, anchors: torch.Tensor, k: int, metri
     else:
         tiles = _core.DotTiles.for_blocks([(q1 - q0, a1 - a0) for q0, q1, a0, a1 in blocks], dtype)
         for q0, q1, a0, a1 in blocks:
-            block_topk(tiles, q[q0:q1], a[a0:a1], ranking, k,
-                       row_norms=q_norms[q0:q1] if q_norms is not None else None,
-                       col_norms=a_norms[a0:a1] if a_norms is not None else None,
-                       col_base=a0, exclude=skip[q0:q1], row_lists=(values[q0:q1], indices[q0:q1]))
+            row_norms = q_norms[q0:q1] if q_norms is not None else None
+            col_norms = a_norms[a0:a1] if a_norms is not None else None
+            block_skip = skip[q0:q1]
+            available = (a1 - a0) - ((block_skip >= a0) & (block_skip < a1)).to(torch.int64)
+            proposals = new_lists(q1 - q0, max(k, min(a1 - a0, k + _screen.SLACK)), dtype)
+            block_topk(tiles, q[q0:q1], a[a0:a1], ranking, proposals[0].shape[1], row_norms=row_norms,
+                       col_norms=col_norms, col_base=a0, exclude=block_skip, row_lists=proposals)
+            refine_lists(q[q0:q1], a[a0:a1], ranking, k, proposals, (values[q0:q1], indices[q0:q1]),
+                         row_norms=row_norms, col_norms=col_norms, col_base=a0, exclude=block_skip,
+                         available=available)
     finish_lists(values, indices, metric)
     values = values.to(torch.float32)
     if order is not None:
@@ -350,20 +411,50 @@ def topk_anchors_cpu(queries: torch.Tensor, anchors: torch.Tensor, k: int, metri
     return values, indices
 
 
+def exact_block_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
+                      row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None, *,
+                      row_base: int = 0, col_base: int = 0, tiles: _core.DotTiles | None = None
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Exact k-nearest lists of both sides of one ``rows x cols`` block from one GEMM pass.
+
+    Returns ``(row_lists, col_lists)``: each row's k nearest columns (ids ``col_base + j``)
+    and each column's k nearest rows (ids ``row_base + i``), sorted by (exact distance, id).
+    The GEMM tiles fill proposal lists ``k + SLACK`` wide on both sides
+    (:func:`block_topk`); :func:`refine_lists` makes each side exact.
+    """
+    dtype = rows.dtype
+    num_rows, num_cols = rows.shape[0], cols.shape[0]
+    row_proposals = new_lists(num_rows, max(k, min(num_cols, k + _screen.SLACK)), dtype)
+    col_proposals = new_lists(num_cols, max(k, min(num_rows, k + _screen.SLACK)), dtype)
+    if tiles is None:
+        tiles = _core.DotTiles.for_blocks([(num_rows, num_cols), (num_cols, num_rows)], dtype)
+    if col_proposals[0].shape[1] == row_proposals[0].shape[1]:
+        block_topk(tiles, rows, cols, metric, row_proposals[0].shape[1], row_norms=row_norms, col_norms=col_norms,
+                   row_base=row_base, col_base=col_base, row_lists=row_proposals, col_lists=col_proposals)
+    else:
+        # Widths differ only for a side smaller than k + SLACK (block_topk takes one k): a
+        # second, small GEMM pass for the column side.
+        block_topk(tiles, rows, cols, metric, row_proposals[0].shape[1], row_norms=row_norms, col_norms=col_norms,
+                   row_base=row_base, col_base=col_base, row_lists=row_proposals)
+        block_topk(tiles, cols, rows, metric, col_proposals[0].shape[1], row_norms=col_norms, col_norms=row_norms,
+                   row_base=col_base, col_base=row_base, row_lists=col_proposals)
+    row_lists, col_lists = new_lists(num_rows, k, dtype), new_lists(num_cols, k, dtype)
+    refine_lists(rows, cols, metric, k, row_proposals, row_lists, row_norms=row_norms, col_norms=col_norms,
+                 col_base=col_base, available=num_cols)
+    refine_lists(cols, rows, metric, k, col_proposals, col_lists, row_norms=col_norms, col_norms=row_norms,
+                 col_base=row_base, available=num_rows)
+    return row_lists, col_lists
+
+
 def mutual_knn_cpu(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, max_distance: float | None,
                    precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`fastassoc.mutual_knn`; ``precision`` is ignored (full float32 on CPU)."""
     if k == 0 or a.shape[0] == 0 or b.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.int64)
         return empty, empty.clone(), torch.empty(0, dtype=torch.float32)
-    dtype = _core.compute_dtype(a)
     pa, pb = _core.prepare(a, metric), _core.prepare(b, metric)
-    row_lists = new_lists(pa.shape[0], k, dtype)
-    col_lists = new_lists(pb.shape[0], k, dtype)
-    tiles = _core.DotTiles.for_blocks([(pa.shape[0], pb.shape[0])], dtype)
-    block_topk(tiles, pa, pb, ranking_metric(metric), k, row_norms=_core.squared_norms(pa, metric),
-               col_norms=_core.squared_norms(pb, metric), row_lists=row_lists, col_lists=col_lists)
-    del tiles
+    row_lists, col_lists = exact_block_lists(pa, pb, ranking_metric(metric), k, _core.squared_norms(pa, metric),
+                                             _core.squared_norms(pb, metric))
     finish_lists(*row_lists, metric)  # column lists only serve membership tests: order is irrelevant
     if max_distance is None:
         ia, ib, values = mutual_pairs(row_lists, col_lists)

@@ -1,11 +1,29 @@
-"""Bounded distance tiles shared by the reference kernels.
+"""Bounded distance tiles and the exact pair distances shared by the reference kernels.
 
 Every reference op walks its B x N work in row chunks of at most
 ``fastassoc._backend.tile_elements()`` elements, so the reference itself runs at
-100k scale without an N x N matrix. Distances use the formulas all backends share:
-squared Euclidean as ``|q|^2 + |a|^2 - 2 q.a`` clamped at 0, cosine as
-``1 - q_hat . a_hat`` with L2-normalised rows, accumulated in float32 (float64 inputs
-stay float64).
+100k scale without an N x N matrix.
+
+How distances are defined
+-------------------------
+The distance of a pair is a function of the two rows alone (copies of one vector get
+bit-identical distances, so ties between them go to the smaller index wherever they sit):
+
+* the inner product ``q.a`` is :func:`exact_dots`: products of the compute-dtype values in
+  float64, summed in 16 lanes (element ``i`` into lane ``i % 16``, in index order) combined
+  by a fixed tree, rounded to the compute dtype: the bits of ``fastassoc._C``'s
+  ``screen_dot`` (csrc/cpu/screen.cpp) for float32 rows;
+* squared Euclidean is ``(|q|^2 + |a|^2) - 2 q.a`` clamped at 0 with the squared norms
+  ``(x * x).sum(1)`` in the compute dtype; Euclidean is torch's ``sqrt`` of it; cosine
+  is ``1 - q_hat.a_hat`` with rows L2-normalised by ``torch.nn.functional.normalize``;
+* the compute dtype is float32 (float64 inputs stay float64, their lanes then hold
+  rounded float64 products).
+
+A float32 GEMM's result for a pair depends on the pair's position in its output (the
+BLAS kernel's vectorised body and edge code round differently), so GEMM tiles
+(:func:`distance_tile`) only *propose*: :func:`band` bounds a row's GEMM distances'
+distance from the exact ones, and the ops rescore exactly every entry that can matter
+(``knn.smallest_k_exact``).
 """
 from __future__ import annotations
 
@@ -53,3 +71,73 @@ def distance_tile(q: torch.Tensor, a: torch.Tensor, metric: str, a_sq_norms: tor
     squared = (q * q).sum(1, keepdim=True) + a_sq_norms.unsqueeze(0)
     squared.sub_(dots.mul_(2.0)).clamp_min_(0.0)
     return squared.sqrt_() if metric == "euclidean" else squared
+
+
+# Lanes of the fixed-order dot product (csrc/cpu/screen.cpp screen_dot).
+_LANES = 16
+
+
+def exact_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products ``x[p] . y[p]`` [P] in ``x.dtype``, a function of the two rows alone.
+
+    Parameters
+    ----------
+    x, y : Tensor [P, D], float32 or float64 (the compute dtype)
+
+    Products in float64 (exact for float32 values), accumulated per lane ``i % 16`` in
+    index order (``cumsum`` is a sequential scan), lanes combined as ``l += l + width``
+    for width 8, 4, 2, 1, then rounded to ``x.dtype``: ``screen_dot``'s bits.
+    """
+    num_pairs, dim = x.shape
+    if dim == 0 or num_pairs == 0:
+        return x.new_zeros(num_pairs)
+    products = x.to(torch.float64) * y.to(torch.float64)
+    if dim % _LANES:
+        # Adding +0.0 changes no float64 partial sum.
+        products = torch.nn.functional.pad(products, (0, _LANES - dim % _LANES))
+    lanes = products.view(num_pairs, -1, _LANES).cumsum(1)[:, -1]
+    width = _LANES // 2
+    while width:
+        lanes = lanes[:, :width] + lanes[:, width:2 * width]
+        width //= 2
+    return lanes[:, 0].to(x.dtype)
+
+
+def exact_distances(q: torch.Tensor, a: torch.Tensor, metric: str, q_sq_norms: torch.Tensor | None = None,
+                    a_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Distances [P] of the prepared row pairs ``(q[p], a[p])`` as the module docstring defines them.
+
+    ``q_sq_norms`` / ``a_sq_norms`` [P] are the rows' ``(x * x).sum(1)`` (Euclidean metrics).
+    Work is split into chunks of at most ``tile_elements()`` float64 products.
+    """
+    out = q.new_empty(q.shape[0])
+    step = max(1, _backend.tile_elements() // max(q.shape[1], 1))
+    for start in range(0, q.shape[0], step):
+        stop = min(start + step, q.shape[0])
+        dots = exact_dots(q[start:stop], a[start:stop])
+        if metric == "cosine":
+            out[start:stop] = 1.0 - dots
+            continue
+        squared = (q_sq_norms[start:stop] + a_sq_norms[start:stop]) - 2.0 * dots
+        out[start:stop] = squared.clamp_min_(0.0)
+    return out.sqrt_() if metric == "euclidean" else out
+
+
+def band(q: torch.Tensor, a: torch.Tensor, metric: str, q_sq_norms: torch.Tensor | None = None,
+         a_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [b]: a bound on ``|GEMM tile distance - exact distance|`` for row ``q[r]`` and any row of ``a``.
+
+    ``metric`` is "sqeuclidean" or "cosine" (Euclidean is bounded in squared space). A GEMM
+    sums ``D`` products in any order: its inner product is within ``D u |q| |a|`` of the true
+    one (``u`` the unit roundoff), the exact one within ``u |q.a|`` plus float64 summation;
+    the distance formula adds a few roundings of its largest term. Slack on every term.
+    """
+    unit = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24
+    dim = q.shape[1]
+    q_norm = q.to(torch.float64).norm(dim=1)
+    a_norm = a.to(torch.float64).norm(dim=1).max() if a.shape[0] else q_norm.new_zeros(())
+    dot_bound = ((dim + 4) * unit * 1.01 + dim * 2.0 ** -52) * q_norm * a_norm + 1e-300
+    if metric == "cosine":
+        return dot_bound + 4 * unit
+    squares = q_sq_norms.to(torch.float64) + (a_sq_norms.to(torch.float64).max() if a.shape[0] else 0.0)
+    return 2 * dot_bound + 8 * unit * squares

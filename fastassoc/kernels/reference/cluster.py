@@ -4,7 +4,8 @@ Algorithm (the spec every backend's ``agglomerative_merge_<backend>`` must equal
 
 1. Clusters are the distinct label values; cluster ``i`` is the ``i``-th smallest value.
 2. Linkage of every unordered cluster pair ``i < j``, in the compute dtype (float32, or
-   float64 for float64 features):
+   float64 for float64 features), from the exact distances of ``_tiles`` (a fixed-order
+   inner product: a pair's distance depends on its two points only, so copies tie exactly):
 
    * ``centroid``: ``D_ij = sqrt(max(|mu_i|^2 + |mu_j|^2 - 2 mu_i.mu_j, 0))`` between
      cluster means ``mu`` (sums in the compute dtype divided by the sizes).
@@ -20,17 +21,23 @@ Algorithm (the spec every backend's ``agglomerative_merge_<backend>`` must equal
    ``num_merges`` merges. Distances and sizes are frozen for the whole step.
 4. Output labels are the merged clusters renumbered ``0..C'-1`` by first appearance.
 
+Exact walk (:func:`exact_merged_roots`): float32 GEMM tiles give every linkage to within
+a bound (``_tiles.band``, carried through sqrt, exp and the size penalty as a lower
+bound). Phase 1 walks the GEMM linkages (as below); the pairs that merged there suffice
+for ``num_merges`` merges, so the exact walk stops at a linkage ``<= U``, the largest
+exact linkage among them. Phase 2 walks exact linkages: every pair whose lower bound is
+``<= U`` is rescored exactly (buc: the sample pairs within two bounds of the cluster pair's
+GEMM minimum), every other pair is ``inf`` (its exact linkage exceeds ``U``). tssl's
+``a_i`` come from exact nearest lists (``knn.smallest_k_exact``).
+
 Memory: the C x C pair matrix is never held. Cluster-pair linkages are produced in row
 tiles of at most ``_backend.tile_elements()`` entries (``j > i`` only); a running buffer
 keeps the smallest ``M`` pairs in ``(linkage, i, j)`` order. When those ``M`` pairs yield
 too few merges, the stream is replayed for the next pairs strictly after the last one
-walked, with ``M`` doubled (at most ``tile_elements()``). ``tssl`` first computes every
-``a_i`` in one pass over the tiles ``j >= i``, keeping a running k-smallest per row and,
-through the transpose, per column. ``buc`` sorts the samples by
+walked, with ``M`` doubled (at most ``tile_elements()``). ``buc`` sorts the samples by
 cluster and tiles over groups of whole clusters, so the sample-to-sample minimum reduces
 to a cluster-pair minimum inside one tile (a cluster larger than a tile is reduced over
-several row sub-tiles). Tile sizes change only the number of passes, never the result
-(except through float rounding of non-exact inputs, which the tile shape may affect).
+several row sub-tiles). Tile sizes change only the number of passes, never the result.
 
 ``precision`` is accepted for the common signature; the reference always computes at full
 precision of its compute dtype.
@@ -43,6 +50,7 @@ import torch
 
 from ... import _backend
 from . import _tiles
+from .knn import smallest_k_exact
 
 # Smallest first batch of pairs kept for the greedy walk (and how much it exceeds
 # num_merges): redundant pairs inside already-joined clusters are common.
@@ -74,14 +82,142 @@ def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_mer
     Tensor [N], int64, labels renumbered 0..C'-1 by first appearance.
     """
     def merged_roots(cluster_of_sample: torch.Tensor, num_clusters: int) -> torch.Tensor:
-        features = _tiles.prepare(x, "euclidean")
-        if linkage == "buc":
-            blocks = _buc_blocks(features, cluster_of_sample, num_clusters, size_penalty)
-        else:
-            blocks = _centroid_blocks(features, cluster_of_sample, num_clusters, linkage, neighbours)
-        return _greedy_merge(blocks, num_clusters, num_merges, x.device)
+        return exact_merged_roots(x, cluster_of_sample, num_clusters, num_merges, linkage, neighbours, size_penalty)
 
     return merge_step(x, labels, num_merges, merged_roots)
+
+
+def exact_merged_roots(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, num_merges: int,
+                       linkage: str, neighbours: int, size_penalty: float) -> torch.Tensor:
+    """Root cluster of every cluster [C] after the greedy walk over exact linkages (shared with cpu).
+
+    Phase 1 walks the float32 GEMM linkages; the pairs that merged there suffice for
+    ``num_merges`` merges, so the exact walk stops at a linkage ``<= U``, the largest exact
+    linkage among them. Phase 2 walks the exact linkages of every pair whose GEMM-based
+    lower bound is ``<= U`` (``inf`` for the others, which are all above ``U``).
+    """
+    features = _tiles.prepare(x, "euclidean")
+    if linkage == "buc":
+        source = _BucLinkages(features, cluster_of_sample, num_clusters, size_penalty)
+    else:
+        source = _CentroidLinkages(features, cluster_of_sample, num_clusters, linkage, neighbours)
+    merging = _merging_keys(source.gemm_blocks, num_clusters, num_merges, x.device)
+    limit = float(source.exact(merging // num_clusters, merging % num_clusters).max())
+    return _greedy_merge(lambda: source.candidate_blocks(limit), num_clusters, num_merges, x.device)
+
+
+# Relative slack on lower bounds for the float32 roundings of sqrt, exp and sums.
+_SLACK = 2.0 ** -20
+
+
+def _lower_distance(squared: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """float64 lower bound on the exact Euclidean distance of entries whose GEMM squared distance is ``squared``."""
+    return (squared.to(torch.float64) - bound).clamp_min_(0.0).sqrt_().mul_(1 - _SLACK)
+
+
+def _merging_keys(blocks: LinkageBlocks, num_clusters: int, num_merges: int, device: torch.device) -> torch.Tensor:
+    """Keys ``i * C + j`` [num_merges] of the pairs that merge in the greedy walk over ``blocks``."""
+    parent = list(range(num_clusters))
+    capacity = min(max(_PAIRS_PER_MERGE * num_merges, _MIN_PAIR_BUFFER), _backend.tile_elements())
+    merging: list[int] = []
+    after = None
+    while len(merging) < num_merges:
+        values, keys = _smallest_pairs(blocks, num_clusters, capacity, after)
+        if keys.numel() == 0:
+            raise RuntimeError("agglomerative_merge: ran out of cluster pairs before num_merges merges")
+        for key in keys.tolist():
+            root_i, root_j = find_root(parent, key // num_clusters), find_root(parent, key % num_clusters)
+            if root_i != root_j:
+                parent[max(root_i, root_j)] = min(root_i, root_j)
+                merging.append(key)
+                if len(merging) == num_merges:
+                    break
+        last_key = int(keys[-1])
+        after = (values[-1], last_key // num_clusters, last_key % num_clusters)
+        capacity = min(2 * capacity, _backend.tile_elements())
+    return torch.tensor(merging, dtype=torch.int64, device=device)
+
+
+class _CentroidLinkages:
+    """centroid / tssl linkages between cluster means: GEMM blocks, exact pairs, candidate blocks."""
+
+    def __init__(self, x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, linkage: str,
+                 neighbours: int):
+        self.sizes = torch.bincount(cluster_of_sample, minlength=num_clusters).to(x.dtype)
+        means = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
+        means.index_add_(0, cluster_of_sample, x)
+        means /= self.sizes.unsqueeze(1)
+        self.means, self.sq_norms = means, (means * means).sum(1)
+        self.density = _mean_neighbour_distance(means, self.sq_norms, neighbours) if linkage == "tssl" else None
+        self.gemm_blocks = _centroid_blocks(means, self.sq_norms, self.density)
+
+    def link(self, distances: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Linkages of pairs (i, j) from their distances (the expression of :func:`_centroid_blocks`)."""
+        if self.density is None:
+            return distances
+        exponent = self.density[i] + self.density[j]
+        return exponent.sub_(distances, alpha=2.0).neg_().exp_().add_(distances)
+
+    def exact(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        distances = _tiles.exact_distances(self.means[i], self.means[j], "euclidean", self.sq_norms[i],
+                                           self.sq_norms[j])
+        return self.link(distances, i, j)
+
+    def candidate_blocks(self, limit: float) -> Iterator[tuple[int, torch.Tensor]]:
+        means, sq_norms, num_clusters = self.means, self.sq_norms, self.means.shape[0]
+        for start, stop in _tiles.row_chunks(num_clusters, num_clusters):
+            squared = _tiles.distance_tile(means[start:stop], means[start + 1:], "sqeuclidean", sq_norms[start + 1:])
+            bound = _tiles.band(means[start:stop], means[start + 1:], "sqeuclidean", sq_norms[start:stop],
+                                sq_norms[start + 1:])
+            lower = _lower_distance(squared, bound.unsqueeze(1))
+            if self.density is not None:
+                # Increasing in the distance for fixed a_i + a_j (rounded as the exact path rounds it).
+                exponent = lower * 2 - (self.density[start:stop, None] + self.density[None, start + 1:]).double()
+                exponent -= _SLACK * exponent.abs()
+                lower += exponent.exp_().mul_(1 - _SLACK)
+            # tile[a, b] is the pair (start + a, start + 1 + b): only b >= a are pairs i < j.
+            wanted = (lower <= limit).triu_()
+            rows, cols = wanted.nonzero(as_tuple=True)
+            tile = torch.full(squared.shape, float("inf"), dtype=squared.dtype, device=squared.device)
+            tile[rows, cols] = self.exact(rows + start, cols + start + 1)
+            yield start, tile
+
+
+class _BucLinkages:
+    """buc linkages (minimum sample distance plus the size penalty): GEMM blocks, exact pairs, candidates."""
+
+    def __init__(self, x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, size_penalty: float):
+        order = torch.argsort(cluster_of_sample, stable=True)
+        self.x = x[order]
+        self.sample_cluster = cluster_of_sample[order]
+        counts = torch.bincount(self.sample_cluster, minlength=num_clusters)
+        self.offsets = torch.zeros(num_clusters + 1, dtype=torch.int64, device=x.device)
+        self.offsets[1:] = counts.cumsum(0)
+        self.sizes = counts.to(x.dtype)
+        self.sq_norms = (self.x * self.x).sum(1)
+        self.size_penalty = size_penalty
+        self.gemm_blocks = _buc_blocks(self, None)
+
+    def penalty(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self.size_penalty * (self.sizes[i] + self.sizes[j])
+
+    def exact(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Exact linkages of cluster pairs (i, j): the minimum over all their sample pairs."""
+        counts_i = self.offsets[i + 1] - self.offsets[i]
+        counts_j = self.offsets[j + 1] - self.offsets[j]
+        per_pair = counts_i * counts_j
+        pair = torch.repeat_interleave(torch.arange(i.numel(), device=i.device), per_pair)
+        within = torch.arange(pair.numel(), device=i.device) - (torch.cumsum(per_pair, 0) - per_pair)[pair]
+        rows = self.offsets[i][pair] + within // counts_j[pair]
+        cols = self.offsets[j][pair] + within % counts_j[pair]
+        squared = _tiles.exact_distances(self.x[rows], self.x[cols], "sqeuclidean", self.sq_norms[rows],
+                                         self.sq_norms[cols])
+        minimum = torch.full((i.numel(),), float("inf"), dtype=self.x.dtype, device=i.device)
+        minimum.scatter_reduce_(0, pair, squared, "amin")
+        return minimum.sqrt_() + self.penalty(i, j)
+
+    def candidate_blocks(self, limit: float) -> Iterator[tuple[int, torch.Tensor]]:
+        return _buc_blocks(self, limit)()
 
 
 def merge_step(x: torch.Tensor, labels: torch.Tensor, num_merges: int,
@@ -104,14 +240,8 @@ def merge_step(x: torch.Tensor, labels: torch.Tensor, num_merges: int,
     return renumber_by_first_appearance(root[cluster_of_sample])
 
 
-def _centroid_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, linkage: str,
-                     neighbours: int) -> LinkageBlocks:
-    sizes = torch.bincount(cluster_of_sample, minlength=num_clusters).to(x.dtype)
-    means = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
-    means.index_add_(0, cluster_of_sample, x)
-    means /= sizes.unsqueeze(1)
-    sq_norms = (means * means).sum(1)
-    density = _mean_neighbour_distance(means, sq_norms, neighbours) if linkage == "tssl" else None
+def _centroid_blocks(means: torch.Tensor, sq_norms: torch.Tensor, density: torch.Tensor | None) -> LinkageBlocks:
+    num_clusters = means.shape[0]
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in _tiles.row_chunks(num_clusters, num_clusters):
@@ -128,26 +258,16 @@ def _centroid_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clust
 
 
 def _mean_neighbour_distance(means: torch.Tensor, sq_norms: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """a_i: mean centroid distance of cluster i to its k nearest other clusters [C]."""
+    """a_i: mean exact centroid distance of cluster i to its k nearest other clusters [C]."""
     num_clusters = means.shape[0]
     k = min(neighbours, num_clusters - 1)
-    # Only tiles with j >= i are computed (half the work): a tile row feeds its own
-    # running k-smallest, and its columns beyond the chunk feed theirs through the transpose.
-    nearest = torch.full((num_clusters, k), float("inf"), dtype=means.dtype, device=means.device)
-
-    def merge(current: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
-        if new.shape[dim] > k:
-            new = torch.topk(new, k, dim=dim, largest=False).values
-        candidates = torch.cat([current, new if dim == 1 else new.T], dim=1)
-        return torch.topk(candidates, k, dim=1, largest=False, sorted=True).values
-
+    nearest = []
     for start, stop in _tiles.row_chunks(num_clusters, num_clusters):
-        distances = _tiles.distance_tile(means[start:stop], means[start:], "euclidean", sq_norms[start:])
-        rows = torch.arange(stop - start, device=means.device)
-        distances[rows, rows] = float("inf")  # exclude self by index, not by value
-        nearest[start:stop] = merge(nearest[start:stop], distances, 1)
-        if stop < num_clusters:
-            nearest[stop:] = merge(nearest[stop:], distances[:, stop - start:], 0)
+        rows = torch.arange(start, stop, device=means.device)
+        # Self excluded by index, not by value.
+        values, _ = smallest_k_exact(means[start:stop], means, "euclidean", k, rows, sq_norms[start:stop], sq_norms)
+        nearest.append(values)
+    nearest = torch.cat(nearest)
     # Summed in ascending order so that the value is defined up to the last bit.
     total = nearest[:, 0].clone()
     for column in range(1, k):
@@ -155,18 +275,13 @@ def _mean_neighbour_distance(means: torch.Tensor, sq_norms: torch.Tensor, neighb
     return total / k
 
 
-def _buc_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int,
-                size_penalty: float) -> LinkageBlocks:
+def _buc_blocks(source: "_BucLinkages", limit: float | None) -> LinkageBlocks:
+    """buc linkage blocks from GEMM tiles (``limit`` None), or exact linkages of the cluster
+    pairs whose lower bound is ``<= limit`` (``inf`` elsewhere)."""
+    x, sample_cluster, offsets, sq_norms = source.x, source.sample_cluster, source.offsets, source.sq_norms
     device = x.device
-    order = torch.argsort(cluster_of_sample, stable=True)
-    x = x[order]
-    sample_cluster = cluster_of_sample[order]
-    counts = torch.bincount(sample_cluster, minlength=num_clusters)
-    offsets = torch.zeros(num_clusters + 1, dtype=torch.int64, device=device)
-    offsets[1:] = counts.cumsum(0)
+    num_clusters = offsets.numel() - 1
     offsets_list = offsets.tolist()
-    sizes = counts.to(x.dtype)
-    sq_norms = (x * x).sum(1)
     num_samples = x.shape[0]
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
@@ -180,9 +295,10 @@ def _buc_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: 
             column_cluster = (sample_cluster[column_start:] - (first + 1)).unsqueeze(0)
             columns = x[column_start:]
             column_norms = sq_norms[column_start:]
+            row_range = range(offsets_list[first], offsets_list[last], rows_per_tile)
             minimum = torch.full((last - first, num_clusters - first - 1), float("inf"), dtype=x.dtype,
                                  device=device)
-            for row_start in range(offsets_list[first], offsets_list[last], rows_per_tile):
+            for row_start in row_range:
                 row_stop = min(row_start + rows_per_tile, offsets_list[last])
                 squared = _tiles.distance_tile(x[row_start:row_stop], columns, "sqeuclidean", column_norms)
                 per_sample = torch.full((row_stop - row_start, minimum.shape[1]), float("inf"), dtype=x.dtype,
@@ -190,9 +306,34 @@ def _buc_blocks(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: 
                 per_sample.scatter_reduce_(1, column_cluster.expand(squared.shape[0], -1), squared, "amin")
                 row_cluster = (sample_cluster[row_start:row_stop] - first).unsqueeze(1)
                 minimum.scatter_reduce_(0, row_cluster.expand(-1, per_sample.shape[1]), per_sample, "amin")
-            # sqrt is monotone, so sqrt(min) equals min(sqrt): the same value as the spec.
-            linkages = minimum.sqrt_() + size_penalty * (sizes[first:last, None] + sizes[None, first + 1:])
-            yield first, linkages
+            pair_i = torch.arange(first, last, device=device).unsqueeze(1)
+            pair_j = torch.arange(first + 1, num_clusters, device=device).unsqueeze(0)
+            penalty = source.size_penalty * (source.sizes[first:last, None] + source.sizes[None, first + 1:])
+            if limit is None:
+                # sqrt is monotone, so sqrt(min) equals min(sqrt): the same value as the spec.
+                yield first, minimum.sqrt_() + penalty
+                first = last
+                continue
+            rows_all = x[offsets_list[first]:offsets_list[last]]
+            bound = _tiles.band(rows_all, columns, "sqeuclidean", sq_norms[offsets_list[first]:offsets_list[last]],
+                                column_norms).max()
+            lower = _lower_distance(minimum, bound) + penalty.to(torch.float64) * (1 - _SLACK)
+            wanted = (lower <= limit) & (pair_j > pair_i)
+            exact_minimum = torch.full_like(minimum, float("inf"))
+            if bool(wanted.any()):
+                # A sample pair can hold a cluster pair's exact minimum only within 2 bounds of its GEMM minimum.
+                reach = torch.where(wanted, minimum.to(torch.float64) + 2 * bound, -1.0)
+                for row_start in row_range:
+                    row_stop = min(row_start + rows_per_tile, offsets_list[last])
+                    squared = _tiles.distance_tile(x[row_start:row_stop], columns, "sqeuclidean", column_norms)
+                    row_cluster = sample_cluster[row_start:row_stop] - first
+                    near = squared.to(torch.float64) <= reach[row_cluster.unsqueeze(1), column_cluster]
+                    rows, cols = near.nonzero(as_tuple=True)
+                    exact = _tiles.exact_distances(x[row_start + rows], columns[cols], "sqeuclidean",
+                                                   sq_norms[row_start + rows], column_norms[cols])
+                    flat = row_cluster[rows] * minimum.shape[1] + column_cluster[0, cols]
+                    exact_minimum.view(-1).scatter_reduce_(0, flat, exact, "amin")
+            yield first, exact_minimum.sqrt_() + penalty
             first = last
 
     return blocks

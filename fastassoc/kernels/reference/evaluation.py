@@ -2,9 +2,11 @@
 
 Algorithm (the spec every backend's ``evaluate_ranking_<backend>`` must equal), per query:
 
-1. Distances to every gallery entry with the shared formulas of ``_tiles.distance_tile``
-   (squared Euclidean ``|q|^2 + |g|^2 - 2 q.g`` clamped at 0, its square root for
-   ``euclidean``, ``1 - q_hat.g_hat`` for ``cosine``) in float32 (float64 inputs: float64).
+1. Distances to every gallery entry as ``_tiles`` defines them (squared Euclidean
+   ``(|q|^2 + |g|^2) - 2 q.g`` clamped at 0, ``1 - q_hat.g_hat`` for ``cosine``, with a
+   fixed-order inner product: a pair's distance depends on its two rows only) in float32
+   (float64 inputs: float64). ``euclidean`` ranks by the squared distance (the square
+   root is monotone; ranking the squares keeps ties that a rounded root would merge apart).
 2. Gallery sorted by ascending distance, ties by gallery index (stable sort).
 3. Junk removed: entries with the query's identity *and* camera, and entries with
    identity -1. Ranks are counted over the remaining entries, from 1.
@@ -14,6 +16,12 @@ Algorithm (the spec every backend's ``evaluate_ranking_<backend>`` must equal), 
 5. ``cmc[r]`` = fraction of valid queries with ``r_1 <= r + 1`` for ``r < max_rank`` (ranks
    past the gallery size repeat the last value); mAP and mINP are means over valid
    queries, accumulated in float64.
+
+Only the order of true matches among the rest matters, so exact distances are needed only
+near them: a float32 GEMM tile (``_tiles.distance_tile``) gives every entry's distance
+within ``_tiles.band`` of the exact one; true matches are rescored exactly, and so is a
+negative whose band holds a true match's exact distance. Every other negative lies
+strictly on one side of each true match whether its GEMM or exact distance is used.
 
 Queries are processed in row chunks, fully vectorised inside a chunk. A chunk holds at
 most ``tile_elements() / 4`` query-gallery entries because the sort and the per-entry
@@ -57,9 +65,14 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
     if num_gallery > 0:
         query = _tiles.prepare(query, metric)
         gallery = _tiles.prepare(gallery, metric)
+        ranking = "cosine" if metric == "cosine" else "sqeuclidean"
+        query_sq_norms = (query * query).sum(1)
         gallery_sq_norms = (gallery * gallery).sum(1)
         for start, stop in _tiles.row_chunks(num_query, num_gallery * _WORKSPACE_FACTOR):
-            distances = _tiles.distance_tile(query[start:stop], gallery, metric, gallery_sq_norms)
+            distances = _tiles.distance_tile(query[start:stop], gallery, ranking, gallery_sq_norms)
+            _rescore_near_matches(distances, query[start:stop], gallery, ranking, query_sq_norms[start:stop],
+                                  gallery_sq_norms, query_pids[start:stop], gallery_pids, query_cameras[start:stop],
+                                  gallery_cameras)
             order = torch.argsort(distances, dim=1, stable=True)
             del distances
             ranked_pids = gallery_pids[order]
@@ -72,6 +85,37 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
             kept_rank = keep.cumsum(1)  # 1-based rank among kept entries
             scores.add(matches, kept_rank, start, stop)
     return scores.result(num_gallery)
+
+
+def _rescore_near_matches(distances: torch.Tensor, query: torch.Tensor, gallery: torch.Tensor, ranking: str,
+                          query_sq_norms: torch.Tensor, gallery_sq_norms: torch.Tensor, query_pids: torch.Tensor,
+                          gallery_pids: torch.Tensor, query_cameras: torch.Tensor, gallery_cameras: torch.Tensor
+                          ) -> None:
+    """Overwrite, in the GEMM tile ``distances`` [b, G], the true matches and the negatives
+    whose error band holds a true match with their exact distances (see the module docstring)."""
+    num_rows = distances.shape[0]
+    same_pid = gallery_pids.unsqueeze(0) == query_pids.unsqueeze(1)
+    matches = same_pid & (gallery_cameras.unsqueeze(0) != query_cameras.unsqueeze(1)) & (query_pids != -1).unsqueeze(1)
+    rows, cols = matches.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    exact = _tiles.exact_distances(query[rows], gallery[cols], ranking, query_sq_norms[rows], gallery_sq_norms[cols])
+    distances[rows, cols] = exact
+    # Each row's match distances ascending, padded with inf, for a banded search per entry.
+    counts = torch.bincount(rows, minlength=num_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.full((num_rows, int(counts.max())), float("inf"), dtype=torch.float64, device=distances.device)
+    slots[rows, torch.arange(rows.numel(), device=rows.device) - starts[rows]] = exact.to(torch.float64)
+    slots = slots.sort(dim=1).values
+    bound = _tiles.band(query, gallery, ranking, query_sq_norms, gallery_sq_norms).unsqueeze(1)
+    approx = distances.to(torch.float64)
+    before = torch.searchsorted(slots, approx - bound)
+    within = torch.searchsorted(slots, approx + bound, right=True)
+    near = (within != before) & ~same_pid & (gallery_pids != -1).unsqueeze(0)
+    rows, cols = near.nonzero(as_tuple=True)
+    if rows.numel():
+        distances[rows, cols] = _tiles.exact_distances(query[rows], gallery[cols], ranking, query_sq_norms[rows],
+                                                       gallery_sq_norms[cols])
 
 
 class RankingScores:

@@ -6,8 +6,9 @@ Algorithm
 Both graphs are built from top-k lists, never from an N x N matrix. Rows of ``x`` are
 grouped by camera (``cameras == c`` in ascending index order, so a local column order
 is the global index order and ties still go to the smaller global index); each group
-is searched in row chunks of at most ``_backend.tile_elements()`` distances with
-``_tiles.distance_tile`` and ranked with :func:`fastassoc.kernels.reference.knn.smallest_k`.
+is searched in row chunks of at most ``_backend.tile_elements()`` distances and ranked
+with :func:`fastassoc.kernels.reference.knn.smallest_k_exact` (GEMM tiles propose, exact
+pair distances as ``_tiles`` defines them decide).
 
 ``cross_camera_graph``: ranking is by cosine distance ``1 - x_hat_i . x_hat_j`` (the most
 similar first).
@@ -33,7 +34,8 @@ weight 1, and each row is divided by its sum.
 
 Tie-breaking
 ------------
-Equal distances go to the smaller global index (see ``knn.smallest_k``).
+Equal distances go to the smaller global index (see ``knn.smallest_k_exact``); the
+distance of a pair depends on the two rows only, so copies of a vector tie exactly.
 
 Limits
 ------
@@ -46,8 +48,8 @@ import warnings
 
 import torch
 
-from ._tiles import distance_tile, prepare, row_chunks
-from .knn import smallest_k
+from ._tiles import prepare, row_chunks
+from .knn import smallest_k_exact
 
 
 def to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -117,7 +119,7 @@ def _nearest_pairs(xn: torch.Tensor, query_rows: torch.Tensor, anchor_rows: torc
     sources, targets = [], []
     for start, stop in row_chunks(query_rows.numel(), anchor_rows.numel()):
         chunk = query_rows[start:stop]
-        _, columns = smallest_k(distance_tile(xn[chunk], anchors, "cosine"), k)
+        _, columns = smallest_k_exact(xn[chunk], anchors, "cosine", k)
         found = columns >= 0
         sources.append(chunk.unsqueeze(1).expand_as(columns)[found])
         targets.append(anchor_rows[columns[found]])
@@ -194,8 +196,8 @@ def knn_soft_labels_reference(x: torch.Tensor, cameras: torch.Tensor, num_camera
         positions = torch.arange(size, device=device)
         distances, neighbours = [], []
         for start, stop in row_chunks(size, size):
-            tile = distance_tile(anchors[start:stop], anchors, "sqeuclidean", norms)
-            values, columns = smallest_k(tile, width, skip=positions[start:stop])
+            values, columns = smallest_k_exact(anchors[start:stop], anchors, "sqeuclidean", width,
+                                               positions[start:stop], norms[start:stop], norms)
             distances.append(values)
             neighbours.append(columns)
         distances, neighbours = torch.cat(distances), torch.cat(neighbours)   # [size, width], all found

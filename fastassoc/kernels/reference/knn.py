@@ -6,10 +6,13 @@ Algorithm
 ``topk_anchors``: queries are grouped by their segment (a stable argsort of
 ``query_segments``), so the queries of segment ``s`` only ever meet the anchors
 ``anchor_offsets[s]:anchor_offsets[s+1]``. Each group is walked in row chunks of at most
-``_backend.tile_elements()`` distances (``_tiles.row_chunks``); a chunk's distance tile
-comes from ``_tiles.distance_tile`` (squared Euclidean as ``|q|^2 + |a|^2 - 2 q.a``
-clamped at 0, Euclidean its square root, cosine ``1 - q_hat . a_hat``) in float32
-(float64 inputs stay float64), and :func:`smallest_k` picks each row's ``k`` smallest.
+``_backend.tile_elements()`` distances (``_tiles.row_chunks``) and
+:func:`smallest_k_exact` picks each row's ``k`` smallest *exact* distances (as
+``_tiles`` defines them: squared Euclidean ``(|q|^2 + |a|^2) - 2 q.a`` clamped at 0,
+Euclidean its square root, cosine ``1 - q_hat . a_hat``, with a fixed-order inner
+product, so a pair's distance depends on its two rows only): a float32 GEMM tile
+(``_tiles.distance_tile``) proposes, and every column whose GEMM value lies within the
+GEMM's rounding bound of the k-th (``_tiles.band``) is rescored exactly.
 
 ``mutual_knn``: ``topk_anchors`` in both directions (a -> b and b -> a, one segment
 each); a pair ``(i, j)`` is mutual when the key ``i * Nb + j`` of the a -> b lists also
@@ -18,13 +21,15 @@ ever held beyond one tile.
 
 Tie-breaking
 ------------
-Ranking uses the metric's own values in the compute dtype (the square root is taken
-before ranking for ``"euclidean"``). Equal values go to the smaller anchor index:
+Ranking uses the metric's own exact values in the compute dtype (the square root is
+taken before ranking for ``"euclidean"``). Copies of one vector get bit-identical
+distances wherever they sit in a tile. Equal values go to the smaller anchor index:
 :func:`smallest_k` never relies on ``torch.topk``'s tie order. It uses ``topk`` only for
 the *value* of the k-th smallest entry (which does not depend on tie order), takes every
 entry ``<=`` that value as a candidate (``nonzero``, so columns ascend within a row),
 drops the excluded column, and orders the candidates by (value, column) with two stable
 sorts. The excluded entry is set to inf first, so it never moves the k-th value.
+:func:`smallest_k_exact` ranks its rescored candidates with the same two sorts.
 
 ``mutual_knn`` returns the a -> b distance of each pair; the b -> a ranking uses its own
 tile (the same formula with the operands swapped).
@@ -45,7 +50,7 @@ from typing import Callable
 
 import torch
 
-from ._tiles import distance_tile, prepare, row_chunks
+from ._tiles import band, distance_tile, exact_distances, prepare, row_chunks
 
 
 def smallest_k(tile: torch.Tensor, k: int, skip: torch.Tensor | None = None
@@ -86,18 +91,76 @@ def smallest_k(tile: torch.Tensor, k: int, skip: torch.Tensor | None = None
     if skipping is not None:
         eligible = cols != torch.where(skipping, skip, -1)[rows]
         rows, cols = rows[eligible], cols[eligible]
-    vals = tile[rows, cols]
+    return _select(rows, cols, tile[rows, cols], num_rows, width, values, columns)
+
+
+def _select(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, num_rows: int, width: int,
+            values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each row's ``width`` smallest candidates by (value, column) into ``values`` / ``columns``.
+
+    ``rows``, ``cols`` in row-major order (columns ascending within a row), ``vals`` their values.
+    """
     by_value = torch.argsort(vals, stable=True)
     order = by_value[torch.argsort(rows[by_value], stable=True)]
     rows, cols, vals = rows[order], cols[order], vals[order]
     counts = torch.bincount(rows, minlength=num_rows)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(rows.numel(), device=tile.device) - starts[rows]
+    rank = torch.arange(rows.numel(), device=rows.device) - starts[rows]
     keep = rank < width
     rows, rank = rows[keep], rank[keep]
     values[rows, rank] = vals[keep]
     columns[rows, rank] = cols[keep]
     return values, columns
+
+
+def smallest_k_exact(q: torch.Tensor, a: torch.Tensor, metric: str, k: int, skip: torch.Tensor | None = None,
+                     q_sq_norms: torch.Tensor | None = None, a_sq_norms: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest exact distances of every row ``q[r]`` to the rows of ``a``, by (value, column).
+
+    Parameters
+    ----------
+    q : Tensor [b, D], a : Tensor [n, D], prepared rows (:func:`._tiles.prepare`)
+    metric : {"sqeuclidean", "euclidean", "cosine"}
+    k : int >= 0
+    skip : Tensor [b], int64, optional, one column per row not to return (outside ``[0, n)``: none)
+    q_sq_norms, a_sq_norms : Tensor [b], [n], ``(x * x).sum(1)`` (Euclidean metrics)
+
+    Returns
+    -------
+    values : Tensor [b, k], compute dtype, the exact distances (``_tiles.exact_distances``)
+    columns : Tensor [b, k], int64; rows with fewer than ``k`` eligible columns padded ``(inf, -1)``
+
+    The GEMM tile (:func:`._tiles.distance_tile`, squared for "euclidean") proposes: with
+    ``t`` a row's k-th smallest eligible tile value and ``B`` its :func:`._tiles.band`, at
+    least k columns have exact values ``<= t + B``, so a column whose tile value exceeds
+    ``t + 2B`` (plus a margin that keeps square roots apart) is strictly behind the exact
+    k-th and is never rescored. Every other eligible column gets its exact distance and the
+    candidates are ranked by (exact value, column).
+    """
+    ranking = "sqeuclidean" if metric == "euclidean" else metric
+    num_rows, num_cols = q.shape[0], a.shape[0]
+    values = q.new_full((num_rows, k), math.inf)
+    columns = torch.full((num_rows, k), -1, dtype=torch.int64, device=q.device)
+    width = min(k, num_cols)
+    if width == 0 or num_rows == 0:
+        return values, columns
+    tile = distance_tile(q, a, ranking, a_sq_norms)
+    eligible = torch.ones_like(tile, dtype=torch.bool)
+    if skip is not None:
+        skipping = ((skip >= 0) & (skip < num_cols)).nonzero().squeeze(1)
+        eligible[skipping, skip[skipping]] = False
+        tile[skipping, skip[skipping]] = math.inf
+    if width < num_cols:
+        kth = torch.topk(tile, width, dim=1, largest=False, sorted=False).values.amax(dim=1)
+        reach = kth.to(torch.float64) + 2 * band(q, a, ranking, q_sq_norms, a_sq_norms)
+        # Two squared distances this close may share a float32 square root.
+        reach = reach * (1 + 2.0 ** -20) + 1e-300
+        eligible &= tile.to(torch.float64) <= reach.unsqueeze(1)
+    rows, cols = eligible.nonzero(as_tuple=True)
+    vals = exact_distances(q[rows], a[cols], metric, q_sq_norms[rows] if q_sq_norms is not None else None,
+                           a_sq_norms[cols] if a_sq_norms is not None else None)
+    return _select(rows, cols, vals, num_rows, width, values, columns)
 
 
 def topk_anchors_reference(queries: torch.Tensor, anchors: torch.Tensor, k: int, metric: str,
@@ -129,6 +192,7 @@ def topk_anchors_reference(queries: torch.Tensor, anchors: torch.Tensor, k: int,
         return distances, indices
     q = prepare(queries, metric)
     a = prepare(anchors, metric)
+    q_sq_norms = (q * q).sum(1) if metric != "cosine" else None
     a_sq_norms = (a * a).sum(1) if metric != "cosine" else None
     bounds = anchor_offsets.tolist()
     order = torch.argsort(query_segments, stable=True)
@@ -144,9 +208,9 @@ def topk_anchors_reference(queries: torch.Tensor, anchors: torch.Tensor, k: int,
         segment_norms = a_sq_norms[low:high] if a_sq_norms is not None else None
         for start, stop in row_chunks(count, high - low):
             chunk = rows[start:stop]
-            tile = distance_tile(q[chunk], segment_anchors, metric, segment_norms)
             # exclude - low is a column of this tile only when the excluded anchor is in this segment.
-            values, columns = smallest_k(tile, k, exclude[chunk] - low)
+            values, columns = smallest_k_exact(q[chunk], segment_anchors, metric, k, exclude[chunk] - low,
+                                               q_sq_norms[chunk] if q_sq_norms is not None else None, segment_norms)
             distances[chunk] = values.to(torch.float32)
             indices[chunk] = torch.where(columns >= 0, columns + low, columns)
     return distances, indices
