@@ -381,3 +381,26 @@ def test_compiled_clustering_step_equals_eager():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
     for want, got in zip(eager, compiled):
         assert torch.equal(want, got)
+
+
+def test_identical_rows_give_finite_distances_and_the_oracle_ranking():
+    # Every distance is 0: torchreid divides 0 by 0 there; here the scaled part is 0 and J ranks.
+    rng = np.random.default_rng(13)
+    q, g = np.ones((5, 4), np.float32), np.ones((25, 4), np.float32)
+    q_pids, g_pids = rng.integers(0, 3, 5), rng.integers(-1, 3, 25)
+    q_cams, g_cams = rng.integers(0, 2, 5), rng.integers(0, 2, 25)
+    problem = (q, g, q_pids, g_pids, q_cams, g_cams)
+    final = oracle_re_ranking(q, g, "euclidean", 6, 2, 0.3)
+    assert np.isfinite(final).all()
+    result = evaluate(problem, "euclidean", 10, dict(k1=6, k2=2, lambda_value=0.3))
+    assert_equals_oracle(result, final, q_pids, g_pids, q_cams, g_cams, 10, "identical rows")
+
+
+def test_empty_gallery_or_queries_raise_no_valid_query():
+    problem = integer_problem(14, num_query=3, num_gallery=12)
+    q, g, q_pids, g_pids, q_cams, g_cams = problem
+    no_gallery = (q, g[:0], q_pids, g_pids[:0], q_cams, g_cams[:0])
+    no_queries = (q[:0], g, q_pids[:0], g_pids, q_cams[:0], g_cams)
+    for empty in (no_gallery, no_queries):
+        with pytest.raises(ValueError, match="has a true match"):
+            evaluate(empty, "euclidean", 5, {})

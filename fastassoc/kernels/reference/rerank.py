@@ -412,6 +412,14 @@ def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, quer
     column lists, the ranking workspace); never a ``(Q + G)^2`` or ``Q x G`` array beyond the
     tile bound, nor the sparse Jaccard matrix of all pairs.
 
+    Limits: distances come from float32 GEMM tiles (as the nearest lists of
+    :func:`jaccard_distance_reference` do), whose rounding of a pair can depend on its position
+    in the tile; exact copies of one gallery row may then differ in the last bit, and their
+    tie is not guaranteed to go to the smaller index (it is whenever the GEMM is exact, e.g.
+    small-integer rows). Final distances that are equal only mathematically (equal ``J`` from
+    different float32 sums, e.g. ``J = 0`` of duplicated rows with ``lambda_value = 0``) are
+    ordered by their rounding, as in torchreid.
+
     Parameters
     ----------
     query : Tensor [Q, D], float; gallery : Tensor [G, D], same dtype
