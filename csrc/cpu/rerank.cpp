@@ -1,0 +1,740 @@
+// CPU kernels of the re-ranking family (fastassoc/kernels/cpu/rerank.py): k-reciprocal
+// Jaccard distance, DBSCAN on a sparse distance matrix, cluster centres.
+//
+// Algorithm. jaccard_distance runs in three calls:
+// 1. rerank_tile_lists: one row chunk of the k1-nearest search. Python computes the
+//    chunk's inner products with torch's GEMM (the reference's very call, so the same
+//    bits); here each dot becomes the reference's distance, (|q|^2 + |a|^2) - 2 q.a
+//    clamped at 0 (sqeuclidean) or 1 - q.a (cosine), or the tile already holds distances
+//    (euclidean: torch's square root, as the reference); the diagonal is 0; each row keeps
+//    its `width` smallest (distance, column) pairs and its largest distance.
+// 2. rerank_encode: per row, with the lists: reciprocal sets R(i, K) and R(i, h), the 2/3
+//    expansion E(i), the weights over E(i) (SpCL softmax of -(2 - 2 x_i.x_m), or Zhong's
+//    exp(-d^2 / max d^2) normalised), and query expansion (mean of the V rows of the k2
+//    nearest, summed in list order in a dense per-thread row buffer). Returns V as CSR.
+// 3. rerank_jaccard: V's column lists (transpose), then per row i the partners j > i of
+//    every stored V_ik add min(V_ik, V_jk) into a dense per-thread row buffer (ascending k,
+//    as the reference sums) with a bitmap of touched columns; the bitmap scan yields the
+//    partners in column order, J = 1 - m / (2 - m) clamped at 0 is computed once per
+//    unordered pair and kept when float32 J < 1 (and <= max_distance). The upper triangle
+//    is held compactly (uint32 column + float32 value), then written twice into the
+//    symmetric CSR: row i's own entries after its diagonal zero, and mirrored into the
+//    rows j > i, each thread owning a range of target rows and reading sources in
+//    ascending i, so the lower part of every row comes out sorted without a sort.
+// dbscan: neighbour counts, union-find over core-core edges, clusters numbered by their
+// smallest core point, border points take the smallest cluster number among their core
+// neighbours (the reference's and scikit-learn's numbering). cluster_centres: rows of
+// each cluster summed in row order (the reference's index_add_ order), then divided.
+//
+// Tie-breaking. Lists order by (distance, column) lexicographically: equal distances go
+// to the smaller index. Results do not depend on the thread count: every sum has a fixed
+// order and every parallel loop writes disjoint outputs.
+//
+// Limits. Float32 (float64 inputs: float64) arithmetic, output values float32. Memory of
+// rerank_jaccard beyond its output: V twice (rows and columns), one dense row buffer of N
+// values plus N bits per thread, and the upper triangle at 8 bytes per stored pair. Must
+// equal fastassoc/kernels/reference/rerank.py given the same GEMM tiles; weights use a
+// fixed-order float64 dot (screen_dot), within rounding of the reference's torch sums.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include <pybind11/numpy.h>
+
+#include "common.h"
+
+namespace fastassoc {
+
+namespace {
+
+// Tile metrics (rerank_tile_lists): kGiven means the tile already holds distances. Pair
+// metrics (rerank_encode, Zhong weights): kEuclidean is the square root of kSqEuclidean.
+enum Metric : int { kSqEuclidean = 0, kCosine = 1, kGiven = 2, kEuclidean = 2 };
+enum Weighting : int { kSpcl = 0, kZhong = 1 };
+
+// Work below this many elementary steps runs on one thread: the fork/join costs more.
+constexpr int64_t kParallelMin = 1 << 15;
+// Lists up to this width use sorted insertion; wider ones a heap sorted at the end.
+constexpr int64_t kSortedListMax = 64;
+// Rows per dynamically scheduled piece of the Jaccard pass (rows differ a lot in work).
+constexpr int64_t kJaccardBlock = 16;
+
+inline int64_t flat_index(int64_t row, int64_t stride, int64_t col) { return row * stride + col; }
+
+template <typename T>
+inline bool lex_less(T value_a, int64_t index_a, T value_b, int64_t index_b) {
+  return value_a < value_b || (value_a == value_b && index_a < index_b);
+}
+
+int threads_for(int64_t work) { return work >= kParallelMin ? kernel_threads() : 1; }
+
+// ------------------------------------------------------------------ 1. nearest lists
+
+#define FASTASSOC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// Distances of one tile row into out[0, cols) (vectorised per ISA clone).
+template <typename T>
+[[gnu::always_inline]] inline void row_distances(const T* tile_row, int64_t cols, int metric, T row_norm,
+                                                 const T* col_norms, T* out) {
+  if (metric == kSqEuclidean) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const T v = (row_norm + col_norms[j]) - T(2) * tile_row[j];
+      out[j] = v > T(0) ? v : T(0);
+    }
+  } else if (metric == kCosine) {
+    for (int64_t j = 0; j < cols; ++j) out[j] = T(1) - tile_row[j];
+  } else {
+    std::memcpy(out, tile_row, sizeof(T) * cols);
+  }
+}
+FASTASSOC_ISA_CLONES void row_distances_dispatch(const float* tile_row, int64_t cols, int metric, float row_norm,
+                                                 const float* col_norms, float* out) {
+  row_distances(tile_row, cols, metric, row_norm, col_norms, out);
+}
+FASTASSOC_ISA_CLONES void row_distances_dispatch(const double* tile_row, int64_t cols, int metric, double row_norm,
+                                                 const double* col_norms, double* out) {
+  row_distances(tile_row, cols, metric, row_norm, col_norms, out);
+}
+
+// The `width` smallest (value, column) pairs of values[0, cols), ascending, into columns.
+template <typename T>
+void smallest_row(const T* values, int64_t cols, int64_t width, int64_t* columns,
+                  std::vector<std::pair<T, int64_t>>& scratch) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (width <= kSortedListMax) {
+    T list_values[kSortedListMax];
+    int64_t list_index[kSortedListMax];
+    for (int64_t s = 0; s < width; ++s) {
+      list_values[s] = inf;
+      list_index[s] = std::numeric_limits<int64_t>::max();
+    }
+    T gate = inf;
+    constexpr int64_t kBlock = 16;
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t j1 = std::min(j0 + kBlock, cols);
+      int hit = 0;
+      for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= gate;
+      if (!hit) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        const T v = values[j];
+        if (!lex_less(v, j, list_values[width - 1], list_index[width - 1])) continue;
+        int64_t pos = width - 1;
+        while (pos > 0 && lex_less(v, j, list_values[pos - 1], list_index[pos - 1])) {
+          list_values[pos] = list_values[pos - 1];
+          list_index[pos] = list_index[pos - 1];
+          --pos;
+        }
+        list_values[pos] = v;
+        list_index[pos] = j;
+        gate = list_values[width - 1];
+      }
+    }
+    for (int64_t s = 0; s < width; ++s) columns[s] = list_index[s];
+    return;
+  }
+  auto less = [](const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
+    return lex_less(a.first, a.second, b.first, b.second);
+  };
+  scratch.clear();
+  for (int64_t j = 0; j < cols; ++j) {
+    if (static_cast<int64_t>(scratch.size()) < width) {
+      scratch.emplace_back(values[j], j);
+      std::push_heap(scratch.begin(), scratch.end(), less);
+    } else if (lex_less(values[j], j, scratch.front().first, scratch.front().second)) {
+      std::pop_heap(scratch.begin(), scratch.end(), less);
+      scratch.back() = {values[j], j};
+      std::push_heap(scratch.begin(), scratch.end(), less);
+    }
+  }
+  std::sort_heap(scratch.begin(), scratch.end(), less);
+  for (int64_t s = 0; s < width; ++s) columns[s] = scratch[s].second;
+}
+
+template <typename T>
+void tile_lists(const T* tile, int64_t rows, int64_t cols, int metric, const T* row_norms, const T* col_norms,
+                int64_t row_base, int64_t width, int64_t* ranks, T* farthest) {
+#pragma omp parallel num_threads(threads_for(rows * cols))
+  {
+    std::vector<T> values(cols);
+    std::vector<std::pair<T, int64_t>> scratch;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      row_distances_dispatch(tile + flat_index(r, cols, 0), cols, metric,
+                             metric == kSqEuclidean ? row_norms[r] : T(0), col_norms, values.data());
+      // The formula may leave a rounding residue on the diagonal; the distance to itself is 0.
+      const int64_t self = row_base + r;
+      if (self >= 0 && self < cols) values[self] = T(0);
+      if (farthest) {
+        T high = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < cols; ++j) high = values[j] > high ? values[j] : high;
+        farthest[r] = high;
+      }
+      smallest_row(values.data(), cols, width, ranks + flat_index(r, width, 0), scratch);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ 2. encoding
+
+// Rows of a CSR structure built by threads that each own a contiguous range of rows.
+template <typename Item>
+struct RowsByThread {
+  std::vector<std::vector<Item>> items;   // per thread
+  std::vector<int64_t> counts;            // per row
+
+  explicit RowsByThread(int64_t num_rows, int num_threads) : items(num_threads), counts(num_rows, 0) {}
+
+  // offsets [N + 1] and the items in row order (per-thread storage is released).
+  void flatten(std::vector<int64_t>& offsets, std::vector<Item>& out) {
+    const int64_t n = static_cast<int64_t>(counts.size());
+    offsets.assign(n + 1, 0);
+    for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + counts[i];
+    out.clear();
+    out.reserve(offsets[n]);
+    // Threads own ascending row ranges (schedule(static) with one chunk each).
+    for (auto& part : items) {
+      out.insert(out.end(), part.begin(), part.end());
+      std::vector<Item>().swap(part);
+    }
+  }
+};
+
+// Static partition of [0, n) into `parts` contiguous ranges: the range of part p.
+inline std::pair<int64_t, int64_t> part_range(int64_t n, int parts, int p) {
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t lo = p * base + std::min<int64_t>(p, extra);
+  return {lo, lo + base + (p < extra ? 1 : 0)};
+}
+
+// R(i, w): the j among the first w entries of i's list whose own first w entries hold i, ascending.
+struct Reciprocal {
+  std::vector<int64_t> offsets, members;
+};
+
+Reciprocal reciprocal_sets(const int64_t* ranks, int64_t n, int64_t stride, int64_t w) {
+  const int num_threads = threads_for(n * w * w);
+  RowsByThread<int64_t> rows(n, num_threads);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num();
+    const auto [lo, hi] = part_range(n, omp_get_num_threads(), t);
+    auto& out = rows.items[t];
+    for (int64_t i = lo; i < hi; ++i) {
+      const size_t first = out.size();
+      for (int64_t s = 0; s < w; ++s) {
+        const int64_t j = ranks[flat_index(i, stride, s)];
+        const int64_t* back = ranks + flat_index(j, stride, 0);
+        for (int64_t u = 0; u < w; ++u) {
+          if (back[u] == i) {
+            out.push_back(j);
+            break;
+          }
+        }
+      }
+      std::sort(out.begin() + first, out.end());
+      rows.counts[i] = static_cast<int64_t>(out.size() - first);
+    }
+  }
+  Reciprocal result;
+  rows.flatten(result.offsets, result.members);
+  return result;
+}
+
+template <typename T>
+inline T row_dot(const T* a, const T* b, int64_t dim);
+template <>
+inline float row_dot<float>(const float* a, const float* b, int64_t dim) {
+  return static_cast<float>(screen_dot(a, b, dim));
+}
+template <>
+inline double row_dot<double>(const double* a, const double* b, int64_t dim) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < dim; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+template <typename T>
+struct Encoding {
+  std::vector<int64_t> offsets, cols;
+  std::vector<T> values;
+};
+
+template <typename T>
+Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half, int64_t expansion_width,
+                   const T* x, int64_t dim, const T* norms, const T* farthest, int weighting, int metric) {
+  const Reciprocal full = reciprocal_sets(ranks, n, width, width);
+  const Reciprocal halves = reciprocal_sets(ranks, n, width, half);
+  const int num_threads = threads_for(n * width * half);
+  // Expanded sets with their weights.
+  RowsByThread<std::pair<int64_t, T>> weighted(n, num_threads);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num();
+    const auto [lo, hi] = part_range(n, omp_get_num_threads(), t);
+    auto& out = weighted.items[t];
+    std::vector<int64_t> mark(n, -1), members;
+    std::vector<T> logits;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t* r1 = full.members.data() + full.offsets[i];
+      const int64_t r1_size = full.offsets[i + 1] - full.offsets[i];
+      members.assign(r1, r1 + r1_size);
+      for (int64_t s = 0; s < r1_size; ++s) mark[r1[s]] = i;
+      for (int64_t s = 0; s < r1_size; ++s) {
+        const int64_t c = r1[s];
+        const int64_t* rh = halves.members.data() + halves.offsets[c];
+        const int64_t rh_size = halves.offsets[c + 1] - halves.offsets[c];
+        int64_t overlap = 0;
+        for (int64_t u = 0; u < rh_size; ++u) overlap += mark[rh[u]] == i;
+        // SpCL's "> 2/3 * len", exact in integers; tested against R(i, K), not the growing set.
+        if (3 * overlap > 2 * rh_size) members.insert(members.end(), rh, rh + rh_size);
+      }
+      std::sort(members.begin(), members.end());
+      members.erase(std::unique(members.begin(), members.end()), members.end());
+      const int64_t size = static_cast<int64_t>(members.size());
+      logits.resize(size);
+      const T* xi = x + flat_index(i, dim, 0);
+      for (int64_t s = 0; s < size; ++s) {
+        const int64_t m = members[s];
+        const T dot = row_dot<T>(xi, x + flat_index(m, dim, 0), dim);
+        if (weighting == kSpcl) {
+          logits[s] = -(T(2) - T(2) * dot);
+          continue;
+        }
+        T d;
+        if (m == i) {
+          d = T(0);
+        } else if (metric == kCosine) {
+          d = T(1) - dot;
+        } else {
+          const T squared = (norms[i] + norms[m]) - T(2) * dot;
+          d = squared > T(0) ? squared : T(0);
+          if (metric == kEuclidean) d = std::sqrt(d);
+        }
+        const T scale = farthest[i] * farthest[i];
+        // A row whose distances are all 0 (every row identical) weighs its entries equally.
+        logits[s] = -(scale > T(0) ? (d * d) / scale : T(0));
+      }
+      T shift = T(0);
+      if (weighting == kSpcl) {
+        shift = -std::numeric_limits<T>::infinity();
+        for (int64_t s = 0; s < size; ++s) shift = logits[s] > shift ? logits[s] : shift;
+      }
+      T total = T(0);
+      for (int64_t s = 0; s < size; ++s) {
+        logits[s] = std::exp(weighting == kSpcl ? logits[s] - shift : logits[s]);
+        total += logits[s];
+      }
+      for (int64_t s = 0; s < size; ++s) out.emplace_back(members[s], logits[s] / total);
+      weighted.counts[i] = size;
+    }
+  }
+  std::vector<int64_t> offsets;
+  std::vector<std::pair<int64_t, T>> entries;
+  weighted.flatten(offsets, entries);
+  Encoding<T> result;
+  if (expansion_width == 0) {
+    result.offsets = std::move(offsets);
+    result.cols.resize(entries.size());
+    result.values.resize(entries.size());
+    for (size_t e = 0; e < entries.size(); ++e) {
+      result.cols[e] = entries[e].first;
+      result.values[e] = entries[e].second;
+    }
+    return result;
+  }
+  // Query expansion: mean of the V rows of the first expansion_width list entries.
+  RowsByThread<std::pair<int64_t, T>> expanded(n, num_threads);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num();
+    const auto [lo, hi] = part_range(n, omp_get_num_threads(), t);
+    auto& out = expanded.items[t];
+    std::vector<T> sums(n, T(0));
+    std::vector<int64_t> seen(n, -1), touched;
+    const T divisor = static_cast<T>(expansion_width);
+    for (int64_t i = lo; i < hi; ++i) {
+      touched.clear();
+      for (int64_t s = 0; s < expansion_width; ++s) {
+        const int64_t neighbour = ranks[flat_index(i, width, s)];
+        for (int64_t e = offsets[neighbour]; e < offsets[neighbour + 1]; ++e) {
+          const int64_t c = entries[e].first;
+          if (seen[c] != i) {
+            seen[c] = i;
+            touched.push_back(c);
+          }
+          sums[c] += entries[e].second;
+        }
+      }
+      std::sort(touched.begin(), touched.end());
+      const size_t first = out.size();
+      for (const int64_t c : touched) {
+        const T mean = sums[c] / divisor;
+        sums[c] = T(0);
+        if (mean != T(0)) out.emplace_back(c, mean);
+      }
+      expanded.counts[i] = static_cast<int64_t>(out.size() - first);
+    }
+  }
+  std::vector<std::pair<int64_t, T>>().swap(entries);
+  std::vector<std::pair<int64_t, T>> flat;
+  expanded.flatten(result.offsets, flat);
+  result.cols.resize(flat.size());
+  result.values.resize(flat.size());
+  for (size_t e = 0; e < flat.size(); ++e) {
+    result.cols[e] = flat[e].first;
+    result.values[e] = flat[e].second;
+  }
+  return result;
+}
+
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), sizeof(T) * v.size());
+  return out;
+}
+
+// ------------------------------------------------------------------ 3. Jaccard
+
+// Stored pairs (i, j > i) of a block of rows: columns and float32 distances, per-row counts.
+struct UpperBlock {
+  std::vector<uint32_t> cols;
+  std::vector<float> values;
+  std::vector<int64_t> starts;   // [rows in block + 1]
+};
+
+template <typename T>
+py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int64_t n, bool bounded,
+                  double max_distance) {
+  require(n < (int64_t(1) << 32), "rerank_jaccard: more than 2^32 rows");
+  const int64_t num_blocks = (n + kJaccardBlock - 1) / kJaccardBlock;
+  std::vector<UpperBlock> blocks(num_blocks);
+  std::vector<int64_t> upper(n, 0), lower(n, 0);
+  const int64_t nnz = crow[n];
+  {
+    py::gil_scoped_release release;
+    // Column lists of V: rows ascending within each column.
+    std::vector<int64_t> col_offsets(n + 1, 0);
+    for (int64_t e = 0; e < nnz; ++e) ++col_offsets[cols[e] + 1];
+    for (int64_t c = 0; c < n; ++c) col_offsets[c + 1] += col_offsets[c];
+    std::vector<int64_t> col_rows(nnz), cursor(col_offsets.begin(), col_offsets.end() - 1);
+    std::vector<T> col_values(nnz);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+        const int64_t at = cursor[cols[e]]++;
+        col_rows[at] = i;
+        col_values[at] = values[e];
+      }
+    }
+    std::vector<int64_t>().swap(cursor);
+    const int num_threads = threads_for(nnz * 16);
+#pragma omp parallel num_threads(num_threads)
+    {
+      std::vector<T> sums(n, T(0));
+      std::vector<uint64_t> touched((n + 63) / 64, 0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        UpperBlock& block = blocks[b];
+        const int64_t i0 = b * kJaccardBlock, i1 = std::min(n, i0 + kJaccardBlock);
+        block.starts.assign(1, 0);
+        for (int64_t i = i0; i < i1; ++i) {
+          int64_t first_word = std::numeric_limits<int64_t>::max(), last_word = -1;
+          for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+            const int64_t k = cols[e];
+            const T mine = values[e];
+            const int64_t* holders = col_rows.data();
+            int64_t p = std::upper_bound(holders + col_offsets[k], holders + col_offsets[k + 1], i) - holders;
+            const int64_t end = col_offsets[k + 1];
+            if (p < end) {
+              first_word = std::min(first_word, holders[p] >> 6);
+              last_word = std::max(last_word, holders[end - 1] >> 6);
+            }
+            for (; p < end; ++p) {
+              const int64_t j = holders[p];
+              const T theirs = col_values[p];
+              sums[j] += mine < theirs ? mine : theirs;
+              touched[j >> 6] |= uint64_t(1) << (j & 63);
+            }
+          }
+          for (int64_t w = first_word; w <= last_word; ++w) {
+            uint64_t bits = touched[w];
+            touched[w] = 0;
+            while (bits) {
+              const int64_t j = (w << 6) + __builtin_ctzll(bits);
+              bits &= bits - 1;
+              const T shared = sums[j];
+              sums[j] = T(0);
+              if (shared == T(0)) continue;
+              T distance = T(1) - shared / (T(2) - shared);
+              distance = distance > T(0) ? distance : T(0);
+              const float stored = static_cast<float>(distance);
+              if (!(stored < 1.0f)) continue;
+              if (bounded && !(static_cast<double>(stored) <= max_distance)) continue;
+              block.cols.push_back(static_cast<uint32_t>(j));
+              block.values.push_back(stored);
+            }
+          }
+          block.starts.push_back(static_cast<int64_t>(block.cols.size()));
+          upper[i] = block.starts.back() - block.starts[block.starts.size() - 2];
+        }
+      }
+    }
+  }
+  // Mirrored entries: thread t owns target rows [lo, hi) and reads sources in ascending i.
+  auto for_mirrors = [&](int64_t lo, int64_t hi, auto&& visit) {
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const int64_t i0 = b * kJaccardBlock;
+      if (i0 >= hi) break;
+      const UpperBlock& block = blocks[b];
+      for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
+        const uint32_t* begin = block.cols.data() + block.starts[r];
+        const uint32_t* end = block.cols.data() + block.starts[r + 1];
+        const uint32_t* p = std::lower_bound(begin, end, static_cast<uint32_t>(lo));
+        for (; p < end && *p < hi; ++p) visit(i0 + r, static_cast<int64_t>(*p), block.values[p - block.cols.data()]);
+      }
+    }
+  };
+  const int mirror_threads = threads_for(n * 64);
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel num_threads(mirror_threads)
+    {
+      const auto [lo, hi] = part_range(n, omp_get_num_threads(), omp_get_thread_num());
+      for_mirrors(lo, hi, [&](int64_t, int64_t j, float) { ++lower[j]; });
+    }
+  }
+  py::array_t<int64_t> out_crow(n + 1);
+  int64_t* crow_out = out_crow.mutable_data();
+  crow_out[0] = 0;
+  for (int64_t i = 0; i < n; ++i) crow_out[i + 1] = crow_out[i] + lower[i] + 1 + upper[i];
+  py::array_t<int64_t> out_cols(crow_out[n]);
+  py::array_t<float> out_values(crow_out[n]);
+  int64_t* cols_out = out_cols.mutable_data();
+  float* values_out = out_values.mutable_data();
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel num_threads(mirror_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const UpperBlock& block = blocks[b];
+        for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
+          const int64_t i = b * kJaccardBlock + r;
+          int64_t at = crow_out[i] + lower[i];
+          cols_out[at] = i;
+          values_out[at] = 0.0f;
+          ++at;
+          for (int64_t e = block.starts[r]; e < block.starts[r + 1]; ++e, ++at) {
+            cols_out[at] = block.cols[e];
+            values_out[at] = block.values[e];
+          }
+        }
+      }
+      const auto [lo, hi] = part_range(n, omp_get_num_threads(), omp_get_thread_num());
+      std::vector<int64_t> fill(hi - lo, 0);
+      for_mirrors(lo, hi, [&](int64_t i, int64_t j, float value) {
+        const int64_t at = crow_out[j] + fill[j - lo]++;
+        cols_out[at] = i;
+        values_out[at] = value;
+      });
+    }
+  }
+  return py::make_tuple(out_crow, out_cols, out_values);
+}
+
+// ------------------------------------------------------------------ DBSCAN, centres
+
+int64_t find_root(std::vector<int64_t>& parent, int64_t v) {
+  while (parent[v] != v) {
+    parent[v] = parent[parent[v]];
+    v = parent[v];
+  }
+  return v;
+}
+
+void dbscan(const int64_t* crow, const int64_t* cols, const uint8_t* near, int64_t n, int64_t min_samples,
+            int64_t* labels) {
+  std::vector<uint8_t> core(n, 0);
+  const int num_threads = threads_for(crow[n]);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t count = 0;
+    bool diagonal = false;
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+      count += near[e];
+      diagonal |= cols[e] == i;
+    }
+    // A point is its own neighbour unless a stored diagonal entry exceeds eps.
+    core[i] = count + (diagonal ? 0 : 1) >= min_samples;
+  }
+  std::vector<int64_t> parent(n);
+  for (int64_t i = 0; i < n; ++i) parent[i] = i;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!core[i]) continue;
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+      const int64_t j = cols[e];
+      if (!near[e] || j <= i || !core[j]) continue;   // symmetric: each edge once
+      const int64_t a = find_root(parent, i), b = find_root(parent, j);
+      if (a != b) parent[std::max(a, b)] = std::min(a, b);
+    }
+  }
+  // Clusters numbered in the order of their smallest core point.
+  std::vector<int64_t> number(n, -1);
+  int64_t next = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    labels[i] = -1;
+    if (!core[i]) continue;
+    const int64_t root = find_root(parent, i);
+    if (number[root] < 0) number[root] = next++;
+    labels[i] = number[root];
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    if (core[i]) continue;
+    int64_t best = -1;
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+      const int64_t j = cols[e];
+      if (!near[e] || !core[j]) continue;
+      // labels[j] of a core point is final (this loop writes non-core points only).
+      if (best < 0 || labels[j] < best) best = labels[j];
+    }
+    labels[i] = best;
+  }
+}
+
+template <typename T>
+void centres(const T* x, int64_t n, int64_t dim, const int64_t* labels, int64_t num_clusters, T* out) {
+  // Members of every cluster in row order (counting sort), so each sum runs in row order.
+  std::vector<int64_t> offsets(num_clusters + 1, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (labels[i] >= 0) ++offsets[labels[i] + 1];
+  for (int64_t c = 0; c < num_clusters; ++c) offsets[c + 1] += offsets[c];
+  std::vector<int64_t> members(offsets[num_clusters]), cursor(offsets.begin(), offsets.end() - 1);
+  for (int64_t i = 0; i < n; ++i)
+    if (labels[i] >= 0) members[cursor[labels[i]]++] = i;
+#pragma omp parallel for num_threads(threads_for(n * dim)) schedule(dynamic, 1)
+  for (int64_t c = 0; c < num_clusters; ++c) {
+    T* row = out + flat_index(c, dim, 0);
+    std::fill(row, row + dim, T(0));
+    for (int64_t p = offsets[c]; p < offsets[c + 1]; ++p) {
+      const T* source = x + flat_index(members[p], dim, 0);
+      for (int64_t d = 0; d < dim; ++d) row[d] += source[d];
+    }
+    const T count = static_cast<T>(std::max<int64_t>(1, offsets[c + 1] - offsets[c]));
+    for (int64_t d = 0; d < dim; ++d) row[d] /= count;
+  }
+}
+
+}  // namespace
+
+void register_cpu_rerank(py::module_& m) {
+  m.def(
+      "rerank_tile_lists",
+      [](std::uintptr_t tile, bool is_double, int64_t rows, int64_t cols, int metric, std::uintptr_t row_norms,
+         std::uintptr_t col_norms, int64_t row_base, int64_t width, std::uintptr_t ranks, std::uintptr_t farthest) {
+        require(rows >= 0 && cols >= 1 && width >= 1 && width <= cols, "rerank_tile_lists: bad sizes");
+        require(metric == kSqEuclidean || metric == kCosine || metric == kGiven, "rerank_tile_lists: unknown metric");
+        require(metric != kSqEuclidean || (row_norms && col_norms), "rerank_tile_lists: sqeuclidean needs norms");
+        py::gil_scoped_release release;
+        if (is_double)
+          tile_lists(as_ptr<const double>(tile), rows, cols, metric, as_ptr<const double>(row_norms),
+                     as_ptr<const double>(col_norms), row_base, width, as_ptr<int64_t>(ranks),
+                     as_ptr<double>(farthest));
+        else
+          tile_lists(as_ptr<const float>(tile), rows, cols, metric, as_ptr<const float>(row_norms),
+                     as_ptr<const float>(col_norms), row_base, width, as_ptr<int64_t>(ranks),
+                     as_ptr<float>(farthest));
+      },
+      py::arg("tile"), py::arg("is_double"), py::arg("rows"), py::arg("cols"), py::arg("metric"),
+      py::arg("row_norms"), py::arg("col_norms"), py::arg("row_base"), py::arg("width"), py::arg("ranks"),
+      py::arg("farthest"),
+      "One row chunk [rows, cols] of the k1-nearest search (contiguous): tile holds dot products\n"
+      "(metric 0 sqeuclidean with squared norms: max((|q|^2 + |a|^2) - 2 dot, 0); 1 cosine: 1 - dot)\n"
+      "or distances (metric 2). The diagonal (column row_base + r) counts as 0. Writes each row's\n"
+      "width smallest columns by (distance, column) into ranks [rows, width] (int64) and, when\n"
+      "farthest != 0, its largest distance into farthest [rows].");
+  m.def(
+      "rerank_encode",
+      [](std::uintptr_t ranks, int64_t n, int64_t width, int64_t half, int64_t expansion_width, std::uintptr_t x,
+         bool is_double, int64_t dim, std::uintptr_t norms, std::uintptr_t farthest, int weighting,
+         int metric) -> py::tuple {
+        require(n >= 1 && width >= 1 && width <= n && half >= 1 && half <= width && expansion_width >= 0 &&
+                    expansion_width <= width && dim >= 0,
+                "rerank_encode: bad sizes");
+        require(weighting == kSpcl || weighting == kZhong, "rerank_encode: unknown weighting");
+        require(weighting == kSpcl || farthest, "rerank_encode: zhong weights need farthest");
+        require(weighting == kSpcl || metric == kCosine || norms, "rerank_encode: zhong distances need norms");
+        auto run = [&](auto zero) -> py::tuple {
+          using T = decltype(zero);
+          Encoding<T> v;
+          {
+            py::gil_scoped_release release;
+            v = encode<T>(as_ptr<const int64_t>(ranks), n, width, half, expansion_width, as_ptr<const T>(x), dim,
+                          as_ptr<const T>(norms), as_ptr<const T>(farthest), weighting, metric);
+          }
+          return py::make_tuple(to_numpy(v.offsets), to_numpy(v.cols), to_numpy(v.values));
+        };
+        return is_double ? run(double(0)) : run(float(0));
+      },
+      py::arg("ranks"), py::arg("n"), py::arg("width"), py::arg("half"), py::arg("expansion_width"), py::arg("x"),
+      py::arg("is_double"), py::arg("dim"), py::arg("norms"), py::arg("farthest"), py::arg("weighting"),
+      py::arg("metric"),
+      "k-reciprocal encoding V from the nearest lists ranks [n, width]: R(i, width), R(i, half),\n"
+      "the 2/3 expansion, weights (0 SpCL softmax of -(2 - 2 x_i.x_m); 1 Zhong exp(-d^2 / farthest^2)\n"
+      "normalised, metric 0 sqeuclidean with norms, 1 cosine, 2 euclidean) and, when\n"
+      "expansion_width > 0, the mean over the first expansion_width list entries. Returns numpy\n"
+      "(crow int64 [n + 1], cols int64, values) with columns sorted per row.");
+  m.def(
+      "rerank_jaccard",
+      [](std::uintptr_t crow, std::uintptr_t cols, std::uintptr_t values, bool is_double, int64_t n, bool bounded,
+         double max_distance) -> py::tuple {
+        require(n >= 1, "rerank_jaccard: bad sizes");
+        if (is_double)
+          return jaccard(as_ptr<const int64_t>(crow), as_ptr<const int64_t>(cols), as_ptr<const double>(values), n,
+                         bounded, max_distance);
+        return jaccard(as_ptr<const int64_t>(crow), as_ptr<const int64_t>(cols), as_ptr<const float>(values), n,
+                       bounded, max_distance);
+      },
+      py::arg("crow"), py::arg("cols"), py::arg("values"), py::arg("is_double"), py::arg("n"), py::arg("bounded"),
+      py::arg("max_distance"),
+      "Jaccard distances J = max(1 - m / (2 - m), 0), m_ij = sum_k min(V_ik, V_jk), of the CSR V\n"
+      "(columns sorted per row): numpy (crow int64 [n + 1], cols int64, values float32) of the\n"
+      "symmetric matrix holding every pair with float32 J < 1 (and, when bounded, J <= max_distance\n"
+      "in float64) plus the diagonal as explicit zeros, columns sorted per row.");
+  m.def(
+      "rerank_dbscan",
+      [](std::uintptr_t crow, std::uintptr_t cols, std::uintptr_t near, int64_t n, int64_t min_samples,
+         std::uintptr_t labels) {
+        require(n >= 0 && min_samples >= 1, "rerank_dbscan: bad sizes");
+        py::gil_scoped_release release;
+        dbscan(as_ptr<const int64_t>(crow), as_ptr<const int64_t>(cols), as_ptr<const uint8_t>(near), n,
+               min_samples, as_ptr<int64_t>(labels));
+      },
+      py::arg("crow"), py::arg("cols"), py::arg("near"), py::arg("n"), py::arg("min_samples"), py::arg("labels"),
+      "DBSCAN labels [n] (int64, -1 noise) of a symmetric CSR matrix whose entries e with near[e] != 0\n"
+      "(uint8) are neighbours; an unstored diagonal counts as a neighbour. Clusters numbered by their\n"
+      "smallest core point; a border point takes the smallest number among its core neighbours.");
+  m.def(
+      "rerank_cluster_centres",
+      [](std::uintptr_t x, bool is_double, int64_t n, int64_t dim, std::uintptr_t labels, int64_t num_clusters,
+         std::uintptr_t out) {
+        require(n >= 0 && dim >= 0 && num_clusters >= 0, "rerank_cluster_centres: bad sizes");
+        py::gil_scoped_release release;
+        if (is_double)
+          centres(as_ptr<const double>(x), n, dim, as_ptr<const int64_t>(labels), num_clusters, as_ptr<double>(out));
+        else
+          centres(as_ptr<const float>(x), n, dim, as_ptr<const int64_t>(labels), num_clusters, as_ptr<float>(out));
+      },
+      py::arg("x"), py::arg("is_double"), py::arg("n"), py::arg("dim"), py::arg("labels"), py::arg("num_clusters"),
+      py::arg("out"),
+      "Means [num_clusters, dim] of the rows of x [n, dim] per label in [0, num_clusters) (-1 ignored),\n"
+      "summed in row order; a cluster without rows is all zeros.");
+}
+
+}  // namespace fastassoc

@@ -1,0 +1,186 @@
+"""Compiled CPU backend of the re-ranking family: ``jaccard_distance_cpu``, ``dbscan_cpu``
+and ``cluster_centres_cpu`` (kernels in csrc/cpu/rerank.cpp).
+
+Algorithm
+---------
+``jaccard_distance``, as :func:`fastassoc.kernels.reference.rerank.jaccard_distance_reference`
+defines it, in three compiled passes:
+
+1. *k1-nearest lists.* The reference's row chunks (``tile_elements() // N`` rows) and its
+   very GEMM call (``x[chunk] @ x.T``, so the same bits) into one reused tile;
+   ``_C.rerank_tile_lists`` turns the dots into the reference's distances (squared
+   Euclidean ``(|q|^2 + |a|^2) - 2 q.a`` clamped at 0, cosine ``1 - q.a``; for Euclidean
+   the tile is the reference's own ``distance_tile``, square root included), sets the
+   diagonal to 0 and keeps each row's ``K`` smallest (distance, column) pairs and its largest
+   distance: the reference's lists, ties to the smaller index, without its sorts.
+2. *Encoding.* ``_C.rerank_encode``: reciprocal sets, the 2/3 expansion, the weights
+   (products of the rows in a fixed-order float64 dot, within rounding of the reference's
+   torch sums) and query expansion (dense per-thread row buffer, list order), as CSR.
+3. *Jaccard.* ``_C.rerank_jaccard``: inverted (column) lists of ``V``; per row the
+   partners ``j > i`` accumulate ``min(V_ik, V_jk)`` in ascending ``k`` (the reference's
+   order, so ``m_ij`` has its bits) into a dense per-thread buffer with a bitmap of touched
+   columns; the symmetric CSR with explicit diagonal zeros is written directly.
+
+``dbscan``: the neighbour test ``values <= eps`` in the values' dtype (torch, as the
+reference), then ``_C.rerank_dbscan`` (neighbour counts, union-find, numbering by the
+smallest core point, border points to the smallest cluster number). ``cluster_centres``:
+``_C.rerank_cluster_centres`` sums each cluster's rows in row order (the reference's
+``index_add_`` order, so the same bits) and divides by the counts.
+
+Limits
+------
+Memory beyond the inputs: one GEMM tile (``tile_elements()`` elements), the ``N x K``
+lists, ``V`` (twice, rows and columns), one dense row buffer per thread, the returned
+matrix and, while it is written, its upper triangle at 8 bytes per stored pair. Results do
+not depend on the thread count or on the tile limit beyond what the reference's own GEMM
+chunks do (both chunk the same way).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ... import _backend
+from ..reference._tiles import distance_tile
+from . import _core
+
+_TILE_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}   # 2: tile holds distances
+_PAIR_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}
+_WEIGHTINGS = {"spcl": 0, "zhong": 1}
+
+
+def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's ``width`` nearest rows ([N, width] int64, itself included at distance 0)
+    and its largest distance ([N], compute dtype), exactly as the reference's lists."""
+    num_rows = x.shape[0]
+    norms = (x * x).sum(1) if metric != "cosine" else None
+    ranks = torch.empty((num_rows, width), dtype=torch.int64)
+    farthest = torch.empty(num_rows, dtype=x.dtype)
+    step = max(1, _backend.tile_elements() // max(num_rows, 1))
+    update = _core.kernel("rerank_tile_lists")
+    tile_buffer = None
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        q = x[start:stop]
+        if metric == "euclidean":
+            tile = distance_tile(q, x, metric, norms)
+            row_norms = None
+        else:
+            if tile_buffer is None:
+                # Not the cached scratch buffer: the tile is freed before the sparse passes.
+                tile_buffer = torch.empty(min(step, num_rows) * num_rows, dtype=x.dtype)
+            tile = tile_buffer[:(stop - start) * num_rows].view(stop - start, num_rows)
+            torch.mm(q, x.T, out=tile)
+            # The reference's (q * q).sum(1) of the chunk, broadcast against the full norms.
+            row_norms = (q * q).sum(1) if metric == "sqeuclidean" else None
+        update(_core.ptr(tile), _core.is_double(x), stop - start, num_rows, _TILE_METRICS[metric],
+               _core.ptr(row_norms), _core.ptr(norms) if metric == "sqeuclidean" else 0, start, width,
+               _core.ptr(ranks[start:stop]), _core.ptr(farthest[start:stop]))
+    if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= num_rows):
+        # Only non-finite distances (squared norms that overflow the compute dtype) get here.
+        raise ValueError("features: distances overflow the compute dtype (squared norms are not finite); "
+                         "scale the features down")
+    return ranks, farthest
+
+
+def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: str, max_distance: float | None,
+                         metric: str) -> torch.Tensor:
+    """See :func:`fastassoc.jaccard_distance` (and ``jaccard_distance_reference``, which this equals).
+
+    Parameters
+    ----------
+    features : Tensor [N, D], float, finite
+    k1 : int >= 1; k2 : int in [1, k1]
+    weighting : {"spcl", "zhong"}
+    max_distance : float >= 0 or None
+    metric : {"sqeuclidean", "euclidean", "cosine"}
+
+    Returns
+    -------
+    Tensor [N, N], sparse CSR, float32, symmetric, columns sorted per row, diagonal stored as 0.
+    """
+    num_rows = features.shape[0]
+    if num_rows == 0:
+        return _csr(torch.zeros(1, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
+                    torch.empty(0, dtype=torch.float32), 0)
+    x = _core.prepare(features, metric)
+    width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
+    half = min(round(k1 / 2) + 1, width)
+    ranks, farthest = _nearest_lists(x, width, metric)
+    norms = (x * x).sum(1) if metric != "cosine" and weighting == "zhong" else None
+    crow, cols, values = _core.kernel("rerank_encode")(
+        _core.ptr(ranks), num_rows, width, half, 0 if k2 == 1 else min(k2, width), _core.ptr(x),
+        _core.is_double(x), x.shape[1], _core.ptr(norms), _core.ptr(farthest), _WEIGHTINGS[weighting],
+        _PAIR_METRICS[metric])
+    del ranks, farthest, norms
+    crow, cols, values = _core.kernel("rerank_jaccard")(
+        crow.ctypes.data, cols.ctypes.data, values.ctypes.data, _core.is_double(x), num_rows,
+        max_distance is not None, 0.0 if max_distance is None else float(max_distance))
+    return _csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values), num_rows)
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torch warns once per process that sparse CSR is "beta"; that is not the caller's concern.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, size=(size, size), check_invariants=False)
+
+
+def dbscan_cpu(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, num_rows: int,
+               eps: float, min_samples: int) -> torch.Tensor:
+    """See :func:`fastassoc.dbscan` (and ``dbscan_reference``, which this equals).
+
+    Parameters
+    ----------
+    crow_indices : Tensor [N+1], int64; col_indices : Tensor [nnz], int64 (sorted per row, unique)
+    values : Tensor [nnz], float, symmetric matrix
+    num_rows : int; eps : float >= 0; min_samples : int >= 1
+
+    Returns
+    -------
+    Tensor [N], int64 labels, -1 for noise.
+    """
+    labels = torch.empty(num_rows, dtype=torch.int64)
+    if num_rows == 0:
+        return labels
+    # Compared in the values' dtype, as the reference (and scikit-learn on float32 data).
+    near = (values <= torch.tensor(eps, dtype=values.dtype)).to(torch.uint8)
+    crow, cols = crow_indices.to(torch.int64).contiguous(), col_indices.to(torch.int64).contiguous()
+    _core.kernel("rerank_dbscan")(_core.ptr(crow), _core.ptr(cols), _core.ptr(near.contiguous()), num_rows,
+                                  min_samples, _core.ptr(labels))
+    return labels
+
+
+def cluster_centres_cpu(features: torch.Tensor, labels: torch.Tensor, num_clusters: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`fastassoc.cluster_centres` (and ``cluster_centres_reference``, which this equals).
+
+    Parameters
+    ----------
+    features : Tensor [N, D], float; labels : Tensor [N], int64 in [-1, num_clusters)
+    num_clusters : int >= 0
+
+    Returns
+    -------
+    centres : Tensor [C, D], float32 (float64 stays float64); counts : Tensor [C], int64
+    """
+    x = features.to(_core.compute_dtype(features)).contiguous()
+    labels = labels.to(torch.int64).contiguous()
+    counts = torch.bincount(labels[labels >= 0], minlength=num_clusters)
+    centres = torch.empty((num_clusters, x.shape[1]), dtype=x.dtype)
+    if centres.numel():
+        _core.kernel("rerank_cluster_centres")(_core.ptr(x), _core.is_double(x), x.shape[0], x.shape[1],
+                                               _core.ptr(labels), num_clusters, _core.ptr(centres))
+    return centres, counts
+
+
+def _core_has_kernels() -> bool:
+    module = _backend.compiled_core()
+    return module is not None and hasattr(module, "rerank_jaccard")
+
+
+if not _core_has_kernels():
+    # A core built before csrc/cpu/rerank.cpp: report the ops as not implemented here, so
+    # backend="auto" keeps using the reference instead of failing until the core is rebuilt.
+    del jaccard_distance_cpu, dbscan_cpu, cluster_centres_cpu
