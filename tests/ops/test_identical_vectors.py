@@ -211,3 +211,35 @@ def test_evaluate_ranking_ties_by_gallery_index(backend_device, seed):
     what = f"{backend} seed={seed} {metric} D={gallery.shape[1]} G={num_gallery} matches={is_match.tolist()}"
     assert float(result.cmc[0]) == float(is_match[0]), f"{what}: rank-1 {float(result.cmc[0])}"
     assert abs(result.mAP - expected_ap) < 1e-12, f"{what}: AP {result.mAP}, expected {expected_ap}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_copies", [7, 30])
+def test_topk_anchors_many_copies(backend_device, seed, num_copies):
+    """More copies than the backends' candidate lists hold (the cpu backend's narrow and wide
+    proposal lists are k + 4 and k + 16 entries): the first copies still win, in order."""
+    backend, device = backend_device
+    require_backend("topk_anchors", backend)
+    rng = np.random.default_rng(seed + 7000)
+    dim = DIMS[seed % len(DIMS)]
+    n = 97
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    copies = np.sort(rng.choice(n, size=num_copies, replace=False))
+    x[copies] = rng.standard_normal(dim).astype(np.float32)
+    x = torch.from_numpy(x)
+    metric = METRICS[seed % len(METRICS)]
+    near = x[int(copies[0])] + 1e-3 * torch.from_numpy(rng.standard_normal(dim).astype(np.float32))
+    queries = torch.stack([near, x[int(copies[-1])]])
+    what = f"{backend} seed={seed} {metric} D={dim} copies={num_copies}"
+    for k in (1, 3):
+        with fastassoc.tile_limit(n * 5):
+            distances, indices = fastassoc.topk_anchors(queries.to(device), x.to(device), k, metric=metric,
+                                                        backend=backend)
+            self_distances, self_indices = fastassoc.topk_anchors(
+                x.to(device), x.to(device), k, metric=metric, exclude=torch.arange(n, device=device), backend=backend)
+        for row in range(2):
+            _assert_copies_first(distances[row].cpu(), indices[row].cpu(), copies, f"{what} k={k} query {row}")
+        for row in copies[[0, -1]]:
+            others = [c for c in copies if c != row]
+            _assert_copies_first(self_distances[row].cpu(), self_indices[row].cpu(), others,
+                                 f"{what} k={k} self-join row {row}")

@@ -7,7 +7,7 @@ C++ (``fastassoc._C.graph_csr_from_edges``, csrc/cpu/graph.cpp) with columns sor
 per row.
 
 - cross_camera_graph ranks by the exact cosine distance ``1 - x_hat_i . x_hat_j`` (as the
-  reference: GEMM tiles propose ``k + SLACK`` candidates per list, ``knn.refine_lists``
+  reference: GEMM tiles propose ``k + FLOAT_SLACK`` candidates per list, ``knn.refine_lists``
   rescores them with the fixed-order inner product and certifies the lists). pairwise: every unordered camera pair (t, m) is one block
   ``x_t @ x_m.T`` whose tiles update the rows' lists (k nearest in m) and the
   columns' lists (k nearest in t) in the same pass, so the GEMM work is half of the
@@ -31,8 +31,9 @@ import warnings
 
 import torch
 
-from . import _core, _screen
-from .knn import block_topk, exact_block_lists, mutual_pairs, new_lists, refine_lists, topk_self_join
+from . import _core
+from .knn import (block_topk, exact_block_lists, mutual_pairs, new_lists, proposal_width, refine_lists,
+                  topk_self_join)
 
 
 def _group_by_camera(cameras: torch.Tensor, num_cameras: int) -> tuple[torch.Tensor | None, list[int]]:
@@ -104,9 +105,9 @@ def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
             sources, targets = order[sources], order[targets]
     else:
         # Lists span several cameras: store original indices so ties go to the smaller one.
-        # GEMM proposals k + SLACK wide, then exact lists (knn.refine_lists) in original order.
+        # GEMM proposals k + FLOAT_SLACK wide, then exact lists (knn.refine_lists) in original order.
         available = num_nodes - torch.bincount(cameras, minlength=num_cameras)[cameras]
-        width = max(k, min(int(available.max()), k + _screen.SLACK))
+        width = proposal_width(k, int(available.max()))
         proposals = new_lists(num_nodes, width, dtype)
         for t, m in pairs:
             t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]

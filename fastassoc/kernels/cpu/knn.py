@@ -34,9 +34,21 @@ from __future__ import annotations
 import torch
 
 from ... import _backend
+from ..reference import _tiles
 from . import _core, _screen
 
 _NO_FILTER, _AT_MOST = 0, 1  # knn_mutual_pairs filter codes
+
+# Extra entries of float32-GEMM proposal lists. The float32 GEMM's error band is narrow,
+# so a few suffice to certify most rows, and the lists' width is what the tile pass pays
+# for (k = 1: width 17 costs ~15 % of the GEMM, width 5 ~4 %); rows with more columns in
+# the band (copies of one vector) are searched again with k + _screen.SLACK entries.
+FLOAT_SLACK = 4
+
+
+def proposal_width(k: int, available: int) -> int:
+    """Width of float32-GEMM proposal lists for top-k among ``available`` columns (>= k)."""
+    return max(k, min(available, k + FLOAT_SLACK))
 
 
 def new_lists(num_lists: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +187,7 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
         quantized = _screen.BRows.quantize(x)   # None for non-finite inputs
     if quantized is None:
         # float32 GEMM proposals, refined to exact distances (see refine_lists).
-        proposals = new_lists(n, max(width, k), x.dtype)
+        proposals = new_lists(n, proposal_width(k, available), x.dtype)
         self_join_topk(x, metric, proposals[0].shape[1], proposals, norms=norms, base=base, exclude_self=exclude_self)
         exclude = torch.arange(base, base + n, dtype=torch.int64) if exclude_self else None
         refine_lists(x, x, metric, k, proposals, lists, row_norms=norms, col_norms=norms, col_base=base,
@@ -194,29 +206,33 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     lower = _screen.lower_outside(quantized, quantized, metric, approx_values[:, -1], norms, norms)
     certified = _screen.certify(approx_values, exact[:, k - 1], lower, available)
     _fall_back(x, x, metric, k, lists, torch.nonzero(~certified).flatten(), row_norms=norms, col_norms=norms,
-               col_base=base, exclude_self=exclude_self)
+               col_base=base, exclude=torch.arange(base, base + n, dtype=torch.int64) if exclude_self else None)
 
 
 def _fall_back(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
                failed: torch.Tensor, *, row_norms: torch.Tensor | None, col_norms: torch.Tensor | None,
-               col_base: int, exclude_self: bool) -> None:
+               col_base: int, exclude: torch.Tensor | None) -> None:
     """Rows ``failed`` (not certified by the screening GEMM): their exact k nearest by
     (exact distance, index), written over their lists.
 
     The same exact distances as the rescoring (``_screen.rescore``), so a row's result does
     not depend on the path it took (hence not on the thread count or tiling of the
     approximate GEMM): float32 GEMM tiles propose ``k + SLACK`` candidates and
-    :func:`refine_lists` decides. Chunks keep each block within the tile limit.
+    :func:`refine_lists` decides. ``exclude`` [R] (global column per row, -1 none) covers
+    all rows of ``rows``. Chunks keep each block within the tile limit.
     """
     if failed.numel() == 0:
         return
     values, indices = lists
     num_cols = cols.shape[0]
-    available = num_cols - 1 if exclude_self else num_cols
-    width = max(k, min(available, k + _screen.SLACK))
+    chunk_exclude = exclude[failed].contiguous() if exclude is not None else None
+    available = num_cols
+    if chunk_exclude is not None:
+        available = num_cols - ((chunk_exclude >= col_base) & (chunk_exclude < col_base + num_cols)).to(torch.int64)
+    width = max(k, min(num_cols, k + _screen.SLACK))
     chunk_rows = rows[failed].contiguous()
     chunk_norms = row_norms[failed].contiguous() if row_norms is not None else None
-    exclude = (failed + col_base) if exclude_self else None
+    exclude = chunk_exclude
     proposals = new_lists(failed.numel(), width, values.dtype)
     tiles = _core.DotTiles.for_blocks([(failed.numel(), num_cols)], values.dtype)
     block_topk(tiles, chunk_rows, cols, metric, width, row_norms=chunk_norms, col_norms=col_norms,
@@ -239,8 +255,9 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
     of one vector can get different distances; the exact distance (``_screen.rescore``:
     fixed-order float64 accumulation, the reference's ``_tiles.exact_distances``) depends on
     the two rows only. ``proposals`` hold each row's ``W >= k`` best columns by GEMM value
-    (from :func:`block_topk` / :func:`self_join_topk`, any order; overwritten); they are
-    rescored exactly (:func:`._screen.rescore_pruned`) and sorted by (exact distance, index).
+    (from :func:`block_topk` / :func:`self_join_topk`, any order; overwritten); those within
+    two GEMM error bounds (``_tiles.band``) of the k-th are rescored exactly, the others
+    cannot reach the top k, and the list is sorted by (exact distance, index).
     A row is certified when its list holds every eligible column or when the GEMM error
     bound (:class:`._screen.FRows`) puts every column outside the list strictly behind the
     exact k-th; other rows get exact distances to every eligible column (:func:`_exact_rows`).
@@ -263,16 +280,29 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
     if rows.shape[0] == 0:
         return
     sort_lists(approx_values, candidates)
-    exact = _screen.rescore_pruned(rows, cols, candidates, approx_values, _screen.FRows(rows), _screen.FRows(cols),
-                                   metric, k, col_base=col_base, row_norms=row_norms, col_norms=col_norms)
+    # Only candidates within two error bounds of the k-th GEMM value can be among the exact
+    # k nearest (the first k are within one bound of their exact values); the rest rank
+    # behind them and stay inf.
+    bound = _tiles.band(rows, cols, metric, row_norms, col_norms)
+    reach = (approx_values[:, k - 1].to(torch.float64) + 2 * bound) * (1 + 2.0 ** -20)
+    row_index, slot = ((approx_values.to(torch.float64) <= reach.unsqueeze(1)) & (candidates >= 0)).nonzero(
+        as_tuple=True)
+    exact = torch.full_like(approx_values, float("inf"))
+    exact[row_index, slot] = _screen.exact_distances(rows, cols, row_index, candidates[row_index, slot] - col_base,
+                                                     metric, row_norms=row_norms, col_norms=col_norms)
     sort_lists(exact, candidates)
     values.copy_(exact[:, :k])
     indices.copy_(torch.where(torch.isinf(exact[:, :k]), -1, candidates[:, :k]))
     lower = _screen.lower_outside(_screen.FRows(rows), _screen.FRows(cols), metric, approx_values[:, -1],
                                   row_norms, col_norms)
-    uncertain = ~_screen.certify(approx_values, exact[:, k - 1], lower, available)
-    _exact_rows(rows, cols, metric, k, lists, torch.nonzero(uncertain).flatten(), row_norms=row_norms,
-                col_norms=col_norms, col_base=col_base, exclude=exclude, allowed=allowed)
+    uncertain = torch.nonzero(~_screen.certify(approx_values, exact[:, k - 1], lower, available)).flatten()
+    if uncertain.numel() and allowed is None and approx_values.shape[1] < k + _screen.SLACK:
+        # Wider lists for these rows from a float32 GEMM of them alone, then exact rows.
+        _fall_back(rows, cols, metric, k, lists, uncertain, row_norms=row_norms, col_norms=col_norms,
+                   col_base=col_base, exclude=exclude)
+        return
+    _exact_rows(rows, cols, metric, k, lists, uncertain, row_norms=row_norms, col_norms=col_norms,
+                col_base=col_base, exclude=exclude, allowed=allowed)
 
 
 def _exact_rows(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
@@ -397,7 +427,7 @@ def topk_anchors_cpu(queries: torch.Tensor, anchors: torch.Tensor, k: int, metri
             col_norms = a_norms[a0:a1] if a_norms is not None else None
             block_skip = skip[q0:q1]
             available = (a1 - a0) - ((block_skip >= a0) & (block_skip < a1)).to(torch.int64)
-            proposals = new_lists(q1 - q0, max(k, min(a1 - a0, k + _screen.SLACK)), dtype)
+            proposals = new_lists(q1 - q0, proposal_width(k, a1 - a0), dtype)
             block_topk(tiles, q[q0:q1], a[a0:a1], ranking, proposals[0].shape[1], row_norms=row_norms,
                        col_norms=col_norms, col_base=a0, exclude=block_skip, row_lists=proposals)
             refine_lists(q[q0:q1], a[a0:a1], ranking, k, proposals, (values[q0:q1], indices[q0:q1]),
@@ -419,13 +449,13 @@ def exact_block_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: in
 
     Returns ``(row_lists, col_lists)``: each row's k nearest columns (ids ``col_base + j``)
     and each column's k nearest rows (ids ``row_base + i``), sorted by (exact distance, id).
-    The GEMM tiles fill proposal lists ``k + SLACK`` wide on both sides
+    The GEMM tiles fill proposal lists ``k + FLOAT_SLACK`` wide on both sides
     (:func:`block_topk`); :func:`refine_lists` makes each side exact.
     """
     dtype = rows.dtype
     num_rows, num_cols = rows.shape[0], cols.shape[0]
-    row_proposals = new_lists(num_rows, max(k, min(num_cols, k + _screen.SLACK)), dtype)
-    col_proposals = new_lists(num_cols, max(k, min(num_rows, k + _screen.SLACK)), dtype)
+    row_proposals = new_lists(num_rows, proposal_width(k, num_cols), dtype)
+    col_proposals = new_lists(num_cols, proposal_width(k, num_rows), dtype)
     if tiles is None:
         tiles = _core.DotTiles.for_blocks([(num_rows, num_cols), (num_cols, num_rows)], dtype)
     if col_proposals[0].shape[1] == row_proposals[0].shape[1]:

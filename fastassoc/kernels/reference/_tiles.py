@@ -134,8 +134,16 @@ def band(q: torch.Tensor, a: torch.Tensor, metric: str, q_sq_norms: torch.Tensor
     """
     unit = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24
     dim = q.shape[1]
-    q_norm = q.to(torch.float64).norm(dim=1)
-    a_norm = a.to(torch.float64).norm(dim=1).max() if a.shape[0] else q_norm.new_zeros(())
+    # Norms from the squared norms when given (else in the compute dtype), enlarged by
+    # their own worst-case rounding.
+    widen = 1 + (dim + 2) * unit * 2
+    q_sq = q_sq_norms if q_sq_norms is not None else (q * q).sum(1)
+    q_norm = q_sq.to(torch.float64).sqrt() * widen
+    if a.shape[0]:
+        a_sq = a_sq_norms if a_sq_norms is not None else (a * a).sum(1)
+        a_norm = a_sq.max().to(torch.float64).sqrt() * widen
+    else:
+        a_norm = q_norm.new_zeros(())
     dot_bound = ((dim + 4) * unit * 1.01 + dim * 2.0 ** -52) * q_norm * a_norm + 1e-300
     if metric == "cosine":
         return dot_bound + 4 * unit
