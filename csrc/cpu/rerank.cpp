@@ -12,15 +12,16 @@
 //    expansion E(i), the weights over E(i) (SpCL softmax of -(2 - 2 x_i.x_m), or Zhong's
 //    exp(-d^2 / max d^2) normalised), and query expansion (mean of the V rows of the k2
 //    nearest, summed in list order in a dense per-thread row buffer). Returns V as CSR.
-// 3. rerank_jaccard: V's column lists (transpose), then per row i the partners j > i of
-//    every stored V_ik add min(V_ik, V_jk) into a dense per-thread row buffer (ascending k,
-//    as the reference sums) with a bitmap of touched columns; the bitmap scan yields the
-//    partners in column order, J = 1 - m / (2 - m) clamped at 0 is computed once per
-//    unordered pair and kept when float32 J < 1 (and <= max_distance). The upper triangle
-//    is held compactly (uint32 column + float32 value), then written twice into the
-//    symmetric CSR: row i's own entries after its diagonal zero, and mirrored into the
-//    rows j > i, each thread owning a range of target rows and reading sources in
-//    ascending i, so the lower part of every row comes out sorted without a sort.
+// 3. rerank_jaccard: V's column lists (transpose), then two passes over the rows, each row
+//    accumulating m_ij = sum_k min(V_ik, V_jk) of its partners j (ascending k, as the
+//    reference sums) in a dense per-thread row buffer with a bitmap of touched columns,
+//    whose scan yields the partners in column order; J = 1 - m / (2 - m) clamped at 0 is
+//    kept when float32 J < 1 (and <= max_distance). Pass one walks the upper triangle
+//    (j > i) and only counts (row i's own pairs and one for each mirrored j), so the returned
+//    arrays can be allocated at their final size; pass two recomputes every full row
+//    (j != i) and writes it in place, the diagonal zero included. m_ij has the same bits
+//    from both ends of a pair (same terms, same order), so the matrix is exactly symmetric
+//    and nothing but the output is ever held per pair.
 // dbscan: neighbour counts, union-find over core-core edges, clusters numbered by their
 // smallest core point, border points take the smallest cluster number among their core
 // neighbours (the reference's and scikit-learn's numbering). cluster_centres: rows of
@@ -32,7 +33,7 @@
 //
 // Limits. Float32 (float64 inputs: float64) arithmetic, output values float32. Memory of
 // rerank_jaccard beyond its output: V twice (rows and columns), one dense row buffer of N
-// values plus N bits per thread, and the upper triangle at 8 bytes per stored pair. Must
+// values plus N bits and N counts per thread. Must
 // equal fastassoc/kernels/reference/rerank.py given the same GEMM tiles; weights use a
 // fixed-order float64 dot (screen_dot), within rounding of the reference's torch sums.
 #include <omp.h>
@@ -41,11 +42,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <utility>
 #include <vector>
 
 #include <pybind11/numpy.h>
+
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "common.h"
 
@@ -73,6 +79,37 @@ inline bool lex_less(T value_a, int64_t index_a, T value_b, int64_t index_b) {
 }
 
 int threads_for(int64_t work) { return work >= kParallelMin ? kernel_threads() : 1; }
+
+// Hand the C heap's free pages back to the system between passes. glibc keeps freed blocks
+// below its (self-raising, up to 32 MiB) mmap threshold resident, so without this the
+// temporaries of one pass stay resident under the next pass's allocations and the peak is
+// their sum rather than their maximum.
+void release_free_memory() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
+}
+
+// An exception must not leave an OpenMP region (the process would terminate): the first
+// one (std::bad_alloc on a huge input, say) is kept and rethrown after the region.
+class RegionErrors {
+ public:
+  template <class F>
+  void run(F&& body) {
+    try {
+      body();
+    } catch (...) {
+#pragma omp critical(fastassoc_rerank_errors)
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+};
 
 // ------------------------------------------------------------------ 1. nearest lists
 
@@ -159,12 +196,15 @@ void smallest_row(const T* values, int64_t cols, int64_t width, int64_t* columns
 template <typename T>
 void tile_lists(const T* tile, int64_t rows, int64_t cols, int metric, const T* row_norms, const T* col_norms,
                 int64_t row_base, int64_t width, int64_t* ranks, T* farthest) {
+  RegionErrors errors;
 #pragma omp parallel num_threads(threads_for(rows * cols))
   {
-    std::vector<T> values(cols);
+    std::vector<T> values;
     std::vector<std::pair<T, int64_t>> scratch;
+    errors.run([&] { values.resize(cols); });
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) errors.run([&] {
+      if (static_cast<int64_t>(values.size()) != cols) return;
       row_distances_dispatch(tile + flat_index(r, cols, 0), cols, metric,
                              metric == kSqEuclidean ? row_norms[r] : T(0), col_norms, values.data());
       // The formula may leave a rounding residue on the diagonal; the distance to itself is 0.
@@ -176,8 +216,9 @@ void tile_lists(const T* tile, int64_t rows, int64_t cols, int metric, const T* 
         farthest[r] = high;
       }
       smallest_row(values.data(), cols, width, ranks + flat_index(r, width, 0), scratch);
-    }
+    });
   }
+  errors.rethrow();
 }
 
 // ------------------------------------------------------------------ 2. encoding
@@ -220,10 +261,12 @@ struct Reciprocal {
 Reciprocal reciprocal_sets(const int64_t* ranks, int64_t n, int64_t stride, int64_t w) {
   const int num_threads = threads_for(n * w * w);
   RowsByThread<int64_t> rows(n, num_threads);
+  RegionErrors errors;
 #pragma omp parallel num_threads(num_threads)
-  {
+  errors.run([&] {
     const int t = omp_get_thread_num();
-    const auto [lo, hi] = part_range(n, omp_get_num_threads(), t);
+    const auto range = part_range(n, omp_get_num_threads(), t);
+    const int64_t lo = range.first, hi = range.second;
     auto& out = rows.items[t];
     for (int64_t i = lo; i < hi; ++i) {
       const size_t first = out.size();
@@ -240,7 +283,8 @@ Reciprocal reciprocal_sets(const int64_t* ranks, int64_t n, int64_t stride, int6
       std::sort(out.begin() + first, out.end());
       rows.counts[i] = static_cast<int64_t>(out.size() - first);
     }
-  }
+  });
+  errors.rethrow();
   Reciprocal result;
   rows.flatten(result.offsets, result.members);
   return result;
@@ -273,10 +317,12 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
   const int num_threads = threads_for(n * width * half);
   // Expanded sets with their weights.
   RowsByThread<std::pair<int64_t, T>> weighted(n, num_threads);
+  RegionErrors errors;
 #pragma omp parallel num_threads(num_threads)
-  {
+  errors.run([&] {
     const int t = omp_get_thread_num();
-    const auto [lo, hi] = part_range(n, omp_get_num_threads(), t);
+    const auto range = part_range(n, omp_get_num_threads(), t);
+    const int64_t lo = range.first, hi = range.second;
     auto& out = weighted.items[t];
     std::vector<int64_t> mark(n, -1), members;
     std::vector<T> logits;
@@ -333,7 +379,8 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
       for (int64_t s = 0; s < size; ++s) out.emplace_back(members[s], logits[s] / total);
       weighted.counts[i] = size;
     }
-  }
+  });
+  errors.rethrow();
   std::vector<int64_t> offsets;
   std::vector<std::pair<int64_t, T>> entries;
   weighted.flatten(offsets, entries);
@@ -351,9 +398,10 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
   // Query expansion: mean of the V rows of the first expansion_width list entries.
   RowsByThread<std::pair<int64_t, T>> expanded(n, num_threads);
 #pragma omp parallel num_threads(num_threads)
-  {
+  errors.run([&] {
     const int t = omp_get_thread_num();
-    const auto [lo, hi] = part_range(n, omp_get_num_threads(), t);
+    const auto range = part_range(n, omp_get_num_threads(), t);
+    const int64_t lo = range.first, hi = range.second;
     auto& out = expanded.items[t];
     std::vector<T> sums(n, T(0));
     std::vector<int64_t> seen(n, -1), touched;
@@ -380,7 +428,8 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
       }
       expanded.counts[i] = static_cast<int64_t>(out.size() - first);
     }
-  }
+  });
+  errors.rethrow();
   std::vector<std::pair<int64_t, T>>().swap(entries);
   std::vector<std::pair<int64_t, T>> flat;
   expanded.flatten(result.offsets, flat);
@@ -390,6 +439,8 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
     result.cols[e] = flat[e].first;
     result.values[e] = flat[e].second;
   }
+  std::vector<std::pair<int64_t, T>>().swap(flat);
+  release_free_memory();
   return result;
 }
 
@@ -402,149 +453,185 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
 
 // ------------------------------------------------------------------ 3. Jaccard
 
-// Stored pairs (i, j > i) of a block of rows: columns and float32 distances, per-row counts.
-struct UpperBlock {
-  std::vector<uint32_t> cols;
-  std::vector<float> values;
-  std::vector<int64_t> starts;   // [rows in block + 1]
+// V's column lists: the rows holding each column, ascending, with their values.
+template <typename T>
+struct Columns {
+  std::vector<int64_t> offsets, rows;
+  std::vector<T> values;
 };
 
 template <typename T>
-py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int64_t n, bool bounded,
-                  double max_distance) {
-  require(n < (int64_t(1) << 32), "rerank_jaccard: more than 2^32 rows");
-  const int64_t num_blocks = (n + kJaccardBlock - 1) / kJaccardBlock;
-  std::vector<UpperBlock> blocks(num_blocks);
-  std::vector<int64_t> upper(n, 0), lower(n, 0);
+Columns<T> transpose(const int64_t* crow, const int64_t* cols, const T* values, int64_t n) {
   const int64_t nnz = crow[n];
-  {
-    py::gil_scoped_release release;
-    // Column lists of V: rows ascending within each column.
-    std::vector<int64_t> col_offsets(n + 1, 0);
-    for (int64_t e = 0; e < nnz; ++e) ++col_offsets[cols[e] + 1];
-    for (int64_t c = 0; c < n; ++c) col_offsets[c + 1] += col_offsets[c];
-    std::vector<int64_t> col_rows(nnz), cursor(col_offsets.begin(), col_offsets.end() - 1);
-    std::vector<T> col_values(nnz);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
-        const int64_t at = cursor[cols[e]]++;
-        col_rows[at] = i;
-        col_values[at] = values[e];
-      }
+  Columns<T> c;
+  c.offsets.assign(n + 1, 0);
+  for (int64_t e = 0; e < nnz; ++e) ++c.offsets[cols[e] + 1];
+  for (int64_t k = 0; k < n; ++k) c.offsets[k + 1] += c.offsets[k];
+  c.rows.resize(nnz);
+  c.values.resize(nnz);
+  std::vector<int64_t> cursor(c.offsets.begin(), c.offsets.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+      const int64_t at = cursor[cols[e]]++;
+      c.rows[at] = i;
+      c.values[at] = values[e];
     }
-    std::vector<int64_t>().swap(cursor);
-    const int num_threads = threads_for(nnz * 16);
-#pragma omp parallel num_threads(num_threads)
-    {
-      std::vector<T> sums(n, T(0));
-      std::vector<uint64_t> touched((n + 63) / 64, 0);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < num_blocks; ++b) {
-        UpperBlock& block = blocks[b];
-        const int64_t i0 = b * kJaccardBlock, i1 = std::min(n, i0 + kJaccardBlock);
-        block.starts.assign(1, 0);
-        for (int64_t i = i0; i < i1; ++i) {
-          int64_t first_word = std::numeric_limits<int64_t>::max(), last_word = -1;
-          for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
-            const int64_t k = cols[e];
-            const T mine = values[e];
-            const int64_t* holders = col_rows.data();
-            int64_t p = std::upper_bound(holders + col_offsets[k], holders + col_offsets[k + 1], i) - holders;
-            const int64_t end = col_offsets[k + 1];
-            if (p < end) {
-              first_word = std::min(first_word, holders[p] >> 6);
-              last_word = std::max(last_word, holders[end - 1] >> 6);
-            }
-            for (; p < end; ++p) {
-              const int64_t j = holders[p];
-              const T theirs = col_values[p];
-              sums[j] += mine < theirs ? mine : theirs;
-              touched[j >> 6] |= uint64_t(1) << (j & 63);
-            }
-          }
-          for (int64_t w = first_word; w <= last_word; ++w) {
-            uint64_t bits = touched[w];
-            touched[w] = 0;
-            while (bits) {
-              const int64_t j = (w << 6) + __builtin_ctzll(bits);
-              bits &= bits - 1;
-              const T shared = sums[j];
-              sums[j] = T(0);
-              if (shared == T(0)) continue;
-              T distance = T(1) - shared / (T(2) - shared);
-              distance = distance > T(0) ? distance : T(0);
-              const float stored = static_cast<float>(distance);
-              if (!(stored < 1.0f)) continue;
-              if (bounded && !(static_cast<double>(stored) <= max_distance)) continue;
-              block.cols.push_back(static_cast<uint32_t>(j));
-              block.values.push_back(stored);
-            }
-          }
-          block.starts.push_back(static_cast<int64_t>(block.cols.size()));
-          upper[i] = block.starts.back() - block.starts[block.starts.size() - 2];
-        }
+  }
+  return c;
+}
+
+// One row's overlaps m_ij in a dense buffer plus a bitmap of the touched columns j.
+template <typename T>
+struct RowOverlaps {
+  std::vector<T> sums;
+  std::vector<uint64_t> touched;
+  int64_t first_word = 0, last_word = -1;
+
+  void allocate(int64_t n) {
+    sums.assign(n, T(0));
+    touched.assign((n + 63) / 64, 0);
+  }
+
+  // Partners j > i (upper) or j != i (all) of row i: sum_k min(V_ik, V_jk) in ascending k,
+  // the reference's order (the same terms in the same order from either end of a pair).
+  void accumulate(const int64_t* crow, const int64_t* cols, const T* values, const Columns<T>& columns, int64_t i,
+                  bool upper_only) {
+    first_word = std::numeric_limits<int64_t>::max();
+    last_word = -1;
+    const int64_t* holders = columns.rows.data();
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+      const int64_t k = cols[e];
+      const T mine = values[e];
+      const int64_t end = columns.offsets[k + 1];
+      int64_t p = upper_only ? std::upper_bound(holders + columns.offsets[k], holders + end, i) - holders
+                             : columns.offsets[k];
+      if (p >= end) continue;
+      first_word = std::min(first_word, holders[p] >> 6);
+      last_word = std::max(last_word, holders[end - 1] >> 6);
+      for (; p < end; ++p) {
+        const int64_t j = holders[p];
+        const T theirs = columns.values[p];
+        sums[j] += mine < theirs ? mine : theirs;
+        touched[j >> 6] |= uint64_t(1) << (j & 63);
       }
     }
   }
-  // Mirrored entries: thread t owns target rows [lo, hi) and reads sources in ascending i.
-  auto for_mirrors = [&](int64_t lo, int64_t hi, auto&& visit) {
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const int64_t i0 = b * kJaccardBlock;
-      if (i0 >= hi) break;
-      const UpperBlock& block = blocks[b];
-      for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
-        const uint32_t* begin = block.cols.data() + block.starts[r];
-        const uint32_t* end = block.cols.data() + block.starts[r + 1];
-        const uint32_t* p = std::lower_bound(begin, end, static_cast<uint32_t>(lo));
-        for (; p < end && *p < hi; ++p) visit(i0 + r, static_cast<int64_t>(*p), block.values[p - block.cols.data()]);
+
+  // Visit the stored pairs (j, float32 J) in ascending j (j == i skipped), clearing the buffer.
+  template <typename Visit>
+  void drain(int64_t i, bool bounded, double max_distance, Visit&& visit) {
+    for (int64_t w = first_word; w <= last_word; ++w) {
+      uint64_t bits = touched[w];
+      touched[w] = 0;
+      while (bits) {
+        const int64_t j = (w << 6) + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        const T shared = sums[j];
+        sums[j] = T(0);
+        if (j == i || shared == T(0)) continue;
+        T distance = T(1) - shared / (T(2) - shared);
+        distance = distance > T(0) ? distance : T(0);
+        const float stored = static_cast<float>(distance);
+        if (!(stored < 1.0f)) continue;
+        if (bounded && !(static_cast<double>(stored) <= max_distance)) continue;
+        visit(j, stored);
       }
     }
-  };
-  const int mirror_threads = threads_for(n * 64);
+  }
+};
+
+// Two passes over V, no intermediate pair list: the upper triangle counts every row's stored
+// pairs (its own j > i, and one for each j > i in row j's count of lower partners); the
+// returned arrays are allocated; then every row recomputes its full row (j != i) and writes
+// it in column order with the diagonal zero in place. m_ij has the same bits from both ends,
+// so the matrix is exactly symmetric and the second pass stores exactly what the first counted.
+template <typename T>
+py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int64_t n, bool bounded,
+                  double max_distance) {
+  const int64_t nnz = crow[n];
+  std::vector<int64_t> counts(n, 1);   // the diagonal
+  Columns<T> columns;
+  const int num_threads = threads_for(nnz * 16);
   {
     py::gil_scoped_release release;
-#pragma omp parallel num_threads(mirror_threads)
+    release_free_memory();
+    columns = transpose(crow, cols, values, n);
+    std::vector<std::vector<int64_t>> lower(num_threads);
+    RegionErrors errors;
+#pragma omp parallel num_threads(num_threads)
     {
-      const auto [lo, hi] = part_range(n, omp_get_num_threads(), omp_get_thread_num());
-      for_mirrors(lo, hi, [&](int64_t, int64_t j, float) { ++lower[j]; });
+      RowOverlaps<T> row;
+      std::vector<int64_t>* mine = &lower[omp_get_thread_num()];
+      errors.run([&] {
+        row.allocate(n);
+        mine->assign(n, 0);
+      });
+#pragma omp for schedule(dynamic, kJaccardBlock)
+      for (int64_t i = 0; i < n; ++i) {
+        if (static_cast<int64_t>(row.sums.size()) != n) continue;
+        row.accumulate(crow, cols, values, columns, i, true);
+        int64_t upper = 0;
+        row.drain(i, bounded, max_distance, [&](int64_t j, float) {
+          ++upper;
+          ++(*mine)[j];
+        });
+        counts[i] += upper;
+      }
     }
+    errors.rethrow();
+    for (const auto& part : lower) {
+      if (part.empty()) continue;
+      for (int64_t j = 0; j < n; ++j) counts[j] += part[j];
+    }
+    std::vector<std::vector<int64_t>>().swap(lower);
+    release_free_memory();
   }
   py::array_t<int64_t> out_crow(n + 1);
   int64_t* crow_out = out_crow.mutable_data();
   crow_out[0] = 0;
-  for (int64_t i = 0; i < n; ++i) crow_out[i + 1] = crow_out[i] + lower[i] + 1 + upper[i];
+  for (int64_t i = 0; i < n; ++i) crow_out[i + 1] = crow_out[i] + counts[i];
   py::array_t<int64_t> out_cols(crow_out[n]);
   py::array_t<float> out_values(crow_out[n]);
   int64_t* cols_out = out_cols.mutable_data();
   float* values_out = out_values.mutable_data();
+  bool consistent = true;
   {
     py::gil_scoped_release release;
-#pragma omp parallel num_threads(mirror_threads)
+    RegionErrors errors;
+#pragma omp parallel num_threads(num_threads) reduction(&& : consistent)
     {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < num_blocks; ++b) {
-        const UpperBlock& block = blocks[b];
-        for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
-          const int64_t i = b * kJaccardBlock + r;
-          int64_t at = crow_out[i] + lower[i];
-          cols_out[at] = i;
-          values_out[at] = 0.0f;
-          ++at;
-          for (int64_t e = block.starts[r]; e < block.starts[r + 1]; ++e, ++at) {
-            cols_out[at] = block.cols[e];
-            values_out[at] = block.values[e];
+      RowOverlaps<T> row;
+      errors.run([&] { row.allocate(n); });
+#pragma omp for schedule(dynamic, kJaccardBlock)
+      for (int64_t i = 0; i < n; ++i) {
+        if (static_cast<int64_t>(row.sums.size()) != n) continue;
+        row.accumulate(crow, cols, values, columns, i, false);
+        int64_t at = crow_out[i];
+        const int64_t end = crow_out[i + 1];
+        bool diagonal = false;
+        row.drain(i, bounded, max_distance, [&](int64_t j, float value) {
+          if (!diagonal && j > i && at < end) {
+            cols_out[at] = i;
+            values_out[at++] = 0.0f;
+            diagonal = true;
           }
+          if (at < end) {
+            cols_out[at] = j;
+            values_out[at] = value;
+          }
+          ++at;
+        });
+        if (!diagonal && at < end) {
+          cols_out[at] = i;
+          values_out[at++] = 0.0f;
+          diagonal = true;
         }
+        consistent = consistent && diagonal && at == end;
       }
-      const auto [lo, hi] = part_range(n, omp_get_num_threads(), omp_get_thread_num());
-      std::vector<int64_t> fill(hi - lo, 0);
-      for_mirrors(lo, hi, [&](int64_t i, int64_t j, float value) {
-        const int64_t at = crow_out[j] + fill[j - lo]++;
-        cols_out[at] = i;
-        values_out[at] = value;
-      });
     }
+    errors.rethrow();
   }
+  require(consistent, "rerank_jaccard: internal error, the two passes over V disagree");
   return py::make_tuple(out_crow, out_cols, out_values);
 }
 

@@ -17,9 +17,11 @@ defines it, in three compiled passes:
    (products of the rows in a fixed-order float64 dot, within rounding of the reference's
    torch sums) and query expansion (dense per-thread row buffer, list order), as CSR.
 3. *Jaccard.* ``_C.rerank_jaccard``: inverted (column) lists of ``V``; per row the
-   partners ``j > i`` accumulate ``min(V_ik, V_jk)`` in ascending ``k`` (the reference's
-   order, so ``m_ij`` has its bits) into a dense per-thread buffer with a bitmap of touched
-   columns; the symmetric CSR with explicit diagonal zeros is written directly.
+   partners accumulate ``min(V_ik, V_jk)`` in ascending ``k`` (the reference's order, so
+   ``m_ij`` has its bits, from either end of the pair) into a dense per-thread buffer with a
+   bitmap of touched columns. A counting pass over the upper triangle sizes every row; a
+   second pass recomputes each full row and writes it, in column order with its diagonal
+   zero, straight into the returned arrays (no list of pairs is ever held).
 
 ``dbscan``: the neighbour test ``values <= eps`` in the values' dtype (torch, as the
 reference), then ``_C.rerank_dbscan`` (neighbour counts, union-find, numbering by the
@@ -30,10 +32,11 @@ smallest core point, border points to the smallest cluster number). ``cluster_ce
 Limits
 ------
 Memory beyond the inputs: one GEMM tile (``tile_elements()`` elements), the ``N x K``
-lists, ``V`` (twice, rows and columns), one dense row buffer per thread, the returned
-matrix and, while it is written, its upper triangle at 8 bytes per stored pair. Results do
-not depend on the thread count or on the tile limit beyond what the reference's own GEMM
-chunks do (both chunk the same way).
+lists, ``V`` (twice, rows and columns), one dense row buffer per thread and the returned
+matrix (W-jaccard: peak 1.05-1.09x the returned bytes). Results do not depend on the thread
+count, nor on the tile limit beyond what the reference's own GEMM chunks do (both chunk the
+same way). The pair-list pass does about three times the sums of one triangle (counting,
+then full rows) in exchange for holding no pair list.
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tens
     """Every row's ``width`` nearest rows ([N, width] int64, itself included at distance 0)
     and its largest distance ([N], compute dtype), exactly as the reference's lists."""
     num_rows = x.shape[0]
-    norms = (x * x).sum(1) if metric != "cosine" else None
+    # The reference's (x * x).sum(1), in row chunks (no N x D temporary; the same bits).
+    norms = _core.squared_norms(x, "sqeuclidean") if metric != "cosine" else None
     ranks = torch.empty((num_rows, width), dtype=torch.int64)
     farthest = torch.empty(num_rows, dtype=x.dtype)
     step = max(1, _backend.tile_elements() // max(num_rows, 1))
@@ -73,7 +77,7 @@ def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tens
             tile = tile_buffer[:(stop - start) * num_rows].view(stop - start, num_rows)
             torch.mm(q, x.T, out=tile)
             # The reference's (q * q).sum(1) of the chunk, broadcast against the full norms.
-            row_norms = (q * q).sum(1) if metric == "sqeuclidean" else None
+            row_norms = _core.squared_norms(q, metric)
         update(_core.ptr(tile), _core.is_double(x), stop - start, num_rows, _TILE_METRICS[metric],
                _core.ptr(row_norms), _core.ptr(norms) if metric == "sqeuclidean" else 0, start, width,
                _core.ptr(ranks[start:stop]), _core.ptr(farthest[start:stop]))
@@ -108,7 +112,7 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
     width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
     half = min(round(k1 / 2) + 1, width)
     ranks, farthest = _nearest_lists(x, width, metric)
-    norms = (x * x).sum(1) if metric != "cosine" and weighting == "zhong" else None
+    norms = _core.squared_norms(x, "sqeuclidean") if metric != "cosine" and weighting == "zhong" else None
     crow, cols, values = _core.kernel("rerank_encode")(
         _core.ptr(ranks), num_rows, width, half, 0 if k2 == 1 else min(k2, width), _core.ptr(x),
         _core.is_double(x), x.shape[1], _core.ptr(norms), _core.ptr(farthest), _WEIGHTINGS[weighting],
