@@ -39,6 +39,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -540,16 +541,37 @@ struct RowOverlaps {
   }
 };
 
-// Two passes over V, no intermediate pair list: the upper triangle counts every row's stored
-// pairs (its own j > i, and one for each j > i in row j's count of lower partners); the
-// returned arrays are allocated; then every row recomputes its full row (j != i) and writes
-// it in column order with the diagonal zero in place. m_ij has the same bits from both ends,
-// so the matrix is exactly symmetric and the second pass stores exactly what the first counted.
+// Pairs (i, j > i) of one block of kJaccardBlock rows kept by the counting pass while they
+// are few: columns and float32 distances, with each row's start.
+struct UpperBlock {
+  std::vector<uint32_t> cols;
+  std::vector<float> values;
+  std::vector<int64_t> starts;
+};
+
+// Upper-triangle pairs the counting pass keeps (8 bytes each) before it stops keeping them
+// and the writing pass recomputes full rows instead: max(2^22, 8 nnz(V)) pairs.
+inline int64_t kept_pairs_budget(int64_t nnz) { return std::max<int64_t>(int64_t(1) << 22, 8 * nnz); }
+
+// Two passes over V. Pass one walks the upper triangle and counts every row's stored pairs
+// (its own j > i, and one for each mirrored j), keeping the pairs themselves while they fit
+// the budget above (a max_distance that stores few pairs); the returned arrays are then
+// allocated at their final size. Pass two writes them: from the kept pairs (each row's own
+// part after its diagonal zero, and the mirrored part from threads that each own a range of
+// target rows and read sources in ascending i, so it comes out sorted), or, when too many
+// pairs were stored to keep, by recomputing every full row (j != i) in column order. m_ij
+// has the same bits from both ends of a pair, so the matrix is exactly symmetric either way.
 template <typename T>
 py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int64_t n, bool bounded,
-                  double max_distance) {
+                  double max_distance, int64_t kept_budget) {
+  require(n < (int64_t(1) << 32), "rerank_jaccard: more than 2^32 rows");
   const int64_t nnz = crow[n];
+  const int64_t num_blocks = (n + kJaccardBlock - 1) / kJaccardBlock;
   std::vector<int64_t> counts(n, 1);   // the diagonal
+  std::vector<UpperBlock> blocks(num_blocks);
+  std::atomic<int64_t> kept{0};
+  std::atomic<bool> keeping{true};
+  const int64_t budget = kept_budget >= 0 ? kept_budget : kept_pairs_budget(nnz);
   Columns<T> columns;
   const int num_threads = threads_for(nnz * 16);
   {
@@ -566,17 +588,30 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
         row.allocate(n);
         mine->assign(n, 0);
       });
-#pragma omp for schedule(dynamic, kJaccardBlock)
-      for (int64_t i = 0; i < n; ++i) {
-        if (static_cast<int64_t>(row.sums.size()) != n) continue;
-        row.accumulate(crow, cols, values, columns, i, true);
-        int64_t upper = 0;
-        row.drain(i, bounded, max_distance, [&](int64_t j, float) {
-          ++upper;
-          ++(*mine)[j];
-        });
-        counts[i] += upper;
-      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < num_blocks; ++b) errors.run([&] {
+        if (static_cast<int64_t>(row.sums.size()) != n) return;
+        UpperBlock& block = blocks[b];
+        const int64_t i0 = b * kJaccardBlock, i1 = std::min(n, i0 + kJaccardBlock);
+        block.starts.assign(1, 0);
+        for (int64_t i = i0; i < i1; ++i) {
+          row.accumulate(crow, cols, values, columns, i, true);
+          const bool keep = keeping.load(std::memory_order_relaxed);
+          int64_t upper = 0;
+          row.drain(i, bounded, max_distance, [&](int64_t j, float value) {
+            ++upper;
+            ++(*mine)[j];
+            if (keep) {
+              block.cols.push_back(static_cast<uint32_t>(j));
+              block.values.push_back(value);
+            }
+          });
+          counts[i] += upper;
+          block.starts.push_back(static_cast<int64_t>(block.cols.size()));
+          if (keep && kept.fetch_add(upper, std::memory_order_relaxed) + upper > budget)
+            keeping.store(false, std::memory_order_relaxed);
+        }
+      });
     }
     errors.rethrow();
     for (const auto& part : lower) {
@@ -584,8 +619,10 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
       for (int64_t j = 0; j < n; ++j) counts[j] += part[j];
     }
     std::vector<std::vector<int64_t>>().swap(lower);
+    if (!keeping.load()) std::vector<UpperBlock>().swap(blocks);
     release_free_memory();
   }
+  const bool from_kept = keeping.load();
   py::array_t<int64_t> out_crow(n + 1);
   int64_t* crow_out = out_crow.mutable_data();
   crow_out[0] = 0;
@@ -599,7 +636,41 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
     py::gil_scoped_release release;
     RegionErrors errors;
 #pragma omp parallel num_threads(num_threads) reduction(&& : consistent)
-    {
+    if (from_kept) {
+      // Own part: the diagonal zero, then the kept j > i, after the mirrored j < i.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const UpperBlock& block = blocks[b];
+        for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
+          const int64_t i = b * kJaccardBlock + r;
+          int64_t at = crow_out[i + 1] - (block.starts[r + 1] - block.starts[r]) - 1;
+          cols_out[at] = i;
+          values_out[at++] = 0.0f;
+          for (int64_t e = block.starts[r]; e < block.starts[r + 1]; ++e, ++at) {
+            cols_out[at] = block.cols[e];
+            values_out[at] = block.values[e];
+          }
+        }
+      }
+      errors.run([&] {
+        const auto range = part_range(n, omp_get_num_threads(), omp_get_thread_num());
+        const int64_t lo = range.first, hi = range.second;
+        std::vector<int64_t> fill(hi - lo, 0);
+        for (int64_t b = 0; b < num_blocks && b * kJaccardBlock < hi; ++b) {
+          const UpperBlock& block = blocks[b];
+          for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
+            const uint32_t* begin = block.cols.data() + block.starts[r];
+            const uint32_t* end = block.cols.data() + block.starts[r + 1];
+            for (const uint32_t* p = std::lower_bound(begin, end, static_cast<uint32_t>(lo)); p < end && *p < hi;
+                 ++p) {
+              const int64_t at = crow_out[*p] + fill[*p - lo]++;
+              cols_out[at] = b * kJaccardBlock + r;
+              values_out[at] = block.values[p - block.cols.data()];
+            }
+          }
+        }
+      });
+    } else {
       RowOverlaps<T> row;
       errors.run([&] { row.allocate(n); });
 #pragma omp for schedule(dynamic, kJaccardBlock)
@@ -780,20 +851,22 @@ void register_cpu_rerank(py::module_& m) {
   m.def(
       "rerank_jaccard",
       [](std::uintptr_t crow, std::uintptr_t cols, std::uintptr_t values, bool is_double, int64_t n, bool bounded,
-         double max_distance) -> py::tuple {
+         double max_distance, int64_t kept_budget) -> py::tuple {
         require(n >= 1, "rerank_jaccard: bad sizes");
         if (is_double)
           return jaccard(as_ptr<const int64_t>(crow), as_ptr<const int64_t>(cols), as_ptr<const double>(values), n,
-                         bounded, max_distance);
+                         bounded, max_distance, kept_budget);
         return jaccard(as_ptr<const int64_t>(crow), as_ptr<const int64_t>(cols), as_ptr<const float>(values), n,
-                       bounded, max_distance);
+                       bounded, max_distance, kept_budget);
       },
       py::arg("crow"), py::arg("cols"), py::arg("values"), py::arg("is_double"), py::arg("n"), py::arg("bounded"),
-      py::arg("max_distance"),
+      py::arg("max_distance"), py::arg("kept_budget") = -1,
       "Jaccard distances J = max(1 - m / (2 - m), 0), m_ij = sum_k min(V_ik, V_jk), of the CSR V\n"
       "(columns sorted per row): numpy (crow int64 [n + 1], cols int64, values float32) of the\n"
       "symmetric matrix holding every pair with float32 J < 1 (and, when bounded, J <= max_distance\n"
-      "in float64) plus the diagonal as explicit zeros, columns sorted per row.");
+      "in float64) plus the diagonal as explicit zeros, columns sorted per row. kept_budget: upper-\n"
+      "triangle pairs the counting pass may keep for the writing pass (beyond it, full rows are\n"
+      "recomputed instead); -1: max(2^22, 8 nnz(V)).");
   m.def(
       "rerank_dbscan",
       [](std::uintptr_t crow, std::uintptr_t cols, std::uintptr_t near, int64_t n, int64_t min_samples,

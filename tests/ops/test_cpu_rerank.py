@@ -145,3 +145,16 @@ def test_cluster_centres_equal_the_reference_bit_for_bit(dtype):
     assert np.allclose(centres.double().numpy(), expected, atol=1e-6)
     none, none_counts = cluster_centres(x, torch.full((300,), -1), num_clusters=0, backend="cpu")
     assert none.shape == (0, 17) and none_counts.shape == (0,)
+
+
+@pytest.mark.parametrize("weighting, max_distance", [("spcl", None), ("spcl", 0.7), ("zhong", None)])
+def test_kept_pairs_and_recomputed_rows_write_the_same_matrix(monkeypatch, weighting, max_distance):
+    from fastassoc.kernels.cpu import rerank as kernels
+    x = torch.from_numpy(reid_like(np.random.default_rng(14), 400, dim=24, identities=30))
+    kept = jaccard_distance(x, 20, 6, weighting=weighting, max_distance=max_distance, backend="cpu")
+    for budget in (0, 1000):   # none kept; the budget runs out part-way through the rows
+        monkeypatch.setattr(kernels, "KEPT_PAIRS_BUDGET", budget)
+        recomputed = jaccard_distance(x, 20, 6, weighting=weighting, max_distance=max_distance, backend="cpu")
+        assert_same_matrix(recomputed, kept, f"budget {budget}")
+    assert_same_matrix(kept, jaccard_distance(x, 20, 6, weighting=weighting, max_distance=max_distance,
+                                              backend="reference"), "vs reference", bits=False)

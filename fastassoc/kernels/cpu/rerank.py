@@ -19,9 +19,12 @@ defines it, in three compiled passes:
 3. *Jaccard.* ``_C.rerank_jaccard``: inverted (column) lists of ``V``; per row the
    partners accumulate ``min(V_ik, V_jk)`` in ascending ``k`` (the reference's order, so
    ``m_ij`` has its bits, from either end of the pair) into a dense per-thread buffer with a
-   bitmap of touched columns. A counting pass over the upper triangle sizes every row; a
-   second pass recomputes each full row and writes it, in column order with its diagonal
-   zero, straight into the returned arrays (no list of pairs is ever held).
+   bitmap of touched columns. A counting pass over the upper triangle sizes every row (and
+   keeps the pairs while they are few, 8 bytes each, up to :data:`KEPT_PAIRS_BUDGET`); the
+   returned arrays are allocated at their final size and written from the kept pairs (their
+   mirror images by target-row ranges, so rows come out sorted) or, past the budget, by
+   recomputing each full row in column order with its diagonal zero: a large result is
+   never held twice.
 
 ``dbscan``: the neighbour test ``values <= eps`` in the values' dtype (torch, as the
 reference), then ``_C.rerank_dbscan`` (neighbour counts, union-find, numbering by the
@@ -35,8 +38,8 @@ Memory beyond the inputs: one GEMM tile (``tile_elements()`` elements), the ``N 
 lists, ``V`` (twice, rows and columns), one dense row buffer per thread and the returned
 matrix (W-jaccard: peak 1.05-1.09x the returned bytes). Results do not depend on the thread
 count, nor on the tile limit beyond what the reference's own GEMM chunks do (both chunk the
-same way). The pair-list pass does about three times the sums of one triangle (counting,
-then full rows) in exchange for holding no pair list.
+same way). Past the kept-pairs budget the Jaccard pass does three times the sums of one
+triangle (counting, then full rows) in exchange for holding no pair list.
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ from . import _core
 _TILE_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}   # 2: tile holds distances
 _PAIR_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}
 _WEIGHTINGS = {"spcl": 0, "zhong": 1}
+# Upper-triangle pairs the Jaccard counting pass may keep for the writing pass (None: the
+# kernel's default, max(2^22, 8 nnz(V)); 0 forces the full-row recomputation, for tests).
+KEPT_PAIRS_BUDGET: int | None = None
 
 
 def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +126,8 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
     del ranks, farthest, norms
     crow, cols, values = _core.kernel("rerank_jaccard")(
         crow.ctypes.data, cols.ctypes.data, values.ctypes.data, _core.is_double(x), num_rows,
-        max_distance is not None, 0.0 if max_distance is None else float(max_distance))
+        max_distance is not None, 0.0 if max_distance is None else float(max_distance),
+        -1 if KEPT_PAIRS_BUDGET is None else KEPT_PAIRS_BUDGET)
     return _csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values), num_rows)
 
 
