@@ -24,7 +24,8 @@ instructions, and its integer result is exact for the quantised rows. Screening 
 "Exact" means: the reference's distances (``fastassoc.kernels.reference._tiles``: the
 fixed-order inner product of ``screen_dot``, a function of the two rows only), so indices,
 ties (by the smaller index) and values equal the reference's bit for bit. The float32 paths
-use the same machinery with :class:`FRows` bounds (``knn.refine_lists``). Screening is used where it pays (``mode()``): float32 inputs, finite
+use the same machinery with :class:`FRows` bounds (``knn.refine_lists``).
+Screening is used where it pays (``mode()``): float32 inputs, finite
 values, dimension >= 32, enough columns per row that the GEMM dominates the rescoring.
 ``FASTASSOC_CPU_SCREEN=off|auto|always`` (or :func:`forced`) chooses; tests run both paths.
 ``evaluate_ranking`` screens with int8 only under ``always`` (its error band is too wide to
@@ -249,8 +250,12 @@ class FRows:
     dtype = torch.float32
     FLOAT_ACCUMULATION = True
 
-    def __init__(self, x: torch.Tensor):
-        self.norm = x.norm(dim=1).double() * (1 + 1e-6)
+    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor | None = None):
+        # From the squared norms when the caller has them (Euclidean), widened by their rounding.
+        if sq_norms is not None:
+            self.norm = sq_norms.double().sqrt() * (1 + (x.shape[1] + 2) * 2.0 ** -23)
+        else:
+            self.norm = x.norm(dim=1).double() * (1 + 1e-6)
         self.norm_hat = self.norm
         self.err = torch.zeros_like(self.norm)
         self.shape = tuple(x.shape)

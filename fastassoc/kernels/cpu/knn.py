@@ -293,8 +293,9 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
     sort_lists(exact, candidates)
     values.copy_(exact[:, :k])
     indices.copy_(torch.where(torch.isinf(exact[:, :k]), -1, candidates[:, :k]))
-    lower = _screen.lower_outside(_screen.FRows(rows), _screen.FRows(cols), metric, approx_values[:, -1],
-                                  row_norms, col_norms)
+    row_bounds = _screen.FRows(rows, row_norms)
+    col_bounds = row_bounds if cols is rows else _screen.FRows(cols, col_norms)
+    lower = _screen.lower_outside(row_bounds, col_bounds, metric, approx_values[:, -1], row_norms, col_norms)
     uncertain = torch.nonzero(~_screen.certify(approx_values, exact[:, k - 1], lower, available)).flatten()
     if uncertain.numel() and allowed is None and approx_values.shape[1] < k + _screen.SLACK:
         # Wider lists for these rows from a float32 GEMM of them alone, then exact rows.
