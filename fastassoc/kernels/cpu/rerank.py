@@ -59,14 +59,16 @@ _WEIGHTINGS = {"spcl": 0, "zhong": 1}
 KEPT_PAIRS_BUDGET: int | None = None
 
 
-def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_lists(x: torch.Tensor, width: int, metric: str, farthest_too: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every row's ``width`` nearest rows ([N, width] int64, itself included at distance 0)
-    and its largest distance ([N], compute dtype), exactly as the reference's lists."""
+    and, when ``farthest_too``, its largest distance ([N], compute dtype; else None), exactly
+    as the reference's lists."""
     num_rows = x.shape[0]
     # The reference's (x * x).sum(1), in row chunks (no N x D temporary; the same bits).
     norms = _core.squared_norms(x, "sqeuclidean") if metric != "cosine" else None
     ranks = torch.empty((num_rows, width), dtype=torch.int64)
-    farthest = torch.empty(num_rows, dtype=x.dtype)
+    farthest = torch.empty(num_rows, dtype=x.dtype) if farthest_too else None
     step = max(1, _backend.tile_elements() // max(num_rows, 1))
     update = _core.kernel("rerank_tile_lists")
     tile_buffer = None
@@ -86,7 +88,7 @@ def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tens
             row_norms = _core.squared_norms(q, metric)
         update(_core.ptr(tile), _core.is_double(x), stop - start, num_rows, _TILE_METRICS[metric],
                _core.ptr(row_norms), _core.ptr(norms) if metric == "sqeuclidean" else 0, start, width,
-               _core.ptr(ranks[start:stop]), _core.ptr(farthest[start:stop]))
+               _core.ptr(ranks[start:stop]), _core.ptr(farthest[start:stop]) if farthest_too else 0)
     if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= num_rows):
         # Only non-finite distances (squared norms that overflow the compute dtype) get here.
         raise ValueError("features: distances overflow the compute dtype (squared norms are not finite); "
@@ -117,7 +119,8 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
     x = _core.prepare(features, metric)
     width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
     half = min(round(k1 / 2) + 1, width)
-    ranks, farthest = _nearest_lists(x, width, metric)
+    # Only Zhong's weights read the farthest distance.
+    ranks, farthest = _nearest_lists(x, width, metric, farthest_too=weighting == "zhong")
     norms = _core.squared_norms(x, "sqeuclidean") if metric != "cosine" and weighting == "zhong" else None
     crow, cols, values = _core.kernel("rerank_encode")(
         _core.ptr(ranks), num_rows, width, half, 0 if k2 == 1 else min(k2, width), _core.ptr(x),
