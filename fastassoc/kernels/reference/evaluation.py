@@ -73,17 +73,10 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
             _rescore_near_matches(distances, query[start:stop], gallery, ranking, query_sq_norms[start:stop],
                                   gallery_sq_norms, query_pids[start:stop], gallery_pids, query_cameras[start:stop],
                                   gallery_cameras)
-            order = torch.argsort(distances, dim=1, stable=True)
+            order = torch.argsort(distances, dim=1, stable=True)  # ties by gallery index
             del distances
-            ranked_pids = gallery_pids[order]
-            same_pid = ranked_pids == query_pids[start:stop, None]
-            junk = same_pid & (gallery_cameras[order] == query_cameras[start:stop, None])
-            junk |= ranked_pids == -1
-            del order, ranked_pids
-            keep = ~junk
-            matches = same_pid & keep
-            kept_rank = keep.cumsum(1)  # 1-based rank among kept entries
-            scores.add(matches, kept_rank, start, stop)
+            scores.add_order(order, query_pids[start:stop], gallery_pids, query_cameras[start:stop],
+                             gallery_cameras, start, stop)
     return scores.result(num_gallery)
 
 
@@ -136,6 +129,21 @@ class RankingScores:
         """Score query rows ``start:stop`` (see :func:`score_ranked_matches`)."""
         score_ranked_matches(matches, ranks, start, stop, self.max_rank, self.first_match_counts,
                              self.average_precision, self.inverse_negative_penalty, self.num_valid)
+
+    def add_order(self, order: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
+                  query_cameras: torch.Tensor, gallery_cameras: torch.Tensor, start: int, stop: int) -> None:
+        """Score query rows ``start:stop`` from their gallery order [stop - start, G].
+
+        Drops junk (gallery entries with the query's identity and camera, and identity
+        -1) before ranking; ``query_pids`` / ``query_cameras`` are the tile's rows.
+        """
+        ranked_pids = gallery_pids[order]
+        same_pid = ranked_pids == query_pids[:, None]
+        junk = same_pid & (gallery_cameras[order] == query_cameras[:, None])
+        junk |= ranked_pids == -1
+        del order, ranked_pids
+        keep = ~junk
+        self.add(same_pid & keep, keep.cumsum(1), start, stop)  # cumsum: 1-based rank among kept entries
 
     def result(self, num_gallery: int) -> RankingResult:
         """The RankingResult (see :func:`ranking_result`)."""

@@ -459,13 +459,8 @@ def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, quer
         del jaccard, original
         order = torch.argsort(final, dim=1, stable=True)
         del final
-        ranked_pids = gallery_pids[order]
-        same_pid = ranked_pids == query_pids[start:stop, None]
-        junk = same_pid & (gallery_cameras[order] == query_cameras[start:stop, None])
-        junk |= ranked_pids == -1
-        del order, ranked_pids
-        keep = ~junk
-        scores.add(same_pid & keep, keep.cumsum(1), start, stop)
+        scores.add_order(order, query_pids[start:stop], gallery_pids, query_cameras[start:stop],
+                         gallery_cameras, start, stop)
     return scores.result(num_gallery)
 
 
