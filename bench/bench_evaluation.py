@@ -46,9 +46,10 @@ from fastassoc.kernels.cpu._core import release_scratch
 
 METRIC, MAX_RANK = "sqeuclidean", 50
 PROVIDERS = ("reference", "cpu", "cpu-int8", "torchreid")
-# cpu-int8 ranks exactly rounded distances, the reference float32 GEMM values: a negative
-# and a true match closer than the GEMM's rounding may swap (module docstring).
-ROUNDING_SWAP_TOLERANCE = {"cpu-int8": 1e-5}
+# Every fastassoc path ranks true matches by the exact pair distance (a function of the two
+# rows); torchreid ranks its float32 GEMM values, so a negative and a true match closer than
+# that GEMM's rounding may swap.
+ROUNDING_SWAP_TOLERANCE = {"torchreid": 1e-5}
 
 
 # ----------------------------------------------------------------------------- peer
