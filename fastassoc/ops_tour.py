@@ -69,7 +69,7 @@ def run(seed: int = 0, num_ids: int = 300, per_id: int = 4, dim: int = 256, came
     weight = torch.randn(n, dim, generator=generator) * 0.05
     targets_sorted = fastassoc.knn_soft_labels(x_sorted, cams_sorted, 4, backend="reference")
     show("segmented_cross_entropy", lambda b: fastassoc.segmented_cross_entropy(
-        x_sorted[:64], weight, torch.sparse_csr_tensor(*_first_rows(targets_sorted, 64), size=(64, n)),
+        x_sorted[:64], weight, fastassoc.csr_rows(targets_sorted, torch.arange(64)),
         class_offsets=offsets, scale=1.0, backend=b),
         lambda loss: f"loss {float(loss):.4f} over 64 rows, {cameras} class segments")
     query = torch.arange(0, n, 5)
@@ -78,9 +78,3 @@ def run(seed: int = 0, num_ids: int = 300, per_id: int = 4, dim: int = 256, came
     show("evaluate_ranking", lambda b: fastassoc.evaluate_ranking(
         x[query], x[gallery_mask], pids[query], pids[gallery_mask], cams[query], cams[gallery_mask], backend=b),
         lambda r: f"rank-1 {100 * r.rank1:.1f}%  mAP {100 * r.mAP:.1f}%  ({r.num_valid_queries} queries)")
-
-
-def _first_rows(csr: torch.Tensor, rows: int):
-    crow = csr.crow_indices()[: rows + 1]
-    end = int(crow[-1])
-    return crow, csr.col_indices()[:end], csr.values()[:end]
