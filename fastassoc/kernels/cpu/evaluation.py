@@ -109,45 +109,46 @@ def _rank_exact(queries, gallery_rows, query_norms, gallery_norms, query_pids, g
     (``_tiles.band``, a few ``D * 2^-24 |q| |g|``): the reference's ranking, whatever the
     GEMM's rounding at a pair's position. Returns how many negatives were rescored.
     """
-    num_query, num_gallery = queries.shape[0], gallery_rows.shape[0]
     ranking = "cosine" if metric == "cosine" else "sqeuclidean"
     bounds = _tiles.band(queries, gallery_rows, ranking, query_norms, gallery_norms).contiguous()
-    step = _rows_per_tile(num_query, num_gallery)
-    buffer = scratch_buffer(step * num_gallery, torch.float32)
-    distance_tile, rank_tile = core().distance_tile_f32, core().rank_tile_screened_f32
-    code = _METRIC_CODES[ranking]
-    exact_count = torch.zeros(1, dtype=torch.int64)
-    item = first_rank.element_size()
-    for start in range(0, num_query, step):
-        stop = min(start + step, num_query)
-        tile = buffer[: (stop - start) * num_gallery].view(stop - start, num_gallery)
-        torch.mm(queries[start:stop], gallery_rows.T, out=tile)
-        distance_tile(ptr(tile), stop - start, num_gallery, code,
-                      ptr(query_norms) + start * 4 if query_norms is not None else 0, ptr(gallery_norms))
-        rank_tile(ptr(tile), stop - start, num_gallery, ptr(query_pids) + start * item, ptr(gallery_pids),
-                  ptr(query_cameras) + start * item, ptr(gallery_cameras), ptr(bounds) + start * 8,
-                  ptr(queries) + start * queries.shape[1] * 4, ptr(gallery_rows), queries.shape[1], code,
-                  ptr(query_norms) + start * 4 if query_norms is not None else 0, ptr(gallery_norms),
-                  ptr(first_rank) + start * item, ptr(ap) + start * 8, ptr(inp) + start * 8, ptr(exact_count))
-    return int(exact_count)
+    step = _rows_per_tile(queries.shape[0], gallery_rows.shape[0])
+    buffer = scratch_buffer(step * gallery_rows.shape[0], torch.float32)
+
+    def gemm_tile(start, stop):
+        tile = buffer[: (stop - start) * gallery_rows.shape[0]].view(stop - start, gallery_rows.shape[0])
+        return torch.mm(queries[start:stop], gallery_rows.T, out=tile)
+
+    return _rank_tiles(gemm_tile, step, bounds, queries, gallery_rows, query_norms, gallery_norms, query_pids,
+                       gallery_pids, query_cameras, gallery_cameras, ranking, first_rank, ap, inp)
 
 
 def _rank_screened(queries, gallery_rows, quantized_query, quantized_gallery, query_norms, gallery_norms, query_pids,
                    gallery_pids, query_cameras, gallery_cameras, metric, first_rank, ap, inp) -> int:
     """Per-query statistics from int8-screened tiles (:mod:`._screen`); returns how many
     negatives needed an exact distance (their error band held a true match)."""
-    num_query, num_gallery = queries.shape[0], gallery_rows.shape[0]
     ranking = "cosine" if metric == "cosine" else "sqeuclidean"   # sqrt is monotone: rank squared
     bounds = _screen.row_bounds(quantized_query, quantized_gallery, ranking, query_norms, gallery_norms)
-    step = _rows_per_tile(num_query, num_gallery)
-    tiles = DotTiles(step * num_gallery, torch.float32)
+    step = _rows_per_tile(queries.shape[0], gallery_rows.shape[0])
+    tiles = DotTiles(step * gallery_rows.shape[0], torch.float32)
+    return _rank_tiles(lambda start, stop: tiles.mm(quantized_query[start:stop], quantized_gallery), step, bounds,
+                       queries, gallery_rows, query_norms, gallery_norms, query_pids, gallery_pids, query_cameras,
+                       gallery_cameras, ranking, first_rank, ap, inp)
+
+
+def _rank_tiles(approximate_dots, step, bounds, queries, gallery_rows, query_norms, gallery_norms, query_pids,
+                gallery_pids, query_cameras, gallery_cameras, ranking, first_rank, ap, inp) -> int:
+    """Rank query rows in tiles of ``step``: ``approximate_dots(start, stop)`` gives a tile's
+    approximate inner products, turned into distances in place and ranked with the exact
+    rescoring of ``rank_tile_screened_f32`` within ``bounds``; returns how many negatives
+    needed an exact distance."""
+    num_query, num_gallery = queries.shape[0], gallery_rows.shape[0]
     distance_tile, rank_tile = core().distance_tile_f32, core().rank_tile_screened_f32
     code = _METRIC_CODES[ranking]
     exact_count = torch.zeros(1, dtype=torch.int64)
     item = first_rank.element_size()
     for start in range(0, num_query, step):
         stop = min(start + step, num_query)
-        tile = tiles.mm(quantized_query[start:stop], quantized_gallery)
+        tile = approximate_dots(start, stop)
         distance_tile(ptr(tile), stop - start, num_gallery, code,
                       ptr(query_norms) + start * 4 if query_norms is not None else 0, ptr(gallery_norms))
         rank_tile(ptr(tile), stop - start, num_gallery, ptr(query_pids) + start * item, ptr(gallery_pids),
