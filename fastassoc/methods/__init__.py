@@ -1,6 +1,6 @@
 """Trainers of the five methods (DAL, UTAL, UGA, EEA, TSSL) built on fastassoc ops.
 
-``get_trainer(name)`` returns a method's :class:`~fastassoc.methods.base.Trainer` subclass
+``get_trainer(name)`` returns a method's :class:`~fastassoc.methods.trainer.Trainer` subclass
 (imported on first use); ``METHODS`` lists the registered names.
 
 >>> from fastassoc.methods import get_trainer
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 
-from .base import (BASE_PRESETS, PRESET_NAMES, CameraLayout, ReidModel, SmallReidNet, Trainer, TrainConfig,
-                   build_backbone, cluster_diagnostics, graph_diagnostics, pair_diagnostics,
-                   soft_label_diagnostics)
+from ..segments import CameraLayout
+from .backbones import ReidModel, SmallReidNet, build_backbone
+from .config import BASE_PRESETS, PRESET_NAMES, TrainConfig
+from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
+from .trainer import Trainer
 
 # name -> (module, class); modules are imported lazily so one broken method does not hide the others.
 _REGISTRY: dict[str, tuple[str, str]] = {

@@ -1,0 +1,603 @@
+"""The trainer loop (:class:`Trainer`) shared by DAL, UTAL, UGA, EEA and TSSL.
+
+A method is a :class:`Trainer` subclass with a config dataclass (a :class:`TrainConfig`
+subclass holding the method's hyper-parameters with the paper's defaults), presets, and a few
+hooks; the base class owns everything else:
+
+- data: the synthetic world or a dataset on disk (:mod:`fastassoc.data`), the camera layout of
+  the training tracklets (:class:`fastassoc.segments.CameraLayout`: camera-sorted rows, the segments every
+  per-camera op takes), camera-balanced batches of ``frames_per_tracklet`` frames;
+- model: a torchvision ResNet-50 / MobileNetV2 (ImageNet weights only from a local file,
+  ``weights=PATH``, never downloaded) or :class:`SmallReidNet` for CPU runs, followed by the
+  method's own layers (:meth:`Trainer.build_model`) and trainable heads (:meth:`Trainer.build_heads`);
+- optimisation: SGD / Adam / RMSprop, a per-epoch step / multi-step / exponential schedule;
+- the epoch loop: tqdm bars per epoch and per association step (:meth:`Trainer.association`),
+  one log line per epoch, per-epoch loss means and association diagnostics;
+- evaluation: tracklet features pooled over frames (mean, or max for DAL), optionally
+  L2-normalised, ranked with :func:`fastassoc.evaluate_ranking`; the untrained network is
+  evaluated on the same split first (``baseline_rank1`` / ``baseline_mAP``);
+- outputs in ``out_dir``: ``report.json``, ``losses.png``, ``diagnostics.png``, ``cmc.png``,
+  and ``checkpoint.pt`` written atomically after every epoch (model, heads, optimiser,
+  scheduler, method state, history, RNG states of torch / NumPy / Python, the sampler's epoch).
+  ``Trainer.resume(out_dir)`` continues a run to the same result as an uninterrupted one.
+
+Writing a method
+----------------
+::
+
+    @dataclass
+    class MyConfig(TrainConfig):
+        margin: float = 0.2
+
+    class MyTrainer(Trainer):
+        name = "mine"
+        Config = MyConfig
+        PRESETS = {"smoke": {...}, "demo": {...}, "paper": {...}}   # overrides of BASE_PRESETS
+
+        def setup(self):                     # after model + data, before epoch 0 (not on resume)
+            self.memory = self.train_features()       # [T, D], rows in self.train order
+        def on_epoch_start(self, epoch):     # association steps (graphs, soft labels, clusters)
+            ...
+        def train_step(self, frames, index, cameras, epoch):   # -> {"loss": scalar, ...}
+            feats = self.frame_features(frames)                  # [B, n, D]
+            ...
+        def on_epoch_end(self, epoch):       # -> dict of diagnostics (floats)
+            return self.pair_diagnostics(ia, ib)
+        def method_state(self):              # tensors / python objects to checkpoint
+            return {"memory": self.memory}
+        def load_method_state(self, state):
+            self.memory = state["memory"]
+
+Every association step goes through the fastassoc ops with ``backend=self.backend``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .. import data as fdata
+from .. import evaluate_ranking
+from ..segments import CameraLayout
+from .backbones import ReidModel, build_backbone
+from .checkpoint import atomic_save, atomic_write_text, rng_state, seed_everything, set_rng_state, to_device
+from .config import OPTIMIZERS, SCHEDULERS, TrainConfig, jsonable, resolve_config
+from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
+from .plots import plot_run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(config: TrainConfig) -> fdata.TrackletDataset:
+    """The dataset a config names (the synthetic world is rebuilt deterministically)."""
+    options = dict(config.data_options)
+    if config.data == "synthetic":
+        options.setdefault("image_size", tuple(config.image_size))
+        return fdata.SyntheticTracklets(**options)
+    if not config.root:
+        raise ValueError(f"dataset {config.data!r} needs root= (the folder holding it)")
+    return fdata.load_dataset(config.data, config.root, **options)
+
+
+class Trainer:
+    """Base trainer; see the module docstring for the hooks a method overrides.
+
+    Parameters
+    ----------
+    config : TrainConfig (the method's Config subclass)
+    out_dir : path, optional
+        Where report, plots and checkpoint go (nothing is written without it).
+    dataset : TrackletDataset, optional
+        Use this dataset instead of building the one ``config`` names (tests; it must be the
+        same one when resuming).
+    log : callable str -> None
+        Receives the per-epoch log lines (``print`` by default, through tqdm.write).
+
+    Attributes set by :meth:`prepare`
+    -----------------------------------
+    dataset, train (tuple of Tracklet), layout (CameraLayout on ``device``), train_pids /
+    train_cameras (Tensor [T] on ``device``; pids are ground truth, diagnostics only),
+    model (ReidModel), heads (nn.Module or None), optimizer, scheduler, loader, sampler,
+    device, backend, history (list of per-epoch dicts), baseline (dict or None).
+    """
+
+    name = "base"
+    Config = TrainConfig
+    PRESETS: dict[str, dict] = {}
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, *,
+                 dataset: fdata.TrackletDataset | None = None, log: Callable[[str], None] | None = None):
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._given_dataset = dataset
+        self._log = log
+        self.backend = config.backend
+        self.device = resolve_device(config.device)
+        self.history: list[dict] = []
+        self.baseline: dict | None = None
+        self.baseline_diagnostics: dict = {}
+        self.final: dict | None = None
+        self.start_epoch = 0
+        self.prepared = False
+        self._assoc_times: dict[str, float] = {}
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def make_config(cls, preset: str = "smoke", **overrides) -> TrainConfig:
+        """The method's config for ``preset`` (``smoke`` | ``demo`` | ``paper``), then ``overrides``.
+
+        ``data_options`` overrides are merged key by key into the preset's
+        (:func:`~fastassoc.methods.config.resolve_config`).
+        """
+        return resolve_config(cls.Config, cls.name, cls.PRESETS, preset, overrides)
+
+    def prepare(self) -> None:
+        """Seed, build data, model, heads, optimiser, scheduler and loader (idempotent)."""
+        if self.prepared:
+            return
+        config = self.config
+        seed_everything(config.seed)
+        self.dataset = self._given_dataset if self._given_dataset is not None else load_data(config)
+        self.train = tuple(self.dataset.train)
+        if not self.train:
+            raise ValueError("the dataset has no training tracklets")
+        pids, cameras = fdata.tracklet_labels(self.train)
+        self.num_cameras = int(cameras.max()) + 1
+        self.layout = CameraLayout.from_cameras(cameras, self.num_cameras).to(self.device)
+        self.train_pids = pids.to(self.device)
+        self.train_cameras = cameras.to(self.device)
+        self.model = self.build_model().to(self.device)
+        heads = self.build_heads()
+        self.heads = heads.to(self.device) if heads is not None else None
+        self.optimizer = self.build_optimizer()
+        self.scheduler = self.build_scheduler(self.optimizer)
+        self.loader = self.build_loader()
+        self.sampler = self.loader.batch_sampler
+        self.prepared = True
+
+    def build_backbone(self) -> nn.Module:
+        c = self.config
+        return build_backbone(c.backbone, weights=c.weights, small_width=c.small_width)
+
+    def build_model(self) -> nn.Module:
+        """The embedding network; ``forward(frames [b, 3, H, W]) -> [b, D]`` is the test feature.
+        Default: the backbone alone. Override to add layers (keep ``out_dim``)."""
+        return ReidModel(self.build_backbone())
+
+    def build_heads(self) -> nn.Module | None:
+        """Trainable parameters outside the test network (classifiers, learnable memories)."""
+        return None
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser parameter groups: backbone at ``lr * backbone_lr_mult``, the rest at ``lr``."""
+        c = self.config
+        backbone = list(self.model.backbone.parameters()) if hasattr(self.model, "backbone") else []
+        ids = {id(p) for p in backbone}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        if self.heads is not None:
+            rest += list(self.heads.parameters())
+        groups = []
+        if backbone:
+            groups.append({"params": backbone, "lr": c.lr * c.backbone_lr_mult})
+        if rest:
+            groups.append({"params": rest, "lr": c.lr})
+        return groups
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        groups = self.parameter_groups()
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
+        if c.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "rmsprop":
+            return torch.optim.RMSprop(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, eps=1.0)
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+
+    def build_scheduler(self, optimizer):
+        c = self.config
+        if c.scheduler == "none":
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+        if c.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, c.step_size, c.gamma)
+        if c.scheduler == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(c.milestones), c.gamma)
+        if c.scheduler == "exponential":
+            return torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gamma)
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {c.scheduler!r}")
+
+    def train_transform(self):
+        c = self.config
+        h, w = c.image_size
+        transform = fdata.train_transform(h, w, erasing=c.train_erasing)
+        colour = []
+        if c.train_colour_jitter > 0:
+            from torchvision import transforms as T
+
+            j = c.train_colour_jitter
+            colour.append(T.ColorJitter(j, j, j, min(j / 4, 0.5)))
+        if c.train_grayscale > 0:
+            from torchvision import transforms as T
+
+            colour.append(T.RandomGrayscale(c.train_grayscale))
+        if colour:
+            from torchvision import transforms as T
+
+            return T.Compose([*colour, transform])
+        return transform
+
+    def test_transform(self):
+        h, w = self.config.image_size
+        # The data layer names it eval_transform (test_transform in early versions).
+        make = getattr(fdata, "eval_transform", None) or getattr(fdata, "test_transform")
+        return make(h, w)
+
+    def build_loader(self) -> torch.utils.data.DataLoader:
+        """Camera-balanced batches ``(frames [B, n, 3, H, W], tracklet index [B], camera [B])``.
+
+        Override for other batches; the loader's ``batch_sampler`` must have ``set_epoch``.
+        """
+        c = self.config
+        return fdata.train_loader(self.train, self.dataset.load_frame, tracklets_per_camera=c.tracklets_per_camera,
+                                  frames_per_tracklet=c.frames_per_tracklet, transform=self.train_transform(),
+                                  num_batches=c.batches_per_epoch, num_workers=c.num_workers, seed=c.seed,
+                                  pin_memory=self.device.type == "cuda")
+
+    # ---- hooks -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Initialise method state (memories, anchors, labels) before epoch 0. Not called on resume."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Association steps run before epoch ``epoch`` (0-based)."""
+
+    def train_step(self, frames: torch.Tensor, index: torch.Tensor, cameras: torch.Tensor,
+                   epoch: int) -> dict[str, torch.Tensor]:
+        """One batch: return the losses; ``"loss"`` (scalar) is back-propagated by the base."""
+        raise NotImplementedError
+
+    def after_step(self, frames: torch.Tensor, index: torch.Tensor, cameras: torch.Tensor, epoch: int) -> None:
+        """Called after the optimiser step (e.g. memory updates that must see the new weights)."""
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """Association steps after epoch ``epoch``; return diagnostics (floats, ints)."""
+        return {}
+
+    def initial_diagnostics(self) -> dict[str, float]:
+        """Diagnostics of the state :meth:`setup` built from the untrained network (the
+        association baseline, ``baseline_diagnostics`` in the report). Default: none."""
+        return {}
+
+    def method_state(self) -> dict:
+        """Method state for the checkpoint (tensors, numbers, lists, dicts)."""
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        """Restore :meth:`method_state`."""
+
+    # ---- helpers for methods -------------------------------------------------------------------
+
+    def frame_features(self, frames: torch.Tensor, model: Callable | None = None) -> torch.Tensor:
+        """Run the model on a batch of tracklet frames: [B, n, 3, H, W] -> [B, n, D]."""
+        model = model or self.model
+        batch, count = frames.shape[:2]
+        out = model(frames.reshape(batch * count, *frames.shape[2:]))
+        return out.reshape(batch, count, -1)
+
+    def train_features(self, pooling: str = "mean", *, normalize: bool = False, desc: str = "train features",
+                       model: Callable | None = None) -> torch.Tensor:
+        """Features of every training tracklet (test transform), [T, D] float32 on ``device``,
+        rows in ``self.train`` order."""
+        c = self.config
+        feats = fdata.extract_features(model or self.model, self.train, self.dataset.load_frame,
+                                       transform=self.test_transform(), pooling=pooling,
+                                       max_frames=c.eval_max_frames, batch_size=c.eval_batch_size,
+                                       device=self.device, progress=c.progress, desc=desc)
+        feats = feats.to(self.device)
+        return nn.functional.normalize(feats, dim=1) if normalize else feats
+
+    @contextlib.contextmanager
+    def association(self, desc: str, total: int | None = None) -> Iterator[Any]:
+        """Progress bar and timing of one association step: ``with self.association("graph") as bar:``.
+
+        ``bar.update(n)`` advances it when ``total`` is given; the step's seconds are added to
+        the epoch record under ``time_<desc>``.
+        """
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        with tqdm(total=total if total is not None else 1, desc=f"  {desc}", leave=False,
+                  disable=not self.config.progress) as bar:
+            yield bar
+            if total is None:
+                bar.update(1)
+        key = "time_" + "".join(ch if ch.isalnum() else "_" for ch in desc.lower()).strip("_")
+        self._assoc_times[key] = self._assoc_times.get(key, 0.0) + time.perf_counter() - start
+
+    def pair_diagnostics(self, ia: torch.Tensor, ib: torch.Tensor, prefix: str = "pairs") -> dict:
+        """:func:`pair_diagnostics` against the training tracklets' ground truth (tracklet indices)."""
+        return pair_diagnostics(ia, ib, self.train_pids, prefix)
+
+    def graph_diagnostics(self, graph: torch.Tensor, prefix: str = "pairs", cross_camera: bool = True) -> dict:
+        """:func:`graph_diagnostics` of a [T, T] graph over tracklets in ``self.train`` order."""
+        return graph_diagnostics(graph, self.train_pids, self.train_cameras if cross_camera else None, prefix)
+
+    def soft_label_diagnostics(self, soft: torch.Tensor) -> dict:
+        """:func:`soft_label_diagnostics` of [T, T] soft labels over tracklets in ``self.train`` order."""
+        return soft_label_diagnostics(soft, self.train_pids, self.train_cameras)
+
+    def cluster_diagnostics(self, labels: torch.Tensor) -> dict:
+        """:func:`cluster_diagnostics` of cluster labels [T] in ``self.train`` order."""
+        return cluster_diagnostics(labels, self.train_pids)
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return bool((self.train_pids >= 0).any())
+
+    def log(self, line: str) -> None:
+        if self._log is not None:
+            self._log(line)
+            return
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+
+    def calibrate_batchnorm(self, batches: int) -> None:
+        """Re-estimate every BatchNorm's running statistics from ``batches`` training batches
+        (cumulative average, no gradient, no parameter change)."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or batches <= 0:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        self.model.train()
+        with torch.no_grad(), self.association("batchnorm warm-up", total=batches) as bar:
+            for step, (frames, _, _) in enumerate(self.loader):
+                if step >= batches:
+                    break
+                self.frame_features(frames.to(self.device))
+                bar.update(1)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, model: Callable | None = None, desc: str = "eval") -> dict:
+        """Rank the gallery for every query with pooled tracklet features.
+
+        Returns
+        -------
+        dict
+            ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP``, ``cmc`` (list, 50 ranks),
+            ``num_valid_queries``.
+        """
+        self.prepare()
+        c = self.config
+        model = model or self.model
+        feats = {}
+        for split in ("query", "gallery"):
+            feats[split] = fdata.extract_features(
+                model, self.dataset.split(split), self.dataset.load_frame, transform=self.test_transform(),
+                pooling=c.eval_pooling, max_frames=c.eval_max_frames, batch_size=c.eval_batch_size,
+                device=self.device, progress=c.progress, desc=f"{desc} {split}")
+            if c.eval_normalize:
+                feats[split] = nn.functional.normalize(feats[split], dim=1)
+        qp, qc = fdata.tracklet_labels(self.dataset.query)
+        gp, gc = fdata.tracklet_labels(self.dataset.gallery)
+        result = evaluate_ranking(feats["query"], feats["gallery"], qp, gp, qc, gc, metric=c.eval_metric,
+                                  max_rank=50, backend=self.backend)
+        cmc = result.cmc.tolist()
+        return {"rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
+                "mAP": float(result.mAP), "mINP": float(result.mINP), "cmc": cmc,
+                "num_valid_queries": int(result.num_valid_queries)}
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def fit(self, stop_after: int | None = None) -> dict | None:
+        """Train (from scratch, or on from a loaded checkpoint), evaluate, write outputs.
+
+        Parameters
+        ----------
+        stop_after : int, optional
+            Stop once this many epochs are done, without the final evaluation, as if the run
+            had been interrupted (the checkpoint is written); :meth:`resume` continues it.
+
+        Returns
+        -------
+        dict or None
+            The report (also ``out_dir/report.json``); None when stopped early.
+        """
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.prepare()
+        started = time.perf_counter()
+        self._assoc_times = {}
+        if self.start_epoch == 0 and not self.history:
+            if c.bn_warmup_batches:
+                self.calibrate_batchnorm(c.bn_warmup_batches)
+            if c.baseline:
+                self.baseline = self.evaluate(desc="baseline")
+                self.log(f"[{self.name}] untrained network: rank-1 {100 * self.baseline['rank1']:.1f}  "
+                         f"mAP {100 * self.baseline['mAP']:.1f}")
+            self.setup()
+            self.baseline_diagnostics = self.initial_diagnostics() or {}
+            self._setup_times = dict(self._assoc_times)
+        epochs = tqdm(range(self.start_epoch, c.epochs), desc=f"{self.name} epochs", initial=self.start_epoch,
+                      total=c.epochs, disable=not c.progress)
+        for epoch in epochs:
+            record = self.run_epoch(epoch)
+            self.history.append(record)
+            self.log(self.format_record(record))
+            self.start_epoch = epoch + 1
+            if c.checkpoint and self.out_dir is not None:
+                self.save_checkpoint()
+            if stop_after is not None and self.start_epoch >= stop_after and self.start_epoch < c.epochs:
+                epochs.close()
+                return None
+        epochs.close()
+        self.final = self.evaluate(desc="final")
+        report = self.report(time.perf_counter() - started)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(jsonable(report), indent=2), self.out_dir / "report.json")
+            if c.plots:
+                self.plot()
+        base = f"baseline rank-1 {100 * self.baseline['rank1']:.1f} mAP {100 * self.baseline['mAP']:.1f} -> " \
+            if self.baseline else ""
+        self.log(f"[{self.name}] {base}final rank-1 {100 * self.final['rank1']:.1f} mAP {100 * self.final['mAP']:.1f}")
+        return report
+
+    def run_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self._assoc_times = {}
+        start = time.perf_counter()
+        self.model.train()
+        if self.heads is not None:
+            self.heads.train()
+        self.on_epoch_start(epoch)
+        self.sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        steps = 0
+        bar = tqdm(self.loader, desc=f"  epoch {epoch + 1}/{c.epochs}", leave=False, disable=not c.progress)
+        for frames, index, cameras in bar:
+            frames = frames.to(self.device, non_blocking=True)
+            index = index.to(self.device)
+            cameras = cameras.to(self.device)
+            losses = self.train_step(frames, index, cameras, epoch)
+            loss = losses["loss"]
+            self.optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+                self.optimizer.step()
+            self.after_step(frames, index, cameras, epoch)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach() if isinstance(value, torch.Tensor) else value)
+            steps += 1
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.close()
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.scheduler.step()
+        self.model.eval()
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "steps": steps}
+        record.update({key: value / max(steps, 1) for key, value in sums.items()})
+        diagnostics = self.on_epoch_end(epoch) or {}
+        record.update(diagnostics)
+        if c.eval_every and (epoch + 1) % c.eval_every == 0 and epoch + 1 < c.epochs:
+            result = self.evaluate(desc=f"eval {epoch + 1}")
+            record.update(rank1=result["rank1"], mAP=result["mAP"])
+        record.update(self._assoc_times)
+        record["time"] = time.perf_counter() - start
+        return record
+
+    def format_record(self, record: dict) -> str:
+        parts = [f"[{self.name}] epoch {record['epoch']}/{self.config.epochs}"]
+        for key, value in record.items():
+            if key in ("epoch", "steps") or key.startswith("time_"):
+                continue
+            if isinstance(value, float):
+                parts.append(f"{key} {value:.4g}")
+            elif isinstance(value, int):
+                parts.append(f"{key} {value}")
+        return "  ".join(parts)
+
+    def report(self, seconds: float | None = None) -> dict:
+        report = {
+            "method": self.name, "config": self.config.to_dict(), "device": str(self.device),
+            "dataset": {"name": self.dataset.name, "train": len(self.dataset.train), "query": len(self.dataset.query),
+                        "gallery": len(self.dataset.gallery), "num_cameras": self.dataset.num_cameras,
+                        "num_train_pids": self.dataset.num_train_pids},
+            "history": self.history, "setup_times": getattr(self, "_setup_times", {}),
+            "baseline_diagnostics": self.baseline_diagnostics,
+        }
+        if self.final is not None:
+            report.update({k: v for k, v in self.final.items()})
+        if self.baseline is not None:
+            report.update({f"baseline_{k}": v for k, v in self.baseline.items()})
+        if seconds is not None:
+            report["seconds"] = seconds
+        return report
+
+    # ---- plots -----------------------------------------------------------------------------------
+
+    def plot(self) -> list[Path]:
+        """Write ``losses.png``, ``diagnostics.png`` and ``cmc.png`` into ``out_dir``."""
+        return plot_run(self.out_dir, self.name, self.history, self.final, self.baseline)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.out_dir is None:
+            raise ValueError("no out_dir: nowhere to checkpoint")
+        return self.out_dir / "checkpoint.pt"
+
+    def state_dict(self) -> dict:
+        return {
+            "format": 1, "method": self.name, "config": dataclasses.asdict(self.config), "epoch": self.start_epoch,
+            "model": self.model.state_dict(), "heads": self.heads.state_dict() if self.heads is not None else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "method_state": self.method_state(), "history": self.history, "baseline": self.baseline,
+            "baseline_diagnostics": self.baseline_diagnostics,
+            "setup_times": getattr(self, "_setup_times", {}),
+            "sampler": {"epoch": getattr(self.sampler, "epoch", None), "seed": getattr(self.sampler, "seed", None)},
+            "rng": rng_state(),
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path) if path is not None else self.checkpoint_path
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prepare()
+        self.model.load_state_dict(state["model"])
+        if self.heads is not None and state.get("heads") is not None:
+            self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_method_state(to_device(state["method_state"], self.device))
+        self.history = list(state["history"])
+        self.baseline = state["baseline"]
+        self.baseline_diagnostics = state.get("baseline_diagnostics", {})
+        self._setup_times = state.get("setup_times", {})
+        self.start_epoch = int(state["epoch"])
+        if state["sampler"]["epoch"] is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(state["sampler"]["epoch"])
+        set_rng_state(state["rng"])
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                        dataset: fdata.TrackletDataset | None = None, log=None,
+                        **overrides) -> "Trainer":
+        """Rebuild a trainer from ``checkpoint.pt`` (``overrides`` change config fields such as
+        ``device`` or ``progress``, or ``epochs`` to extend a run)."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config = cls.Config(**{**state["config"], **overrides})
+        trainer = cls(config, out_dir if out_dir is not None else Path(path).parent, dataset=dataset, log=log)
+        trainer.load_state_dict(state)
+        return trainer
+
+    @classmethod
+    def resume(cls, out_dir: str | os.PathLike, **kwargs) -> "Trainer":
+        """The trainer of ``out_dir/checkpoint.pt``, ready for :meth:`fit` to continue the run."""
+        return cls.from_checkpoint(Path(out_dir) / "checkpoint.pt", out_dir, **kwargs)
+
