@@ -40,16 +40,27 @@ class RankingResult:
         return float(self.cmc[0]) if len(self.cmc) else float("nan")
 
 
-def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch.Tensor,
-                     gallery_pids: torch.Tensor, query_cameras: torch.Tensor, gallery_cameras: torch.Tensor,
-                     *, metric: str = "euclidean", max_rank: int = 50, precision: str = "highest",
-                     rerank: Mapping | None = None, backend: str = "auto") -> RankingResult:
+def evaluate_ranking(query: torch.Tensor | None = None, gallery: torch.Tensor | None = None,
+                     query_pids: torch.Tensor | None = None, gallery_pids: torch.Tensor | None = None,
+                     query_cameras: torch.Tensor | None = None, gallery_cameras: torch.Tensor | None = None,
+                     *, distances: torch.Tensor | None = None, metric: str = "euclidean", max_rank: int = 50,
+                     precision: str = "highest", rerank: Mapping | None = None,
+                     backend: str = "auto") -> RankingResult:
     r"""CMC, mAP and mINP of ranking ``gallery`` for every query (Market-1501 / MARS protocol).
 
     Gallery entries with the query's identity *and* camera, and entries with identity
     -1, are junk: removed from that query's ranking. Queries without a true match are
     skipped. Ties in distance are ranked by gallery index. Never holds the Q x G
     distance matrix beyond a bounded tile.
+
+    With ``distances`` instead of ``query`` and ``gallery`` (a precomputed Q x G matrix,
+    e.g. a re-ranked one), the gallery is ranked by its rows as given (ascending, ties by
+    gallery index) and scored with the same junk rules, in row chunks whose sort workspace
+    stays within the tile bound; ``metric`` and ``precision`` do not apply to it. Runs as
+    the custom op ``torch.ops.fastassoc.evaluate_ranking_distances``, whose implementation
+    is the reference one (pure torch, on the matrix's device) for every ``backend``;
+    ``backend`` is still checked. The features path equals it on the matrix of its ranking
+    distance (squared Euclidean for ``"euclidean"``, where the root keeps the order).
 
     With ``rerank``, the gallery is ranked by torchreid's ``re_ranking`` final distance
     (Zhong et al., CVPR 2017) over query and gallery together, as torchreid's engine computes
@@ -81,10 +92,14 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
 
     Parameters
     ----------
-    query : Tensor [Q, D], float
-    gallery : Tensor [G, D], same dtype and device
+    query : Tensor [Q, D], float (None with ``distances``)
+    gallery : Tensor [G, D], same dtype and device (None with ``distances``)
     query_pids, gallery_pids : Tensor [Q], [G], integer identities (gallery -1: junk)
     query_cameras, gallery_cameras : Tensor [Q], [G], integer cameras >= 0
+    distances : Tensor [Q, G], float, optional
+        Precomputed query-gallery distances (smaller ranks first); NaN is refused, +-inf
+        ranks last / first. Replaces ``query`` and ``gallery``; no ``rerank`` with it
+        (pass the re-ranked matrix itself).
     metric : {"euclidean", "sqeuclidean", "cosine"}
     max_rank : int >= 1
         Length of the CMC curve; ranks past the gallery size repeat the last value.
@@ -103,7 +118,28 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
     ------
     ValueError
         When no query has a true match in the gallery.
+
+    Examples
+    --------
+    >>> import torch, fastassoc
+    >>> pids, cameras = torch.tensor([0, 1]), torch.tensor([0, 0])
+    >>> gallery_pids, gallery_cameras = torch.tensor([1, 0, 0]), torch.tensor([1, 1, 0])
+    >>> distances = torch.tensor([[0.1, 0.5, 0.0], [0.2, 0.9, 0.3]])
+    >>> result = fastassoc.evaluate_ranking(query_pids=pids, gallery_pids=gallery_pids, query_cameras=cameras,
+    ...                                     gallery_cameras=gallery_cameras, distances=distances, max_rank=3)
+    >>> result.cmc.tolist(), result.mAP
+    ([0.5, 1.0, 1.0], 0.75)
     """
+    labels = {"query_pids": query_pids, "gallery_pids": gallery_pids, "query_cameras": query_cameras,
+              "gallery_cameras": gallery_cameras}
+    if distances is not None:
+        return _evaluate_distances(query, gallery, distances, labels, metric, max_rank, precision, rerank, backend)
+    if query is None or gallery is None:
+        raise TypeError("evaluate_ranking needs query and gallery features, or a precomputed Q x G matrix as "
+                        f"distances=; got {'no query' if query is None else 'no gallery'} and no distances")
+    missing = [name for name, value in labels.items() if value is None]
+    if missing:
+        raise TypeError(f"evaluate_ranking needs {', '.join(missing)}")
     query = tensor_input("query", query)
     gallery = tensor_input("gallery", gallery)
     query_pids = tensor_input("query_pids", query_pids)
@@ -122,6 +158,33 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
         cmc, scores = torch.ops.fastassoc.evaluate_ranking_reranked(
             query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank, precision,
             k1, k2, lambda_value, backend_name(backend))
+    if scores.is_meta:
+        raise ValueError("evaluate_ranking: mAP, mINP and the number of valid queries are values of the inputs, "
+                         "so they cannot be computed from meta tensors; call it on real tensors")
+    mean_ap, mean_inp, num_valid = scores.tolist()
+    return RankingResult(cmc=cmc, mAP=mean_ap, mINP=mean_inp, num_valid_queries=int(num_valid))
+
+
+def _evaluate_distances(query, gallery, distances, labels, metric, max_rank, precision, rerank,
+                        backend) -> RankingResult:
+    """The ``distances=`` entry of :func:`evaluate_ranking`: argument form checked, then the custom op."""
+    given = [name for name, value in (("query", query), ("gallery", gallery)) if value is not None]
+    if given:
+        raise ValueError(f"evaluate_ranking takes query and gallery features or distances, not both; got "
+                         f"distances and {' and '.join(given)}")
+    if rerank is not None:
+        raise ValueError("rerank needs query and gallery features; with distances=, re-rank the matrix first "
+                         "(e.g. fastassoc.jaccard_distance) and pass the re-ranked matrix")
+    missing = [name for name, value in labels.items() if value is None]
+    if missing:
+        raise TypeError(f"evaluate_ranking with distances= needs {', '.join(missing)}")
+    distances = tensor_input("distances", distances)
+    labels = {name: tensor_input(name, value) for name, value in labels.items()}
+    _checks.choice("metric", metric, _checks.METRICS)
+    max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
+    _checks.choice("precision", precision, _checks.PRECISIONS)
+    cmc, scores = torch.ops.fastassoc.evaluate_ranking_distances(distances, *labels.values(), max_rank,
+                                                                 backend_name(backend))
     if scores.is_meta:
         raise ValueError("evaluate_ranking: mAP, mINP and the number of valid queries are values of the inputs, "
                          "so they cannot be computed from meta tensors; call it on real tensors")
@@ -238,3 +301,65 @@ def _evaluate_ranking_reranked_fake(query, gallery, query_pids, gallery_pids, qu
                                     metric, max_rank, precision, k1, k2, lambda_value, backend):
     return _evaluate_ranking_fake(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
                                   max_rank, precision, backend)
+
+
+def _checked_distances(distances: Tensor) -> Tensor:
+    """A 2-D floating matrix without NaN (what ranking by it needs), returned contiguous."""
+    if distances.layout != torch.strided:
+        raise TypeError(f"distances must be a dense (strided) tensor, got layout {distances.layout}")
+    fake_distances(distances)
+    _checks.not_meta("distances", distances)
+    distances = distances.contiguous()
+    if distances.numel():
+        has_nan = torch.isnan(distances.reshape(-1)).any()
+
+        def first_nan() -> str:
+            position = tuple(torch.nonzero(torch.isnan(distances))[0].tolist())
+            return f"distances contains NaN (first at index {position}); a NaN distance has no rank"
+
+        _checks._require(~has_nan, "distances contains NaN; a NaN distance has no rank", first_nan)
+    return distances
+
+
+def fake_distances(distances: Tensor) -> None:
+    if distances.dim() != 2:
+        raise ValueError(f"distances must be a 2-D [Q, G] matrix, got shape {tuple(distances.shape)}")
+    if distances.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"distances must be float32, float16, bfloat16 or float64, got {distances.dtype}")
+
+
+@torch.library.custom_op("fastassoc::evaluate_ranking_distances", mutates_args=())
+def _evaluate_ranking_distances_op(distances: Tensor, query_pids: Tensor, gallery_pids: Tensor,
+                                   query_cameras: Tensor, gallery_cameras: Tensor, max_rank: int,
+                                   backend: str) -> tuple[Tensor, Tensor]:
+    from ..kernels.reference.evaluation import evaluate_distances_reference
+
+    distances = _checked_distances(distances)
+    num_query, num_gallery = distances.shape
+    device = distances.device
+    big = 2**62
+    query_pids = _checks.index_vector("query_pids", query_pids, length=num_query, low=-big, high=big, device=device)
+    gallery_pids = _checks.index_vector("gallery_pids", gallery_pids, length=num_gallery, low=-1, high=big,
+                                        device=device)
+    query_cameras = _checks.index_vector("query_cameras", query_cameras, length=num_query, low=0, high=big,
+                                         device=device)
+    gallery_cameras = _checks.index_vector("gallery_cameras", gallery_cameras, length=num_gallery, low=0,
+                                           high=big, device=device)
+    max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
+    _checks.allocation("max_rank", max_rank, 8, device=device, what="a float64 CMC curve")
+    # Only checked (name, device, availability), as with rerank: ranking a given matrix is one sort per row.
+    _backend.resolve("evaluate_ranking", backend, {"distances": distances})
+    return _scores(evaluate_distances_reference(distances, query_pids, gallery_pids, query_cameras,
+                                                gallery_cameras, max_rank))
+
+
+@_evaluate_ranking_distances_op.register_fake
+def _evaluate_ranking_distances_fake(distances, query_pids, gallery_pids, query_cameras, gallery_cameras,
+                                     max_rank, backend):
+    fake_distances(distances)
+    for name, ids, length in (("query_pids", query_pids, distances.shape[0]),
+                              ("gallery_pids", gallery_pids, distances.shape[1]),
+                              ("query_cameras", query_cameras, distances.shape[0]),
+                              ("gallery_cameras", gallery_cameras, distances.shape[1])):
+        fake_index(name, ids, length=length, device=distances.device)
+    return (distances.new_empty((max_rank,), dtype=torch.float64), distances.new_empty((3,), dtype=torch.float64))

@@ -80,6 +80,36 @@ def evaluate_ranking_reference(query: torch.Tensor, gallery: torch.Tensor, query
     return scores.result(num_gallery)
 
 
+def evaluate_distances_reference(distances: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
+                                 query_cameras: torch.Tensor, gallery_cameras: torch.Tensor,
+                                 max_rank: int) -> RankingResult:
+    """CMC, mAP and mINP of ranking the gallery by a precomputed matrix (steps 2-5 above).
+
+    Each row of ``distances`` is sorted as given (ascending, stable: ties by gallery index;
+    no rescoring, the matrix is the ranking), then scored as :func:`evaluate_ranking_reference`
+    scores, in row chunks of at most ``tile_elements() / 4`` entries (the sort's workspace).
+
+    Parameters
+    ----------
+    distances : Tensor [Q, G], float, no NaN
+    query_pids, gallery_pids : Tensor [Q], [G], int64 (gallery -1: junk)
+    query_cameras, gallery_cameras : Tensor [Q], [G], int64
+    max_rank : int >= 1
+
+    Returns
+    -------
+    RankingResult with ``cmc`` float64 [max_rank] on the matrix's device.
+    """
+    num_query, num_gallery = distances.shape
+    scores = RankingScores(num_query, max_rank, distances.device)
+    if num_gallery > 0:
+        for start, stop in _tiles.row_chunks(num_query, num_gallery * _WORKSPACE_FACTOR):
+            order = torch.argsort(distances[start:stop], dim=1, stable=True)
+            scores.add_order(order, query_pids[start:stop], gallery_pids, query_cameras[start:stop],
+                             gallery_cameras, start, stop)
+    return scores.result(num_gallery)
+
+
 def _rescore_near_matches(distances: torch.Tensor, query: torch.Tensor, gallery: torch.Tensor, ranking: str,
                           query_sq_norms: torch.Tensor, gallery_sq_norms: torch.Tensor, query_pids: torch.Tensor,
                           gallery_pids: torch.Tensor, query_cameras: torch.Tensor, gallery_cameras: torch.Tensor
