@@ -44,10 +44,7 @@ FAMILIES = {
 # Fast kernels an open issue still owes: (op, backend) -> the issue. available_backends()
 # reports them as "not implemented yet (...)"; tests/test_backend.py fails both when a built
 # backend lacks an op not listed here and when a listed kernel exists (then drop the entry).
-PENDING = {
-    (op, backend): "issue 12"
-    for op in ("jaccard_distance", "dbscan", "cluster_centres") for backend in ("triton",)
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 # Which backends can run on which device type, and the order "auto" tries them.
 _AUTO_ORDER = {
