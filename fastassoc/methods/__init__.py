@@ -13,9 +13,10 @@ import importlib
 
 from ..segments import CameraLayout
 from .backbones import ReidModel, SmallReidNet, build_backbone
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .config import BASE_PRESETS, PRESET_NAMES, TrainConfig
 from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
-from .trainer import Trainer
+from .trainer import SettingsMismatchError, Trainer
 
 # name -> (module, class); modules are imported lazily so one broken method does not hide the others.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -47,5 +48,6 @@ def get_trainer(name: str) -> type[Trainer]:
 __all__ = [
     "METHODS", "get_trainer", "register", "Trainer", "TrainConfig", "BASE_PRESETS", "PRESET_NAMES",
     "CameraLayout", "ReidModel", "SmallReidNet", "build_backbone", "pair_diagnostics", "graph_diagnostics",
-    "soft_label_diagnostics", "cluster_diagnostics",
+    "soft_label_diagnostics", "cluster_diagnostics", "read_checkpoint", "write_checkpoint", "CheckpointError",
+    "SettingsMismatchError",
 ]

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 from ..segments import CameraLayout, csr_rows, one_hot_csr
 from .backbones import BACKBONES, ReidModel, SmallReidNet, build_backbone
-from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
+from .checkpoint import (CheckpointError, atomic_save, read_checkpoint, rng_state, seed_everything, set_rng_state,
+                         write_checkpoint)
 from .config import (BASE_PRESETS, DEMO_WORLD, OPTIMIZERS, PRESET_NAMES, SCHEDULERS, SMOKE_WORLD,
                      TINY_OVERRIDES, TINY_WORLD, TrainConfig, resolve_config, tiny_config)
 from .diagnostics import (cluster_diagnostics, graph_diagnostics, pair_diagnostics,
                           soft_label_diagnostics)
 from .plots import plot_run
-from .trainer import Trainer, load_data, resolve_device
+from .trainer import SettingsMismatchError, Trainer, load_data, resolve_device
 
 __all__ = [
     "CameraLayout", "csr_rows", "one_hot_csr", "BACKBONES", "ReidModel", "SmallReidNet", "build_backbone",
     "atomic_save", "rng_state", "seed_everything", "set_rng_state", "BASE_PRESETS", "DEMO_WORLD", "OPTIMIZERS",
     "PRESET_NAMES", "SCHEDULERS", "SMOKE_WORLD", "TINY_OVERRIDES", "TINY_WORLD", "TrainConfig", "resolve_config",
     "tiny_config", "cluster_diagnostics", "graph_diagnostics", "pair_diagnostics", "soft_label_diagnostics",
-    "plot_run", "Trainer", "load_data", "resolve_device",
+    "plot_run", "Trainer", "load_data", "resolve_device", "CheckpointError", "read_checkpoint", "write_checkpoint",
+    "SettingsMismatchError",
 ]

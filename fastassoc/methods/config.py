@@ -18,6 +18,9 @@ import torch
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULERS = ("none", "step", "multistep", "exponential")
+# Fields that change how a run executes but not what it computes (the backends equal the
+# reference by contract): a resumed run may set them freely.
+RUNTIME_FIELDS = ("device", "backend", "progress", "num_workers", "eval_batch_size", "plots", "checkpoint")
 
 # -- configuration ---------------------------------------------------------------------------------
 
@@ -227,3 +230,17 @@ def resolve_config(config_class: type, method: str, method_presets: dict[str, di
     if unknown:
         raise TypeError(f"{config_class.__name__} config has no field(s) {unknown}")
     return config_class(**copy.deepcopy(values))
+
+
+def config_differences(saved: dict, requested: dict) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, requested value)`` for each field of ``requested`` whose value
+    differs from ``saved`` (both dicts of config fields; tuples and lists compare equal;
+    a requested ``data_options`` is merged into the saved one first)."""
+    out = []
+    for key, value in requested.items():
+        old = saved.get(key)
+        if key == "data_options" and isinstance(value, dict) and isinstance(old, dict):
+            value = {**old, **value}
+        if jsonable(value) != jsonable(old):
+            out.append((key, old, value))
+    return out

@@ -52,6 +52,7 @@ Every association step goes through the fastassoc ops with ``backend=self.backen
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -67,8 +68,10 @@ from .. import data as fdata
 from .. import evaluate_ranking
 from ..segments import CameraLayout
 from .backbones import ReidModel, build_backbone
-from .checkpoint import atomic_save, atomic_write_text, rng_state, seed_everything, set_rng_state, to_device
-from .config import OPTIMIZERS, SCHEDULERS, TrainConfig, jsonable, resolve_config
+from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_write_text, read_checkpoint, remove_stale_temporaries,
+                         rng_state, seed_everything, set_rng_state, to_device, write_checkpoint)
+from .config import (OPTIMIZERS, RUNTIME_FIELDS, SCHEDULERS, TrainConfig, config_differences, jsonable,
+                     resolve_config)
 from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
 from .plots import plot_run
 
@@ -426,6 +429,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
+        if self.out_dir is not None:
+            for stale in remove_stale_temporaries(self.out_dir):
+                self.log(f"[{self.name}] removed {stale.name}, left by an interrupted write")
         self.prepare()
         started = time.perf_counter()
         self._assoc_times = {}
@@ -551,8 +557,10 @@ class Trainer:
         return self.out_dir / "checkpoint.pt"
 
     def state_dict(self) -> dict:
+        """Everything :meth:`load_state_dict` needs to continue the run exactly (plain types)."""
         return {
-            "format": 1, "method": self.name, "config": dataclasses.asdict(self.config), "epoch": self.start_epoch,
+            "format": FORMAT_VERSION, "method": self.name, "config": dataclasses.asdict(self.config),
+            "epoch": self.start_epoch,
             "model": self.model.state_dict(), "heads": self.heads.state_dict() if self.heads is not None else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "method_state": self.method_state(), "history": self.history, "baseline": self.baseline,
@@ -563,9 +571,9 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Write :meth:`state_dict` as a sealed checkpoint (:func:`~fastassoc.methods.checkpoint.write_checkpoint`)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        atomic_save(self.state_dict(), path)
-        return path
+        return write_checkpoint(self.state_dict(), path)
 
     def load_state_dict(self, state: dict) -> None:
         self.prepare()
@@ -574,6 +582,9 @@ class Trainer:
             self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(getattr(self.scheduler, "milestones", None), dict):
+            # MultiStepLR keeps a Counter; the checkpoint stores it as a plain dict.
+            self.scheduler.milestones = collections.Counter(self.scheduler.milestones)
         self.load_method_state(to_device(state["method_state"], self.device))
         self.history = list(state["history"])
         self.baseline = state["baseline"]
@@ -585,19 +596,108 @@ class Trainer:
         set_rng_state(state["rng"])
 
     @classmethod
+    def config_from_checkpoint(cls, state: dict, path: str | os.PathLike, *, requested: dict | TrainConfig | None = None,
+                               override: bool = False, **runtime) -> TrainConfig:
+        """The config a checkpoint's run continues with.
+
+        Parameters
+        ----------
+        state : dict
+            :func:`~fastassoc.methods.read_checkpoint`'s result.
+        path : path
+            The checkpoint (error messages).
+        requested : dict or TrainConfig, optional
+            Settings the caller asks for (some or all config fields). Each that differs from
+            the saved one is an error unless ``override``; with ``override`` the requested
+            values apply.
+        override : bool
+        **runtime
+            Fields of :data:`~fastassoc.methods.config.RUNTIME_FIELDS` (device, backend,
+            progress, ...), applied without a check; any other config field given here counts
+            as requested.
+
+        Raises
+        ------
+        CheckpointError
+            The checkpoint holds another method's run, or fields this config lacks.
+        SettingsMismatchError
+            Requested settings differ from the saved ones and ``override`` is False.
+        TypeError
+            A requested key is not a config field.
+        """
+        if state["method"] != cls.name:
+            raise CheckpointError(f"{path}: holds a {state['method']!r} run, not {cls.name!r} "
+                                  f"(resume it with the {state['method']!r} trainer)")
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        saved = dict(state["config"])
+        foreign = sorted(set(saved) - known)
+        if foreign:
+            raise CheckpointError(f"{path}: its config has field(s) {foreign} that {cls.Config.__name__} lacks "
+                                  f"(written by another version of the {cls.name!r} trainer)")
+        if isinstance(requested, TrainConfig):
+            requested = dataclasses.asdict(requested)
+        requested = dict(requested or {})
+        applied = {key: value for key, value in runtime.items() if key in RUNTIME_FIELDS}
+        requested.update({key: value for key, value in runtime.items() if key not in RUNTIME_FIELDS})
+        unknown = sorted(set(requested) - known)
+        if unknown:
+            raise TypeError(f"{cls.__name__} config has no field(s) {unknown}")
+        if requested.get("method", cls.name) != cls.name:
+            raise CheckpointError(f"{path}: holds a {cls.name!r} run; method {requested['method']!r} was requested")
+        requested = {key: value for key, value in requested.items() if key not in RUNTIME_FIELDS}
+        differences = config_differences(saved, requested)
+        if differences and not override:
+            raise SettingsMismatchError(path, differences)
+        values = saved
+        for key, _, value in differences:
+            values[key] = value
+        values.update(applied)
+        return cls.Config(**values)
+
+    @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                        dataset: fdata.TrackletDataset | None = None, log=None,
-                        **overrides) -> "Trainer":
-        """Rebuild a trainer from ``checkpoint.pt`` (``overrides`` change config fields such as
-        ``device`` or ``progress``, or ``epochs`` to extend a run)."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        config = cls.Config(**{**state["config"], **overrides})
+                        dataset: fdata.TrackletDataset | None = None, log=None, requested: dict | None = None,
+                        override: bool = False, **runtime) -> "Trainer":
+        """Rebuild a trainer from a checkpoint (:func:`~fastassoc.methods.read_checkpoint`).
+
+        ``requested`` / ``override`` / ``runtime`` as in :meth:`config_from_checkpoint`:
+        runtime fields (``device``, ``progress``...) apply freely; other settings that differ
+        from the saved run (``epochs`` to extend it, ``lr``...) need ``override=True``.
+        """
+        state = read_checkpoint(path)
+        config = cls.config_from_checkpoint(state, path, requested=requested, override=override, **runtime)
         trainer = cls(config, out_dir if out_dir is not None else Path(path).parent, dataset=dataset, log=log)
         trainer.load_state_dict(state)
         return trainer
 
     @classmethod
-    def resume(cls, out_dir: str | os.PathLike, **kwargs) -> "Trainer":
-        """The trainer of ``out_dir/checkpoint.pt``, ready for :meth:`fit` to continue the run."""
-        return cls.from_checkpoint(Path(out_dir) / "checkpoint.pt", out_dir, **kwargs)
+    def resume(cls, out_dir: str | os.PathLike, *, requested: dict | None = None, override: bool = False,
+               **runtime) -> "Trainer":
+        """The trainer of ``out_dir/checkpoint.pt``, ready for :meth:`fit` to continue the run.
 
+        Parameters
+        ----------
+        out_dir : path
+        requested : dict, optional
+            Config fields the caller asks for; any that differ from the saved run raise
+            :class:`SettingsMismatchError` listing each (saved vs requested) unless
+            ``override=True``, which applies them.
+        override : bool
+        **runtime
+            ``dataset``, ``log``, and runtime config fields (``device``, ``backend``,
+            ``progress``, ``num_workers``, ``eval_batch_size``, ``plots``, ``checkpoint``).
+        """
+        return cls.from_checkpoint(Path(out_dir) / "checkpoint.pt", out_dir, requested=requested, override=override,
+                                   **runtime)
+
+
+class SettingsMismatchError(ValueError):
+    """Resuming with settings that differ from the saved run's; ``differences`` lists
+    ``(field, saved, requested)``."""
+
+    def __init__(self, path, differences: list[tuple[str, Any, Any]]):
+        self.path = path
+        self.differences = differences
+        listed = "; ".join(f"{key}: saved {saved!r}, requested {value!r}" for key, saved, value in differences)
+        super().__init__(f"{path} was saved with other settings ({listed}); pass override=True (--override) to "
+                         f"continue with the requested ones")

@@ -3,12 +3,51 @@ methods, and the checks every graph / memory method repeats (fast vs reference o
 resume, smoke run)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
+from torch.nn import functional as F
 
 from fastassoc import data
 from fastassoc.methods import base
-from fastassoc.methods.base import tiny_config
+from fastassoc.methods.base import Trainer, TrainConfig, tiny_config
+
+
+@dataclass
+class ToyConfig(TrainConfig):
+    temperature: float = 0.1
+
+
+class ToyTrainer(Trainer):
+    """Memory-softmax instance discrimination: just enough method to drive the base loop."""
+
+    name = "toy"
+    Config = ToyConfig
+    PRESETS = {"smoke": {"temperature": 0.2}}
+
+    def setup(self):
+        with self.association("init memory"):
+            self.memory = self.train_features(normalize=True)
+
+    def train_step(self, frames, index, cameras, epoch):
+        feats = F.normalize(self.frame_features(frames).mean(1), dim=1)
+        loss = F.cross_entropy(feats @ self.memory.T / self.config.temperature, index)
+        self._last = (index, feats.detach())
+        return {"loss": loss, "loss_copy": loss.detach()}
+
+    def after_step(self, frames, index, cameras, epoch):
+        index, feats = self._last
+        self.memory[index] = F.normalize(self.memory[index] + feats, dim=1)
+
+    def on_epoch_end(self, epoch):
+        return {"memory_norm": float(self.memory.norm(dim=1).mean())}
+
+    def method_state(self):
+        return {"memory": self.memory}
+
+    def load_method_state(self, state):
+        self.memory = state["memory"]
 
 
 def quiet(line):

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
-from fastassoc import data
 from fastassoc.methods import base
-from fastassoc.methods.base import (CameraLayout, Trainer, TrainConfig, atomic_save, cluster_diagnostics, csr_rows,
-                                    graph_diagnostics, one_hot_csr, pair_diagnostics, soft_label_diagnostics,
-                                    tiny_config)
+from fastassoc.methods.base import (CameraLayout, atomic_save, cluster_diagnostics, csr_rows, graph_diagnostics,
+                                    one_hot_csr, pair_diagnostics, soft_label_diagnostics, tiny_config)
+
+from ._shared import ToyTrainer as _Toy
 
 
 def _csr(dense: np.ndarray) -> torch.Tensor:
@@ -130,45 +129,9 @@ def test_atomic_save_leaves_no_temporary(tmp_path):
 
 # -- configs and models -----------------------------------------------------------------------------
 
-@dataclass
-class _ToyConfig(TrainConfig):
-    temperature: float = 0.1
-
-
-class _Toy(Trainer):
-    """Memory-softmax instance discrimination: just enough method to drive the base loop."""
-
-    name = "toy"
-    Config = _ToyConfig
-    PRESETS = {"smoke": {"temperature": 0.2}}
-
-    def setup(self):
-        with self.association("init memory"):
-            self.memory = self.train_features(normalize=True)
-
-    def train_step(self, frames, index, cameras, epoch):
-        feats = F.normalize(self.frame_features(frames).mean(1), dim=1)
-        loss = F.cross_entropy(feats @ self.memory.T / self.config.temperature, index)
-        self._last = (index, feats.detach())
-        return {"loss": loss, "loss_copy": loss.detach()}
-
-    def after_step(self, frames, index, cameras, epoch):
-        index, feats = self._last
-        self.memory[index] = F.normalize(self.memory[index] + feats, dim=1)
-
-    def on_epoch_end(self, epoch):
-        return {"memory_norm": float(self.memory.norm(dim=1).mean())}
-
-    def method_state(self):
-        return {"memory": self.memory}
-
-    def load_method_state(self, state):
-        self.memory = state["memory"]
-
-
 def test_make_config_layers_presets_and_rejects_unknown_fields():
     config = _Toy.make_config("smoke", lr=0.5, data_options={"num_cameras": 2})
-    assert isinstance(config, _ToyConfig)
+    assert isinstance(config, _Toy.Config)
     assert (config.method, config.preset, config.temperature, config.lr) == ("toy", "smoke", 0.2, 0.5)
     assert config.data_options["num_cameras"] == 2
     assert config.data_options["num_train_ids"] == base.SMOKE_WORLD["num_train_ids"]
