@@ -94,8 +94,9 @@ class TrainConfig:
     device : str
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
     seed : int
-    progress : bool
-        tqdm progress bars.
+    progress : bool or None
+        tqdm progress bars: on, off, or None for tqdm's ``disable=None`` convention (bars
+        only when stderr is a terminal). Either way the log gets one line per epoch.
     checkpoint : bool
         Write ``checkpoint.pt`` after every epoch (needs an output directory).
     plots : bool
@@ -139,7 +140,7 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
-    progress: bool = True
+    progress: bool | None = None
     checkpoint: bool = True
     plots: bool = True
 

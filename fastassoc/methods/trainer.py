@@ -57,6 +57,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -74,6 +75,14 @@ from .config import (OPTIMIZERS, RUNTIME_FIELDS, SCHEDULERS, TrainConfig, config
                      resolve_config)
 from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
 from .plots import plot_run
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Whether to draw progress bars: ``progress``, or for None tqdm's ``disable=None``
+    convention (bars only when stderr, where tqdm draws, is a terminal)."""
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(progress)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,6 +138,7 @@ class Trainer:
         self._log = log
         self.backend = config.backend
         self.device = resolve_device(config.device)
+        self.show_progress = progress_enabled(config.progress)
         self.history: list[dict] = []
         self.baseline: dict | None = None
         self.baseline_diagnostics: dict = {}
@@ -309,7 +319,7 @@ class Trainer:
         feats = fdata.extract_features(model or self.model, self.train, self.dataset.load_frame,
                                        transform=self.test_transform(), pooling=pooling,
                                        max_frames=c.eval_max_frames, batch_size=c.eval_batch_size,
-                                       device=self.device, progress=c.progress, desc=desc)
+                                       device=self.device, progress=self.show_progress, desc=desc)
         feats = feats.to(self.device)
         return nn.functional.normalize(feats, dim=1) if normalize else feats
 
@@ -324,7 +334,7 @@ class Trainer:
 
         start = time.perf_counter()
         with tqdm(total=total if total is not None else 1, desc=f"  {desc}", leave=False,
-                  disable=not self.config.progress) as bar:
+                  disable=not self.show_progress) as bar:
             yield bar
             if total is None:
                 bar.update(1)
@@ -398,7 +408,7 @@ class Trainer:
             feats[split] = fdata.extract_features(
                 model, self.dataset.split(split), self.dataset.load_frame, transform=self.test_transform(),
                 pooling=c.eval_pooling, max_frames=c.eval_max_frames, batch_size=c.eval_batch_size,
-                device=self.device, progress=c.progress, desc=f"{desc} {split}")
+                device=self.device, progress=self.show_progress, desc=f"{desc} {split}")
             if c.eval_normalize:
                 feats[split] = nn.functional.normalize(feats[split], dim=1)
         qp, qc = fdata.tracklet_labels(self.dataset.query)
@@ -446,7 +456,7 @@ class Trainer:
             self.baseline_diagnostics = self.initial_diagnostics() or {}
             self._setup_times = dict(self._assoc_times)
         epochs = tqdm(range(self.start_epoch, c.epochs), desc=f"{self.name} epochs", initial=self.start_epoch,
-                      total=c.epochs, disable=not c.progress)
+                      total=c.epochs, disable=not self.show_progress)
         for epoch in epochs:
             record = self.run_epoch(epoch)
             self.history.append(record)
@@ -483,7 +493,7 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         steps = 0
-        bar = tqdm(self.loader, desc=f"  epoch {epoch + 1}/{c.epochs}", leave=False, disable=not c.progress)
+        bar = tqdm(self.loader, desc=f"  epoch {epoch + 1}/{c.epochs}", leave=False, disable=not self.show_progress)
         for frames, index, cameras in bar:
             frames = frames.to(self.device, non_blocking=True)
             index = index.to(self.device)
