@@ -39,14 +39,15 @@ Example
 """
 from .features import extract_features
 from .layouts import DATASETS, load_dataset
-from .sampling import CameraBalancedSampler, TrackletFrames, sample_frames, train_loader
+from .sampling import (SAMPLINGS, CameraBalancedSampler, FrameSampler, TrackletFrames, config_loader, frame_loader,
+                       sample_frames, train_loader)
 from .synthetic import SyntheticTracklets
 from .tracklets import Tracklet, TrackletDataset, group_by_camera, one_tracklet_per_camera, tracklet_labels
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, config_train_transform, eval_transform, train_transform
 
 __all__ = [
     "Tracklet", "TrackletDataset", "load_dataset", "DATASETS", "SyntheticTracklets", "tracklet_labels",
     "one_tracklet_per_camera", "group_by_camera", "sample_frames", "CameraBalancedSampler", "TrackletFrames",
-    "train_loader",
-    "train_transform", "eval_transform", "IMAGENET_MEAN", "IMAGENET_STD", "extract_features",
+    "train_loader", "FrameSampler", "frame_loader", "config_loader", "SAMPLINGS",
+    "train_transform", "eval_transform", "config_train_transform", "IMAGENET_MEAN", "IMAGENET_STD", "extract_features",
 ]

@@ -1,18 +1,26 @@
 """Loading tracklets for training: frame sampling, camera-balanced batches, a frame Dataset.
 
-UTAL, UGA and EEA build every mini-batch from the same number of tracklets per camera and
-the same number of frames per tracklet ("randomly selected the same number of tracklets per
-camera and the same number of frame images (4 images) per chosen tracklet", UTAL Sec. 4.1),
-so that every camera's branch or memory is updated at the same speed. The pieces:
+UTAL builds every mini-batch from the same number of tracklets per camera and the same number
+of frames per tracklet ("randomly selected the same number of tracklets per camera and the
+same number of frame images (4 images) per chosen tracklet", UTAL Sec. 4.1), so that every
+camera's branch or memory is updated at the same speed. UGA and EEA sample *images*: "randomly
+sampling the same number images from each camera in a mini batch" (UGA Sec. 4.2, EEA Sec. 4.2),
+batches of 60; DAL "randomly sample[s] a mini-batch of image frames" (Algorithm 1), 64 of them.
+Their epochs are passes over the training frames (:class:`FrameSampler`). The pieces:
 
 - :func:`sample_frames`: which frame positions of one tracklet to use (random for training,
   evenly spaced for testing, a consecutive run for temporal models).
 - :class:`CameraBalancedSampler`: a batch sampler yielding lists of tracklet indices,
   ``tracklets_per_camera`` from every camera that has training tracklets.
+- :class:`FrameSampler`: a batch sampler yielding lists of ``(tracklet, frame position)``
+  pairs, single frames drawn over the cameras evenly (or over all frames at random); an epoch
+  is one pass over the training frames.
 - :class:`TrackletFrames`: a :class:`torch.utils.data.Dataset` whose item ``i`` is
-  ``(frames [n, 3, H, W] float32, i, camera)`` with ``n`` sampled frames of tracklet ``i``.
-- :func:`train_loader`: both in a :class:`~torch.utils.data.DataLoader` (with workers),
-  yielding ``(frames [B, n, 3, H, W], tracklet indices [B], cameras [B])``.
+  ``(frames [n, 3, H, W] float32, i, camera)`` with ``n`` sampled frames of tracklet ``i``, and
+  whose item ``(i, p)`` is frame ``p`` of tracklet ``i`` alone (``n = 1``).
+- :func:`train_loader` / :func:`frame_loader`: a sampler and the Dataset in a
+  :class:`~torch.utils.data.DataLoader` (with workers), yielding
+  ``(frames [B, n, 3, H, W], tracklet indices [B], cameras [B])``.
 
 Randomness: the sampler draws from NumPy generators seeded by ``(seed, epoch)``, so batches
 are reproducible; frame choice and transforms use torch's generator, which the DataLoader
@@ -30,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .tracklets import Tracklet
 
 FRAME_MODES = ("random", "evenly", "consecutive", "all")
+SAMPLINGS = ("tracklets", "camera_images", "images")
 
 
 def sample_frames(num_frames: int, count: int | None, mode: str = "random",
@@ -162,6 +171,86 @@ class CameraBalancedSampler(Sampler[list[int]]):
             yield batch
 
 
+class FrameSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of single frames, ``(tracklet index, frame position)`` pairs; an epoch is one
+    pass over the training frames.
+
+    ``camera_balanced=True`` (UGA, EEA: "the same number images from each camera in a mini
+    batch"): slot ``s`` of an epoch's stream of ``num_batches * batch_size`` frames comes from
+    camera ``s mod C`` (``C`` = cameras with training frames), each camera's frames visited in
+    a fresh random order per cycle, so every batch holds ``batch_size // C`` or one more frames
+    of every camera and any ``C`` consecutive batches exactly ``batch_size`` frames of each
+    (every batch when ``C`` divides ``batch_size``). A camera with fewer frames cycles sooner.
+    ``camera_balanced=False`` (DAL: "randomly sample a mini-batch of image frames"): frames in
+    a fresh random order of all training frames per cycle.
+
+    Parameters
+    ----------
+    tracklets : sequence of Tracklet
+    batch_size : int >= 1
+        Frames per batch (60 in UGA / EEA, 64 in DAL).
+    camera_balanced : bool
+    num_batches : int, optional
+        Batches per epoch; by default ``ceil(total frames / batch_size)``, one pass over the frames.
+    seed : int
+        Batches of epoch ``e`` come from a generator seeded with ``(seed, e)``.
+    """
+
+    def __init__(self, tracklets: Sequence[Tracklet], batch_size: int, *, camera_balanced: bool = True,
+                 num_batches: int | None = None, seed: int = 0):
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        tracklets = tuple(tracklets)
+        lengths = np.asarray([len(t) for t in tracklets], dtype=np.int64)
+        if (lengths < 1).any():
+            raise ValueError(f"tracklet {int(np.flatnonzero(lengths < 1)[0])} has no frames")
+        self.frame_tracklet = np.repeat(np.arange(len(tracklets), dtype=np.int64), lengths)
+        starts = np.cumsum(lengths) - lengths
+        self.frame_position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+        cameras = np.repeat(_cameras_of(tracklets), lengths)
+        self.camera_balanced = bool(camera_balanced)
+        self.cameras = sorted(set(cameras.tolist())) if self.camera_balanced else [0]
+        self.members = ({camera: np.flatnonzero(cameras == camera) for camera in self.cameras}
+                        if self.camera_balanced else {0: np.arange(len(cameras))})
+        self.batch_size = int(batch_size)
+        if num_batches is None:
+            num_batches = -(-len(cameras) // self.batch_size)
+        if not isinstance(num_batches, (int, np.integer)) or num_batches < 0:
+            raise ValueError(f"num_batches must be an integer >= 0, got {num_batches!r}")
+        self.num_batches = int(num_batches)
+        self.num_frames = len(cameras)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration yield epoch ``epoch``'s batches."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        num_cameras = len(self.cameras)
+        orders = {camera: np.empty(0, dtype=np.int64) for camera in self.cameras}
+        used = dict.fromkeys(self.cameras, 0)
+        for batch_index in range(self.num_batches):
+            first = batch_index * self.batch_size
+            batch = []
+            for slot, camera in enumerate(self.cameras):
+                # Slots first..first+B-1 whose index is `slot` mod C.
+                count = (first + self.batch_size - 1 - slot) // num_cameras - (first - 1 - slot) // num_cameras
+                while count > 0:
+                    if used[camera] == len(orders[camera]):
+                        orders[camera], used[camera] = rng.permutation(self.members[camera]), 0
+                    take = orders[camera][used[camera]:used[camera] + count]
+                    used[camera] += len(take)
+                    count -= len(take)
+                    batch += [(int(self.frame_tracklet[f]), int(self.frame_position[f])) for f in take]
+            yield batch
+
+
 def _to_tensor(image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
@@ -199,9 +288,15 @@ class TrackletFrames(Dataset):
     def __len__(self) -> int:
         return len(self.tracklets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        tracklet = self.tracklets[index]
-        positions = sample_frames(len(tracklet), self.frames_per_tracklet, self.frame_mode)
+    def __getitem__(self, index) -> tuple[torch.Tensor, int, int]:
+        if isinstance(index, tuple):
+            # (tracklet, frame position): one frame, as FrameSampler yields them.
+            index, position = index
+            positions = [int(position)]
+            tracklet = self.tracklets[index]
+        else:
+            tracklet = self.tracklets[index]
+            positions = sample_frames(len(tracklet), self.frames_per_tracklet, self.frame_mode)
         frames = torch.stack([self.transform(self.load_frame(tracklet.frames[p])) for p in positions])
         return frames, int(index), tracklet.camera
 
@@ -231,3 +326,54 @@ def train_loader(tracklets: Sequence[Tracklet], load_frame: Callable[[str], obje
     sampler = CameraBalancedSampler(tracklets, tracklets_per_camera, num_batches=num_batches, seed=seed)
     return DataLoader(TrackletFrames(tracklets, load_frame, frames_per_tracklet, transform), batch_sampler=sampler,
                       num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
+
+
+def frame_loader(tracklets: Sequence[Tracklet], load_frame: Callable[[str], object], *, batch_size: int,
+                 camera_balanced: bool = True, transform: Callable | None = None, num_batches: int | None = None,
+                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of single-frame batches (:class:`FrameSampler`), an epoch a pass over the frames.
+
+    Parameters
+    ----------
+    tracklets, load_frame, transform
+        As :class:`TrackletFrames`.
+    batch_size, camera_balanced, num_batches, seed
+        As :class:`FrameSampler`.
+    num_workers, pin_memory
+        As :func:`train_loader`.
+
+    Returns
+    -------
+    DataLoader
+        Yields ``(frames [B, 1, 3, H, W] float32, tracklet indices [B] int64, cameras [B] int64)``
+        with ``B = batch_size`` (a tracklet may appear several times); its ``batch_sampler`` is
+        the :class:`FrameSampler`.
+    """
+    sampler = FrameSampler(tracklets, batch_size, camera_balanced=camera_balanced, num_batches=num_batches, seed=seed)
+    return DataLoader(TrackletFrames(tracklets, load_frame, 1, transform), batch_sampler=sampler,
+                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
+
+
+def config_loader(config, tracklets: Sequence[Tracklet], load_frame: Callable[[str], object], *,
+                  transform: Callable | None = None, pin_memory: bool = False) -> DataLoader:
+    """The training loader a trainer config asks for, by its ``sampling`` field.
+
+    ``"tracklets"`` (default when the config has no ``sampling``): :func:`train_loader`,
+    ``tracklets_per_camera`` x ``frames_per_tracklet`` frames of every camera per batch.
+    ``"camera_images"``: :func:`frame_loader` with ``camera_balanced=True`` and
+    ``"images"``: with ``camera_balanced=False``, ``batch_size`` frames per batch, an epoch a
+    pass over the training frames. ``batches_per_epoch``, ``num_workers`` and ``seed`` as named.
+    """
+    sampling = getattr(config, "sampling", "tracklets")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    common = dict(transform=transform, num_batches=config.batches_per_epoch, num_workers=config.num_workers,
+                  seed=config.seed, pin_memory=pin_memory)
+    if sampling == "tracklets":
+        return train_loader(tracklets, load_frame, tracklets_per_camera=config.tracklets_per_camera,
+                            frames_per_tracklet=config.frames_per_tracklet, **common)
+    batch_size = getattr(config, "batch_size", None)
+    if batch_size is None:
+        raise ValueError(f"sampling={sampling!r} needs batch_size (frames per batch), got None")
+    return frame_loader(tracklets, load_frame, batch_size=batch_size, camera_balanced=sampling == "camera_images",
+                        **common)

@@ -1,9 +1,11 @@
 """torchvision transforms of the re-id literature, for PIL frames.
 
-Training (UTAL, UGA, EEA and most re-id code since Zheng et al.): resize to ``height x width``,
-random horizontal flip, zero-pad then random crop back to size, to tensor, normalise with the
-ImageNet statistics, random erasing (Zhong et al. 2020; the erased box takes value 0, the
-mean colour after normalisation). Testing: resize, to tensor, normalise.
+Training (most re-id code since Zheng et al.): resize to ``height x width``, random horizontal
+flip, zero-pad then random crop back to size, to tensor, normalise with the ImageNet statistics,
+random erasing (Zhong et al. 2020; the erased box takes value 0, the mean colour after
+normalisation). Each part can be switched off: DAL, UTAL, UGA and EEA state no flip, crop or
+erasing (UTAL, UGA and EEA: "resized to 256 x 128"), so their ``paper`` presets resize only;
+TSSL states "horizontal flip, crop" for its originals. Testing: resize, to tensor, normalise.
 Both map a PIL image to a float32 tensor [3, height, width]. torchvision is imported when a
 transform is built, so the rest of :mod:`fastassoc.data` works without it.
 """
@@ -61,3 +63,31 @@ def eval_transform(height: int, width: int, *, mean: tuple[float, float, float] 
     from torchvision import transforms as T
 
     return T.Compose([T.Resize(_size(height, width)), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def config_train_transform(config):
+    """The training transform a trainer config asks for.
+
+    Reads ``image_size``, ``train_flip`` (flip probability, default 0.5), ``train_pad``
+    (pad-crop padding, default ``round(height / 25.6)``, 0: none), ``train_erasing``,
+    ``train_colour_jitter`` (brightness, contrast, saturation +- it, hue +- a quarter of it,
+    before the rest) and ``train_grayscale`` from ``config``; a missing field takes its default.
+
+    Returns
+    -------
+    callable
+        PIL image -> Tensor [3, height, width], float32.
+    """
+    from torchvision import transforms as T
+
+    height, width = config.image_size
+    transform = train_transform(height, width, flip=getattr(config, "train_flip", 0.5),
+                                pad=getattr(config, "train_pad", None), erasing=getattr(config, "train_erasing", 0.5))
+    colour = []
+    jitter = getattr(config, "train_colour_jitter", 0.0)
+    if jitter > 0:
+        colour.append(T.ColorJitter(jitter, jitter, jitter, min(jitter / 4, 0.5)))
+    grayscale = getattr(config, "train_grayscale", 0.0)
+    if grayscale > 0:
+        colour.append(T.RandomGrayscale(grayscale))
+    return T.Compose([*colour, transform]) if colour else transform

@@ -17,7 +17,9 @@ camera). Every mini-batch of frames ``f`` (camera ``k``, source tracklet ``p``):
    eta = 0.5 (:func:`fastassoc.ema_update_`).
 4. Eqs. 4-5, cyclic ranking of the batch's tracklets from their updated anchors: rank-1
    ``t`` in another camera, then ``t``'s rank-1 back in camera ``k``; when it is ``p`` again,
-   ``a_p <- (l2(x_p) + l2(x_t)) / 2``, otherwise ``a_p <- x_p``.
+   ``a_p <- (l2(x_p) + l2(x_t)) / 2``, otherwise ``a_p <- x_p``. The merged anchor is
+   L2-normalised (``cross_normalize``): Eq. 2's distances are between ``l2(.)`` of both sides,
+   and the public code normalises the merged anchor before it is used.
 
 At test time tracklets are max-pooled over frames and L2-normalised (the paper's protocol).
 Anchors start as the mean-pooled frame features of the untrained network ("initialised as
@@ -42,6 +44,21 @@ Where the paper and its public TensorFlow code differ (options)
 ``cross_start_epoch``
     The public code can hold the cross-camera merging back (``start_sign``); the paper
     merges from the start (default 0).
+``cross_normalize``
+    True (default, paper preset): the merged cross-camera anchor has unit norm. False: the
+    plain mean of two unit vectors (shorter than 1), the reading of earlier versions, kept by the
+    smoke / demo presets whose figures were measured with it.
+``sampling``, ``batch_size``
+    ``"images"`` (paper preset): "Randomly sample a mini-batch of image frames" (Algorithm 1),
+    "The batch size is all set to 64": 64 frames drawn from all training frames in a random
+    order (:class:`fastassoc.data.FrameSampler`, ``camera_balanced=False``), an epoch one pass
+    over the frames unless ``batches_per_epoch`` is set. ``"tracklets"`` (default, smoke /
+    demo): camera-balanced batches of ``tracklets_per_camera`` x ``frames_per_tracklet`` frames.
+``train_flip``, ``train_pad``
+    The paper states no augmentation: the paper preset resizes only (0, 0, no erasing).
+``iterations``
+    Total iterations; when set, ``epochs`` becomes ``ceil(iterations / batches per epoch)``
+    once the loader is built (the small-data schedule counts iterations, its decay epochs).
 ``bar_gradient``
     Whether the mean rank-1 distance of Eq. 3 carries gradient. The public code's ``top_k``
     lets it through; then, for frames already ranked to their source, the push on the mean
@@ -49,6 +66,19 @@ Where the paper and its public TensorFlow code differ (options)
     pull of ``D_pp`` on average, and training from scratch degraded in our runs. Default False:
     the mean is a constant target, as the paper's text reads ("minimise the intra-tracklet
     variation w.r.t. the averaged rank-1 distance").
+
+Presets
+-------
+``paper`` on MARS: SGD 0.01 for 1e5 iterations of 64 random frames, 0.001 for the last 5e4
+(100 epochs of 1000 iterations, x0.1 after 50), margin 0.2, eta 0.5, lambda 1, max-pooled
+tracklet features; resize only. ``paper`` on PRID2011 / iLIDS-VID (the small-data schedule,
+applied by :meth:`DALTrainer.make_config` when ``data`` is one of them): RMSProp at 0.045,
+x0.94 every 2 epochs (epochs over the training frames), 2e4 iterations. Backbones: ResNet-50 or
+MobileNet (the paper's best MARS row is MobileNet v1; ``backbone="mobilenet_v1"`` where the
+build offers it, ``mobilenet_v2`` otherwise), ImageNet weights via ``--weights``. From the
+public code, not the paper: weight decay 4e-5, momentum 0.9 (SGD, RMSProp), RMSProp's epsilon
+1.0. Ours: Nesterov momentum for SGD, RMSProp's squared-gradient decay (torch's alpha 0.99;
+TensorFlow's default decay is 0.9).
 
 Diagnostics each epoch (ground truth known): ``assoc_rate`` (fraction of tracklets whose
 cross-camera anchor currently is a merge, the paper's Fig. 4a), ``pairs`` / ``pairs_precision``
@@ -62,6 +92,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .. import data as fdata
 from .. import ema_update_, topk_anchors
 from .base import Trainer, TrainConfig
 
@@ -81,6 +112,12 @@ class DALConfig(TrainConfig):
     anchor_reduce: str = "mean"
     cross_start_epoch: int = 0
     bar_gradient: bool = False
+    cross_normalize: bool = True
+    sampling: str = "tracklets"
+    batch_size: int | None = None
+    iterations: int | None = None
+    train_flip: float = 0.5
+    train_pad: int | None = None
     eval_pooling: str = "max"
 
 
@@ -90,14 +127,45 @@ class DALTrainer(Trainer):
     name = "dal"
     Config = DALConfig
     PRESETS = {
-        "smoke": dict(optimizer="adam", lr=3e-4, weight_decay=5e-4, epochs=3),
-        "demo": dict(optimizer="adam", lr=3e-4, weight_decay=5e-4, epochs=15),
-        # MARS: SGD at 0.01 for 1e5 iterations of 64 frames, 0.001 for the last 5e4 (epochs of 1000 iterations
-        # of 16 tracklets x 4 frames); MobileNet / ResNet-50 pretrained on ImageNet (--weights).
+        "smoke": dict(optimizer="adam", lr=3e-4, weight_decay=5e-4, epochs=3, cross_normalize=False),
+        "demo": dict(optimizer="adam", lr=3e-4, weight_decay=5e-4, epochs=15, cross_normalize=False),
+        # MARS: SGD at 0.01 for 1e5 iterations of 64 random frames, 0.001 for the last 5e4 (epochs of 1000
+        # iterations); MobileNet / ResNet-50 pretrained on ImageNet (--weights); resize only. weight_decay 4e-5
+        # and momentum 0.9 are the public code's; Nesterov is ours.
         "paper": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=4e-5, scheduler="multistep",
-                      milestones=(50,), gamma=0.1, epochs=100, batches_per_epoch=1000, tracklets_per_camera=3,
-                      frames_per_tracklet=4, eval_pooling="max"),
+                      milestones=(50,), gamma=0.1, epochs=100, batches_per_epoch=1000, sampling="images",
+                      batch_size=64, cross_normalize=True, train_flip=0.0, train_pad=0, train_erasing=0.0,
+                      eval_pooling="max"),
     }
+    # PRID2011 / iLIDS-VID: "RMSProp ... 2x10^4 iterations, with an initial learning rate of 0.045 and decayed
+    # exponentially by 0.94 every 2 epochs" (epochs over the frames). momentum 0.9 and epsilon 1.0: public code.
+    SMALL_DATA = ("prid2011", "ilidsvid")
+    PAPER_SMALL_DATA = dict(optimizer="rmsprop", lr=0.045, momentum=0.9, scheduler="step", step_size=2, gamma=0.94,
+                            milestones=(), batches_per_epoch=None, iterations=20000)
+
+    @classmethod
+    def make_config(cls, preset: str = "smoke", **overrides) -> DALConfig:
+        """As :meth:`Trainer.make_config`; the paper preset on PRID2011 / iLIDS-VID takes the
+        small-data schedule (:attr:`PAPER_SMALL_DATA`) under the caller's overrides."""
+        config = super().make_config(preset, **overrides)
+        if preset == "paper" and config.data in cls.SMALL_DATA:
+            for key, value in cls.PAPER_SMALL_DATA.items():
+                if key not in overrides:
+                    setattr(config, key, value)
+        return config
+
+    def train_transform(self):
+        return fdata.config_train_transform(self.config)
+
+    def build_loader(self):
+        c = self.config
+        loader = fdata.config_loader(c, self.train, self.dataset.load_frame, transform=self.train_transform(),
+                                     pin_memory=self.device.type == "cuda")
+        if c.iterations is not None:
+            if c.iterations < 1:
+                raise ValueError(f"iterations must be >= 1 or None, got {c.iterations}")
+            c.epochs = -(-c.iterations // max(len(loader), 1))
+        return loader
 
     def setup(self) -> None:
         c = self.config
@@ -204,6 +272,8 @@ class DALTrainer(Trainer):
                 consistent = torch.zeros_like(unique_rows, dtype=torch.bool)
             own = self.intra[unique_rows]
             merged = (own + self.intra[match.clamp_min(0)]) / 2
+            if c.cross_normalize:
+                merged = F.normalize(merged, dim=1)
             self.cross[unique_rows] = torch.where(consistent[:, None], merged, own)
             self.partner[unique_rows] = torch.where(consistent, match, torch.full_like(match, -1))
             self._source_hits += int(hit.sum())

@@ -16,7 +16,7 @@ Per mini-batch (frames ``x`` of tracklets ``i`` in cameras ``t``):
 2. Eqs. 7-8, PCTD: soft-target cross-entropy of every frame over its camera's branch,
    averaged over the batch's frames (:func:`fastassoc.segmented_cross_entropy`).
 3. Eqs. 9-10, CCTA, in the second half of training only (``ccta_start_epoch``, default
-   ``epochs // 2``): ``L_ccta = sum_{s in R(s_i)} ||s_i - s||^2`` where ``R(s_i)`` holds the
+   ``epochs // 2``): ``L_ccta = sum_{s in R(s_i)} ||s_i - s||_2`` where ``R(s_i)`` holds the
    reciprocal cross-camera nearest neighbours of tracklet ``i`` in the memory; ``s_i`` is
    the batch's representation of tracklet ``i`` (mean of its frames' features, carrying
    the gradient) and ``s`` the partner's memory row (a constant). The loss is averaged over
@@ -51,22 +51,33 @@ Readings and options
 ``embed_norm``
     The paper's shared layer is a bare FC layer (False, default); True adds a BatchNorm
     after it, which helps networks trained from scratch.
+``ccta_distance``
+    ``"l2"`` (default): Eq. 10 as typeset, the plain Euclidean norm ``||s_i - s||_2`` (Eq. 10
+    carries one subscript 2, where Eq. 4's squared distance is typeset ``||.||_2^2``);
+    ``"squared"``: its square, the reading of earlier versions (with lambda = 10 about 100
+    times the PCTD loss on long features).
 ``ccta_normalize``
-    False (default): Eq. 10's squared distance of the features as they are; True: of the
-    L2-normalised features (bounded by 4, so that lambda = 10 does not let CCTA swamp PCTD
-    when the features are long).
+    False (default): Eq. 10's distance of the features as they are; True: of the
+    L2-normalised features (the squared distance is then bounded by 4, so that lambda = 10
+    does not let CCTA swamp PCTD when the features are long).
+``train_flip``, ``train_pad``
+    Flip probability and pad-crop padding of the training transform; the paper states none
+    (0 and 0 in the paper preset, with ``train_erasing=0``).
 ``ccta_start_epoch``
     None: the second half of training (the paper); an integer starts CCTA at that epoch.
 
 Presets
 -------
 ``paper``: ResNet-50 + 2048-d FC, Adam 3.5e-4, 200 epochs, batches of 16 tracklets per camera x 4
-frames (384 frames on MARS), alpha = 1, K = 4, lambda = 10, raw squared distances.
-``smoke`` / ``demo`` train the small CNN from scratch on the synthetic world and change three
-things, measured to matter there: a BatchNorm after the shared layer (``embed_norm``), CCTA on
-L2-normalised features (``ccta_normalize``) and lambda = 1 (with raw distances and lambda = 10
-the CCTA term is about 100 times PCTD and the pair precision collapses); Adam 1e-3, 20 / 30
-epochs. Demo preset, rank-1 / mAP: 91.7 / 93.2 with these choices, 75.0 / 79.4 with the paper's
+frames (384 frames on MARS, 128 on the two-camera PRID2011 / iLIDS-VID: the paper's two batch
+sizes), alpha = 1, K = 4, lambda = 10, Eq. 10's plain L2 distance of the raw features; frames
+resized to 256 x 128 with no flip, crop or erasing (the paper states none). Ours, where the paper
+is silent: weight decay 5e-4.
+``smoke`` / ``demo`` train the small CNN from scratch on the synthetic world and change four
+things, measured to matter there: a BatchNorm after the shared layer (``embed_norm``), CCTA as the
+squared distance (``ccta_distance="squared"``) of L2-normalised features (``ccta_normalize``) and
+lambda = 1 (with raw squared distances and lambda = 10 the CCTA term is about 100 times PCTD and
+the pair precision collapses); flip, pad-crop and random erasing; Adam 1e-3, 20 / 30 epochs. Demo preset, rank-1 / mAP: 91.7 / 93.2 with these choices, 75.0 / 79.4 with the paper's
 CCTA (raw distances, lambda = 10); untrained 46.7 / 50.9.
 
 Diagnostics each epoch (ground truth known): ``pairs`` / ``pairs_precision`` (reciprocal
@@ -82,10 +93,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import data as fdata
 from .. import ema_update_, knn_soft_labels, mutual_knn, segmented_cross_entropy, topk_anchors
 from .base import ReidModel, Trainer, TrainConfig, csr_rows, one_hot_csr
 
 CCTA_SEARCHES = ("pooled", "per_camera")
+CCTA_DISTANCES = ("l2", "squared")
 
 
 @dataclass
@@ -99,10 +112,13 @@ class UTALConfig(TrainConfig):
     lambda_ccta: float = 10.0
     ccta_start_epoch: int | None = None
     ccta_search: str = "pooled"
+    ccta_distance: str = "l2"
     ccta_normalize: bool = False
     soft_labels: bool = True
     classifier_bias: bool = True
     classifier_std: float = 0.001
+    train_flip: float = 0.5
+    train_pad: int | None = None
     eval_metric: str = "euclidean"
     eval_normalize: bool = False
 
@@ -142,14 +158,16 @@ class UTALTrainer(Trainer):
     PRESETS = {
         # Small CNN from scratch on the synthetic world: a BN after the shared layer, CCTA on normalised
         # features with lambda = 1 (the paper's lambda = 10 on raw squared distances swamps PCTD here).
-        "smoke": dict(optimizer="adam", lr=1e-3, embed_dim=128, embed_norm=True, ccta_normalize=True, lambda_ccta=1.0,
-                      epochs=20),
-        "demo": dict(optimizer="adam", lr=1e-3, embed_dim=256, embed_norm=True, ccta_normalize=True, lambda_ccta=1.0,
-                     epochs=30),
+        "smoke": dict(optimizer="adam", lr=1e-3, embed_dim=128, embed_norm=True, ccta_distance="squared",
+                      ccta_normalize=True, lambda_ccta=1.0, epochs=20),
+        "demo": dict(optimizer="adam", lr=1e-3, embed_dim=256, embed_norm=True, ccta_distance="squared",
+                     ccta_normalize=True, lambda_ccta=1.0, epochs=30),
         # ResNet-50 (ImageNet, --weights) + 2048-d FC; Adam 3.5e-4, 200 epochs, 4 frames per tracklet,
         # batches of 384 frames: 16 tracklets per camera on MARS's 6 cameras.
+        # Resize only ("resized to 256x128"); weight_decay 5e-4 is ours (the paper gives none).
         "paper": dict(optimizer="adam", lr=3.5e-4, weight_decay=5e-4, epochs=200, embed_dim=2048,
-                      tracklets_per_camera=16, frames_per_tracklet=4, eval_metric="euclidean", eval_normalize=False),
+                      tracklets_per_camera=16, frames_per_tracklet=4, ccta_distance="l2", train_flip=0.0, train_pad=0,
+                      train_erasing=0.0, eval_metric="euclidean", eval_normalize=False),
     }
 
     # ---- construction ------------------------------------------------------------------------
@@ -166,6 +184,9 @@ class UTALTrainer(Trainer):
         c = self.config
         return PerCameraClassifier(len(self.train), self.model.out_dim, c.classifier_bias, c.classifier_std)
 
+    def train_transform(self):
+        return fdata.config_train_transform(self.config)
+
     @property
     def ccta_start(self) -> int:
         c = self.config
@@ -175,6 +196,8 @@ class UTALTrainer(Trainer):
         c = self.config
         if c.ccta_search not in CCTA_SEARCHES:
             raise ValueError(f"ccta_search must be one of {CCTA_SEARCHES}, got {c.ccta_search!r}")
+        if c.ccta_distance not in CCTA_DISTANCES:
+            raise ValueError(f"ccta_distance must be one of {CCTA_DISTANCES}, got {c.ccta_distance!r}")
         with self.association("init memory"):
             self.memory = self.train_features("mean", desc="init memory").contiguous()   # [T, D], tracklet order
         self.associate()
@@ -260,8 +283,10 @@ class UTALTrainer(Trainer):
             mine, theirs = feats.mean(1), self.memory[partners.clamp_min(0)]
             if c.ccta_normalize:
                 mine, theirs = F.normalize(mine, dim=1), F.normalize(theirs, dim=2)
-            diff = mine[:, None, :] - theirs
-            loss_ccta = (diff.pow(2).sum(2) * has).sum() / len(index)         # Eq. 10
+            squared = (mine[:, None, :] - theirs).pow(2).sum(2)
+            # sqrt has an infinite gradient at 0: a partner equal to the batch mean contributes none.
+            distance = squared if c.ccta_distance == "squared" else squared.clamp_min(1e-12).sqrt()
+            loss_ccta = (distance * has).sum() / len(index)                   # Eq. 10
             loss = loss + c.lambda_ccta * loss_ccta                           # Eq. 11
             losses["loss_ccta"] = loss_ccta.detach()
         with torch.no_grad():

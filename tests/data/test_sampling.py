@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastassoc.data import (CameraBalancedSampler, SyntheticTracklets, Tracklet, TrackletFrames, sample_frames,
-                            train_loader, train_transform)
+from fastassoc.data import (CameraBalancedSampler, FrameSampler, SyntheticTracklets, Tracklet, TrackletFrames,
+                            frame_loader, sample_frames, train_loader, train_transform)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,73 @@ def test_train_loader_batches(small_world, num_workers):
         assert Counter(cameras.tolist()) == {0: 2, 1: 2, 2: 2}
     sampler_batches = list(CameraBalancedSampler(small_world.train, 2, num_batches=2, seed=4))
     assert [b[1].tolist() for b in batches] == sampler_batches
+
+
+# -- FrameSampler: single frames, the same number per camera, epochs over the frames ------------------
+
+def _tracklets(lengths_per_camera):
+    return [Tracklet(frames=tuple(f"c{camera}t{i}f{p}" for p in range(length)), camera=camera, pid=i,
+                     tracklet_id=f"c{camera}t{i}")
+            for camera, lengths in enumerate(lengths_per_camera) for i, length in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("num_cameras", [2, 6, 8])
+def test_frame_sampler_gives_every_camera_the_same_number_of_images(num_cameras):
+    """UGA / EEA: 60 images per batch, the same number from each camera, on 2 (PRID, iLIDS),
+    6 (MARS) and 8 (DukeMTMC) cameras; 60 / 8 is not whole, so batches alternate 7 and 8 per
+    camera and every 8 consecutive batches hold 60 of each."""
+    rng = np.random.default_rng(num_cameras)
+    tracklets = _tracklets([rng.integers(1, 30, size=rng.integers(2, 9)).tolist() for _ in range(num_cameras)])
+    sampler = FrameSampler(tracklets, 60, num_batches=3 * num_cameras, seed=1)
+    batches = list(sampler)
+    assert len(batches) == 3 * num_cameras
+    per_batch = [Counter(tracklets[t].camera for t, _ in batch) for batch in batches]
+    for batch, counts in zip(batches, per_batch):
+        assert len(batch) == 60
+        assert set(counts) == set(range(num_cameras))
+        assert max(counts.values()) - min(counts.values()) <= 1
+        assert all(0 <= p < len(tracklets[t]) for t, p in batch)
+    for start in range(0, len(batches), num_cameras):
+        window = sum(per_batch[start:start + num_cameras], Counter())
+        assert set(window.values()) == {60}
+
+
+def test_frame_sampler_epoch_is_one_pass_over_the_frames():
+    tracklets = _tracklets([[5, 9, 3], [4, 4], [20]])
+    total = sum(len(t) for t in tracklets)
+    random = FrameSampler(tracklets, 7, camera_balanced=False, seed=3)
+    assert len(random) == -(-total // 7)
+    seen = [pair for batch in random for pair in batch]
+    # Without camera balance every frame comes once before any comes twice.
+    assert len(set(seen[:total])) == total
+    assert set(seen) == {(i, p) for i, t in enumerate(tracklets) for p in range(len(t))}
+    balanced = FrameSampler(tracklets, 6, seed=3)
+    assert len(balanced) == -(-total // 6)
+    # Each camera's frames are visited in full before any repeats: the first 12 frames of camera 1
+    # (8 frames) hold all 8.
+    camera1 = [pair for batch in balanced for pair in batch if tracklets[pair[0]].camera == 1]
+    assert set(camera1[:8]) == {(i, p) for i, t in enumerate(tracklets) if t.camera == 1 for p in range(len(t))}
+
+
+def test_frame_sampler_epochs_are_reproducible_and_arguments_checked():
+    tracklets = _tracklets([[5, 9], [4, 4]])
+    a, b = FrameSampler(tracklets, 4, seed=2), FrameSampler(tracklets, 4, seed=2)
+    first = list(a)
+    assert first == list(b)
+    assert list(a) != first           # the next epoch
+    a.set_epoch(0)
+    assert list(a) == first
+    with pytest.raises(ValueError, match="batch_size"):
+        FrameSampler(tracklets, 0)
+    with pytest.raises(ValueError, match="num_batches"):
+        FrameSampler(tracklets, 4, num_batches=-1)
+
+
+def test_frame_loader_yields_single_frames_of_the_sampled_tracklets(small_world):
+    loader = frame_loader(small_world.train, small_world.load_frame, batch_size=6,
+                          transform=train_transform(16, 8, erasing=0.0), seed=0)
+    frames, index, cameras = next(iter(loader))
+    assert frames.shape == (6, 1, 3, 16, 8) and frames.dtype == torch.float32
+    assert cameras.tolist() == [small_world.train[i].camera for i in index.tolist()]
+    item, tracklet, camera = TrackletFrames(small_world.train, small_world.load_frame)[(2, 1)]
+    assert item.shape[0] == 1 and tracklet == 2 and camera == small_world.train[2].camera

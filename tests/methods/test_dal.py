@@ -57,8 +57,9 @@ def test_cyclic_ranking_matches_bruteforce(world, mode):
             assert int(match[p]) == t, f"row {p}: match {int(match[p])}, oracle {t}"
 
 
-def test_train_step_losses_and_anchor_updates_follow_equations(world):
-    trainer = _ready(world, margin=0.3, eta=0.5, lambda_cross=0.7)
+@pytest.mark.parametrize("cross_normalize", [False, True])
+def test_train_step_losses_and_anchor_updates_follow_equations(world, cross_normalize):
+    trainer = _ready(world, margin=0.3, eta=0.5, lambda_cross=0.7, cross_normalize=cross_normalize)
     frames, index, cameras = next(iter(trainer.loader))
     count = frames.shape[1]
     rng = np.random.default_rng(4)
@@ -99,6 +100,8 @@ def test_train_step_losses_and_anchor_updates_follow_equations(world):
     for r in np.unique(rows):
         t, ok = matches[r]
         want = (updated[r] + updated[t]) / 2 if ok else updated[r]
+        if cross_normalize:
+            want = want / np.linalg.norm(want)
         np.testing.assert_allclose(trainer.cross[r].numpy(), want, atol=1e-5, err_msg=f"cross anchor row {r}")
         assert int(trainer.partner[r]) == (t if ok else -1)
     untouched = np.setdiff1d(np.arange(len(cams)), rows)
@@ -135,6 +138,46 @@ def test_resume_equals_uninterrupted(tmp_path, world):
         for key in ("loss", "loss_intra", "loss_cross", "assoc_rate"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), f"epoch {epoch + 1} {key}: {a[key]} vs {b[key]}"
     assert resumed["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
+
+
+def test_cross_anchors_have_unit_norm_in_the_paper_reading(world):
+    """Eq. 2 ranks l2-normalised vectors: a merged cross-camera anchor is normalised too (the
+    plain mean of two unit vectors is shorter, e.g. 0.71 for orthogonal ones)."""
+    trainer = _ready(world, cross_normalize=True, epochs=1)
+    trainer.intra[:] = torch.nn.functional.normalize(torch.randn(trainer.intra.shape), dim=1)
+    for frames, index, cameras in trainer.loader:
+        trainer.train_step(frames, index, cameras, epoch=0)
+    merged = (trainer.partner >= 0).numpy()
+    assert merged.any()
+    norms = np.linalg.norm(trainer.cross.numpy().astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_paper_sampling_is_random_frames_and_an_epoch_passes_over_them(world):
+    trainer = _ready(world, sampling="images", batch_size=8)
+    total = sum(len(t) for t in trainer.train)
+    assert len(trainer.loader) == -(-total // 8)
+    frames, index, cameras = next(iter(trainer.loader))
+    assert frames.shape[:2] == (8, 1)
+    np.testing.assert_array_equal(cameras.numpy(), [trainer.train[i].camera for i in index.tolist()])
+    losses = trainer.train_step(frames, index, cameras, epoch=0)
+    assert np.isfinite(float(losses["loss"].detach()))
+
+
+def test_paper_preset_small_data_schedule_and_iterations(world):
+    mars = DALTrainer.make_config("paper")
+    assert (mars.optimizer, mars.lr, mars.batches_per_epoch * mars.epochs, mars.milestones) == ("sgd", 0.01, 100000, (50,))
+    assert (mars.sampling, mars.batch_size, mars.cross_normalize) == ("images", 64, True)
+    assert (mars.train_flip, mars.train_pad, mars.train_erasing) == (0.0, 0, 0.0)
+    for name in ("prid2011", "ilidsvid"):
+        small = DALTrainer.make_config("paper", data=name, root="/nowhere")
+        assert (small.optimizer, small.lr, small.scheduler, small.step_size, small.gamma, small.iterations,
+                small.batches_per_epoch) == ("rmsprop", 0.045, "step", 2, 0.94, 20000, None)
+    assert DALTrainer.make_config("paper", data="prid2011", root="/x", lr=0.01).lr == 0.01
+    # Epochs follow from the iterations once the loader (an epoch over the frames) is known.
+    trainer = _ready(world, sampling="images", batch_size=8, iterations=50)
+    per_epoch = len(trainer.loader)
+    assert trainer.config.epochs == -(-50 // per_epoch)
 
 
 def test_registry_and_options():

@@ -108,3 +108,38 @@ def test_registry_and_options(world):
     assert paper.data_options["tracklets"] == "one_per_camera"
     with pytest.raises(ValueError, match="exemplar_init"):
         EEATrainer(tiny_config(EEATrainer, exemplar_init="zeros"), dataset=world, log=quiet).fit()
+
+
+def test_paper_preset_follows_the_paper():
+    """Eq. 2: plain cosine logits; 60 frames per batch evenly over the cameras, epochs over the
+    frames, resize only; warm-up 30 epochs on MARS and 10 on the other datasets."""
+    paper = EEATrainer.make_config("paper")
+    assert (paper.scale, paper.sampling, paper.batch_size) == (1.0, "camera_images", 60)
+    assert (paper.train_flip, paper.train_pad, paper.train_erasing) == (0.0, 0, 0.0)
+    assert paper.warmup_epochs == 30
+    assert EEATrainer.make_config("paper", data="prid2011", root="/x").warmup_epochs == 10
+    assert EEATrainer.make_config("paper", data="prid2011", root="/x", warmup_epochs=7).warmup_epochs == 7
+    assert EEATrainer.make_config("demo").scale == 10.0
+
+
+def test_scale_multiplies_the_cosine_logits(world):
+    trainer = ready(EEATrainer, world, scale=1.0)
+    frames, index, cameras = next(iter(trainer.loader))
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(frames.shape[0], frames.shape[1], trainer.model.out_dim)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=2, keepdims=True)
+    trainer.frame_features = lambda frames, model=None: torch.from_numpy(feats).requires_grad_()
+    trainer.on_epoch_start(0)
+    loss = float(trainer.train_step(frames, index, cameras, epoch=0)["loss"].detach())
+    exemplars = trainer.heads.weight.detach().numpy().astype(np.float64)
+    exemplars /= np.linalg.norm(exemplars, axis=1, keepdims=True)
+    offsets, position = trainer.layout.offsets.numpy(), trainer.layout.position.numpy()
+    want = []
+    for b, i in enumerate(index.tolist()):
+        camera = trainer.train[i].camera
+        seg = np.arange(offsets[camera], offsets[camera + 1])
+        for f in feats[b].astype(np.float64):
+            cosines = exemplars[seg] @ f                                 # Eq. 2: logits are cosines
+            lse = np.log(np.exp(cosines - cosines.max()).sum()) + cosines.max()
+            want.append(lse - cosines[position[i] - offsets[camera]])
+    assert loss == pytest.approx(float(np.mean(want)), rel=1e-4)

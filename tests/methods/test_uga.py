@@ -1,6 +1,8 @@
 """UGA trainer: Eqs. 1-9 against NumPy oracles, the stage switch, fast vs reference ops, learning, resume."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,22 @@ def test_registry_and_options(world):
     assert paper.data_options["tracklets"] == "one_per_camera"
     with pytest.raises(ValueError, match="graph_mode"):
         UGATrainer(tiny_config(UGATrainer, graph_mode="all"), dataset=world, log=quiet).fit()
+
+
+def test_paper_preset_samples_images_evenly_over_cameras_and_epochs_pass_over_frames(world):
+    """UGA Sec. 4.2: "randomly sampling the same number images from each camera in a mini batch.
+    The batch size of our experiments is set to 60"; resize only."""
+    paper = UGATrainer.make_config("paper")
+    assert (paper.sampling, paper.batch_size, paper.batches_per_epoch) == ("camera_images", 60, None)
+    assert (paper.train_flip, paper.train_pad, paper.train_erasing) == (0.0, 0, 0.0)
+    assert (paper.milestones, paper.intra_epochs, paper.epochs) == ((40, 60), 80, 160)
+    trainer = UGATrainer(tiny_config(UGATrainer, sampling="camera_images", batch_size=6), dataset=world, log=quiet)
+    trainer.prepare()
+    frames_total = sum(len(t) for t in trainer.train)
+    assert len(trainer.loader) == -(-frames_total // 6)
+    counts = Counter()
+    for frames, index, cameras in trainer.loader:
+        assert frames.shape[:2] == (6, 1)
+        assert Counter(cameras.tolist()) == {0: 2, 1: 2, 2: 2}      # 3 cameras divide 6
+        counts.update(cameras.tolist())
+    assert len(set(counts.values())) == 1

@@ -85,10 +85,10 @@ def test_soft_labels_and_reciprocal_pairs_match_bruteforce(world, mode):
     assert not len(bad), f"partner {tuple(bad[0])}: {partners[tuple(bad[0])]} vs oracle {oracle[tuple(bad[0])]}"
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_train_step_follows_equations(world, normalize):
+@pytest.mark.parametrize("normalize,distance", [(False, "squared"), (True, "squared"), (False, "l2"), (True, "l2")])
+def test_train_step_follows_equations(world, normalize, distance):
     trainer = _ready(world, alpha=3.0, lambda_ccta=0.7, ccta_start_epoch=0, classifier_std=0.3,
-                     ccta_normalize=normalize)
+                     ccta_normalize=normalize, ccta_distance=distance)
     frames, index, cameras = next(iter(trainer.loader))
     count = frames.shape[1]
     rng = np.random.default_rng(6)
@@ -122,7 +122,9 @@ def test_train_step_follows_equations(world, normalize):
 
     for b, i in enumerate(tracklets):
         for j in partners[i][partners[i] >= 0]:
-            ccta += ((unit(f[b].mean(0)) - unit(memory0[j])) ** 2).sum()
+            gap = unit(f[b].mean(0)) - unit(memory0[j])
+            # Eq. 10 as typeset: the plain norm ||s_i - s||_2; "squared" is its square.
+            ccta += np.linalg.norm(gap) if distance == "l2" else (gap ** 2).sum()
     ccta /= len(tracklets)
     assert float(losses["loss_pctd"]) == pytest.approx(pctd, rel=1e-4)
     assert float(losses["loss_ccta"]) == pytest.approx(ccta, rel=1e-4)
@@ -163,5 +165,10 @@ def test_registry_and_options(world):
     paper = UTALTrainer.make_config("paper")
     assert (paper.alpha, paper.k, paper.lambda_ccta, paper.embed_dim, paper.lr, paper.epochs) == \
         (1.0, 4, 10.0, 2048, 3.5e-4, 200)
+    assert (paper.ccta_distance, paper.ccta_normalize) == ("l2", False)
+    assert (paper.train_flip, paper.train_pad, paper.train_erasing) == (0.0, 0, 0.0)
+    assert UTALTrainer.make_config("demo").ccta_distance == "squared"
     with pytest.raises(ValueError, match="ccta_search"):
         UTALTrainer(tiny_config(UTALTrainer, ccta_search="both"), dataset=world, log=quiet).fit()
+    with pytest.raises(ValueError, match="ccta_distance"):
+        UTALTrainer(tiny_config(UTALTrainer, ccta_distance="cube"), dataset=world, log=quiet).fit()
