@@ -2,7 +2,8 @@
 
 Workload (issue 4): B = 384 rows, C = 8,298 classes in 6 camera segments of 1,383,
 D = 2,048, UTAL-style soft targets (each row: itself and 4 neighbours, all in its own
-camera segment), float32 and bfloat16.
+camera segment), float32 and bfloat16. ``FASTASSOC_BENCH_SCALE=small`` divides B and C by 8
+and D by 4, as for every benchmark (bench/conftest.py); the scale is in each name.
 
 Providers
 ---------
@@ -26,14 +27,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SCALE as BENCH_SCALE
+from conftest import dim, rows
 
 import fastassoc
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="W-ce needs a CUDA GPU")]
 
-NUM_ROWS, NUM_CLASSES, DIM, NUM_SEGMENTS, NEIGHBOURS = 384, 8298, 2048, 6, 4
-SCALE = 1.0 / 0.1
+NUM_ROWS, NUM_CLASSES, DIM, NUM_SEGMENTS, NEIGHBOURS = rows(384), rows(8298), dim(2048), 6, 4
+LOGIT_SCALE = 1.0 / 0.1
 
 
 def make_workload(dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -61,12 +64,12 @@ def make_workload(dtype: torch.dtype, device: str = "cuda", seed: int = 0):
 
 
 def loss_triton(features, weight, targets, offsets):
-    return fastassoc.segmented_cross_entropy(features, weight, targets, class_offsets=offsets, scale=SCALE,
+    return fastassoc.segmented_cross_entropy(features, weight, targets, class_offsets=offsets, scale=LOGIT_SCALE,
                                              backend="triton")
 
 
 def loss_torch(features, weight, targets, offsets):
-    logits = (features @ weight.T) * SCALE
+    logits = (features @ weight.T) * LOGIT_SCALE
     bounds = offsets.tolist()
     log_probs = torch.cat([torch.log_softmax(logits[:, a:b], dim=1) for a, b in zip(bounds[:-1], bounds[1:])], 1)
     crow = targets.crow_indices()
@@ -129,7 +132,8 @@ def test_w_ce(benchmark, workload, provider):
     forward_backward(provider, features, weight, targets, offsets)  # warm-up / autotune
     benchmark.group = f"W-ce {dtype}"
     benchmark.extra_info.update(peak_memory(provider, features, weight, targets, offsets))
-    benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+    benchmark.extra_info.update(gpu=torch.cuda.get_device_name(), scale=BENCH_SCALE, rows=NUM_ROWS,
+                                classes=NUM_CLASSES, dim=DIM)
     benchmark(forward_backward, provider, features, weight, targets, offsets)
 
 
@@ -138,7 +142,8 @@ def main() -> None:
     import statistics
     import time
 
-    print(f"W-ce on {torch.cuda.get_device_name()}: B={NUM_ROWS} C={NUM_CLASSES} ({NUM_SEGMENTS} segments) D={DIM}")
+    print(f"W-ce on {torch.cuda.get_device_name()}: B={NUM_ROWS} C={NUM_CLASSES} ({NUM_SEGMENTS} segments) D={DIM} "
+          f"(scale {BENCH_SCALE})")
     for dtype in (torch.bfloat16, torch.float32):
         check_agreement(dtype)
         features, weight, targets, offsets = make_workload(dtype)

@@ -16,10 +16,17 @@ Features are re-id-like: each tracklet is its identity's unit centre plus Gaussi
 neighbours are well separated and providers can be compared exactly on indices.
 
 ``FASTASSOC_BENCH_SCALE=small`` shrinks every workload (rows / 8, D / 4) for a quick
-smoke run; the default ``full`` is the named workload. Benchmarks use the fixtures
-``workload`` (a callable: ``workload("W-rank")``), ``gemm_floor`` (seconds of the bare
-float32 GEMMs of given shapes) and ``report`` (stores provider, workload, floor and the
-ratio to it in ``benchmark.extra_info``).
+smoke run; the default ``full`` is the named workload. The scale is the first parameter of
+every benchmark here, so it is part of its name (``test_topk_anchors_w_rank[small-10-cpu]``)
+and ``--benchmark-compare`` never pairs a small run with a full one; ``extra_info`` records
+it too. Benchmarks use the fixtures ``workload`` (a callable: ``workload("W-rank")``),
+``gemm_floor`` (seconds of the bare float32 GEMMs of given shapes), ``report`` (stores
+provider, workload, floor and the ratio to it in ``benchmark.extra_info``) and ``timed``.
+
+Rounds and time budgets are pytest-benchmark's own options: ``timed`` calls
+``benchmark(function)``, so ``--benchmark-min-rounds``, ``--benchmark-max-time``,
+``--benchmark-min-time``, ``--benchmark-warmup`` and ``--benchmark-disable`` all apply and the
+saved JSON's ``rounds`` are the rounds that ran (see bench/COMPARE.md).
 """
 from __future__ import annotations
 
@@ -43,9 +50,9 @@ MARKET_TRAIN, MARKET_TRAIN_IDENTITIES = 12936, 751
 MARKET_QUERIES, MARKET_GALLERY, MARKET_TEST_IDENTITIES = 3368, 15913, 750
 NUM_CAMERAS_MARKET = 6
 
-# Rounds per provider: slow pure-torch/NumPy providers get fewer.
+# Repeats of the untimed helpers (the GEMM floor's median); benchmarks themselves run the
+# rounds pytest-benchmark's options ask for.
 ROUNDS = {"full": 5, "small": 3}[SCALE]
-SLOW_ROUNDS = {"full": 3, "small": 2}[SCALE]
 
 
 SCREEN_PROVIDERS = {"cpu-fp32": "off", "cpu-int8": "always"}
@@ -143,6 +150,18 @@ def _workload(name: str) -> dict:
     raise KeyError(f"unknown workload {name!r}")
 
 
+@pytest.fixture(autouse=True)
+def bench_scale(request):
+    """The workload scale (``full`` or ``small``): a parameter of every benchmark, so that it is
+    part of the benchmark's name (see :func:`pytest_generate_tests`)."""
+    return request.param
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_scale" in metafunc.fixturenames:
+        metafunc.parametrize("bench_scale", [SCALE], ids=[SCALE], indirect=True)
+
+
 @pytest.fixture(scope="session")
 def workload():
     """``workload(name)`` -> dict of tensors for a named workload (cached per session)."""
@@ -191,6 +210,7 @@ def report(benchmark):
                **extra):
         params_text = " ".join(f"{name}={value}" for name, value in (params or {}).items())
         benchmark.extra_info.update(workload=workload, provider=provider, params=params_text, scale=SCALE,
+                                    row_divisor=_ROW_DIVISOR, dim_divisor=_DIM_DIVISOR,
                                     threads=torch.get_num_threads(), **extra)
         if floor is not None:
             benchmark.extra_info["gemm_floor_s"] = floor
@@ -201,13 +221,21 @@ def report(benchmark):
 
 
 def run_timed(benchmark, function, slow: bool = False):
-    """Time ``function`` with fixed rounds (slow providers get fewer)."""
-    return benchmark.pedantic(function, rounds=SLOW_ROUNDS if slow else ROUNDS, iterations=1, warmup_rounds=1)
+    """Time ``function`` with pytest-benchmark's own calibration: its first (calibration) call
+    is the warm-up, then ``max(--benchmark-min-rounds, --benchmark-max-time / duration)``
+    rounds of one call each for anything slower than ``--benchmark-min-time``.
+
+    ``slow`` is accepted from older callers and changes nothing: a slow provider gets
+    ``--benchmark-min-rounds`` rounds because its duration exceeds the time budget; pass
+    ``--benchmark-min-rounds=3`` for a quicker full-scale run."""
+    del slow
+    return benchmark(function)
 
 
 @pytest.fixture(scope="session")
 def timed():
-    """``timed(benchmark, function, slow=False)``: pedantic timing with the scale's rounds."""
+    """``timed(benchmark, function)``: ``benchmark(function)``, honouring pytest-benchmark's
+    round and time options."""
     return run_timed
 
 
