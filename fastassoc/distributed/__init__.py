@@ -1,0 +1,14 @@
+"""Exact sharded association over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+A bank is split by rows over a process group: each rank holds one contiguous block
+(global row = the rows of the lower ranks + local row; a block may be empty). Every op
+here has the semantics of its single-process counterpart on the concatenated bank
+(indices, pairs, graphs, labels; ties to the smaller global index) for any number of
+ranks, takes this rank's block plus ``group``, and is collective: every rank of the group
+calls it. Each op's docstring states the bytes each rank sends; nothing ``B x N`` or
+``N x N`` crosses the wire.
+"""
+from .knn import mutual_knn, topk_anchors
+from ._comm import BYTES_SENT, ShardLayout
+
+__all__ = ["topk_anchors", "mutual_knn", "ShardLayout", "BYTES_SENT"]
