@@ -1,6 +1,8 @@
 """TSSL trainer: Eqs. 4-8 against NumPy / dense-torch oracles, fast vs reference ops, learning, resume."""
 from __future__ import annotations
 
+import json
+
 import contextlib
 
 import numpy as np
@@ -70,8 +72,9 @@ def test_negatives_use_cyclic_ranking(world):
     assert trainer._negatives(v).tolist() == order[:, 0].tolist()
 
 
-def test_train_step_losses_follow_equations(world):
-    trainer = _ready(world, alpha=2.0, scale=10.0, lambda_neighbour=0.1, tau=0.1, eta=0.5)
+@pytest.mark.parametrize("features", ["reformulated", "original"])
+def test_train_step_losses_follow_equations(world, features):
+    trainer = _ready(world, alpha=2.0, scale=10.0, lambda_neighbour=0.1, tau=0.1, eta=0.5, tracklet_features=features)
     frames, index, cameras = next(iter(trainer.loader))
     count = trainer.config.frames_per_tracklet
     rng = np.random.default_rng(5)
@@ -90,6 +93,8 @@ def test_train_step_losses_follow_equations(world):
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     pooled = [np.concatenate([f[b, :count], np.delete(f[b, count:], held_out[b], 0)]).mean(0) for b in range(len(f))]
     v = unit(np.array(pooled))
+    # Eq. 1: V_i of the original tracklet (its L training-transform frames) feeds Eqs. 6-7.
+    v1 = unit(f[:, :count].mean(1)) if features == "original" else v
     pos = unit(f[np.arange(len(f)), count + held_out])
     batch_dist = np.linalg.norm(v[:, None] - v[None], axis=-1)
     np.fill_diagonal(batch_dist, np.inf)
@@ -100,7 +105,7 @@ def test_train_step_losses_follow_equations(world):
 
     memory = memory0.copy()                          # Eq. 6 before Eq. 5
     for b in range(len(v)):
-        memory[idx[b]] = unit(0.5 * memory0[idx[b]] + 0.5 * v[b])
+        memory[idx[b]] = unit(0.5 * memory0[idx[b]] + 0.5 * v1[b])
     np.testing.assert_allclose(trainer.memory.numpy(), memory, atol=1e-5)
     mem_dist = np.linalg.norm(v[:, None] - memory[None], axis=-1)
     mem_dist[np.arange(len(v)), idx] = np.inf
@@ -110,7 +115,7 @@ def test_train_step_losses_follow_equations(world):
     loss_n = 0.1 * (10.0 * mem_dist[np.arange(len(v)), neighbour] + lse).mean()
     assert float(losses["loss_neighbour"]) == pytest.approx(loss_n, rel=1e-4)
 
-    cluster_logits = v @ clusters.T / 0.1             # Eq. 7
+    cluster_logits = v1 @ clusters.T / 0.1            # Eq. 7
     top = cluster_logits.max(1, keepdims=True)
     log_prob = cluster_logits - (np.log(np.exp(cluster_logits - top).sum(1, keepdims=True)) + top)
     loss_c = -log_prob[np.arange(len(v)), labels[idx]].mean()
@@ -120,7 +125,7 @@ def test_train_step_losses_follow_equations(world):
     trainer.after_step(frames, index, cameras, 0)      # cluster memory EMA after the step
     expected = clusters.copy()
     for b in range(len(v)):
-        expected[labels[idx[b]]] = unit(0.5 * clusters[labels[idx[b]]] + 0.5 * v[b])
+        expected[labels[idx[b]]] = unit(0.5 * clusters[labels[idx[b]]] + 0.5 * v1[b])
     np.testing.assert_allclose(trainer.cluster_memory.numpy(), expected, atol=1e-5)
 
 
@@ -240,12 +245,39 @@ def test_resume_equals_uninterrupted(tmp_path, world):
     assert resumed["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
 
 
+def test_every_merging_step_is_evaluated_and_the_report_gives_final_and_best_step(world, tmp_path):
+    """Algorithm 1 lines 17-18: an evaluation after each merging step; the report keeps the last
+    model as ``final`` and names the paper's test-set choice ``best_step``."""
+    config = _tiny(epochs=4, max_merge_steps=2, eval_merge_steps=True, baseline=False)
+    trainer = TSSLTrainer(config, tmp_path, dataset=world, log=_quiet)
+    report = trainer.fit()
+    steps = report["merge_step_evals"]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    merged_epochs = [record["epoch"] for record in report["history"] if record["merges"] > 0]
+    assert [entry["epoch"] for entry in steps] == merged_epochs
+    for entry in steps:
+        record = report["history"][entry["epoch"] - 1]
+        assert record["rank1"] == entry["rank1"] and record["mAP"] == entry["mAP"]
+    assert report["final"]["rank1"] == report["rank1"] and report["final"]["mAP"] == report["mAP"]
+    candidates = steps + [report["final"]]
+    assert report["best_step"]["rank1"] == max(entry["rank1"] for entry in candidates)
+    assert "test set" in report["model_selection"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["best_step"] == report["best_step"] and len(saved["merge_step_evals"]) == 2
+
+
+def test_unknown_linkage_is_refused_naming_the_choices(world):
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        _ready(world, linkage="tssl_text")
+
+
 def test_registry_and_presets():
     assert get_trainer("tssl") is TSSLTrainer
     paper = TSSLTrainer.make_config("paper")
     assert (paper.alpha, paper.scale, paper.lambda_neighbour, paper.eta, paper.tau, paper.delta, paper.neighbours) == \
         (2.0, 10.0, 0.1, 0.5, 0.1, 0.05, 4)
     assert paper.backbone == "resnet50" and paper.first_stage_epochs == 20 and paper.epochs_per_stage == 5
+    assert (paper.tracklet_features, paper.eval_merge_steps, paper.max_merge_steps) == ("original", True, None)
     for preset in ("smoke", "demo"):
         config = TSSLTrainer.make_config(preset)
         # Every loss term and progressive merging stay on; no camera information is used.
