@@ -12,8 +12,15 @@ Video datasets (one tracklet per track, frames in time order):
     ``info/test_name.txt``, ``info/tracks_train_info.mat`` (``track_train_info``),
     ``info/tracks_test_info.mat`` (``track_test_info``), rows ``start, end, pid, camid``
     (1-based, inclusive rows of the name list), and ``info/query_IDX.mat`` (``query_IDX``,
-    1-based rows of the test tracks). Query = the ``query_IDX`` tracks, gallery = every other
-    test track (pid 0: distractors, kept; pid -1: junk, kept only with ``keep_junk=True``).
+    1-based rows of the test tracks). Query = the ``query_IDX`` tracks. ``protocol="official"``
+    (default, the MARS authors' evaluation code): the gallery is every test track, the queries'
+    own tracks included, and a query's same-identity same-camera tracks (its own among them)
+    are junk, which :func:`fastassoc.evaluate_ranking` removes from its ranking.
+    ``protocol="torchreid"``: the gallery is every test track not in ``query_IDX`` (torchreid's
+    and most PyTorch code's convention; a query's same-identity tracks of other queries are then
+    missing from its gallery). pid 0: distractors, kept; pid -1: junk, kept only with
+    ``keep_junk=True`` (junk for every query either way). The dataset's ``protocol`` attribute
+    says which was used.
 ``prid2011`` [``prid_2011``]
     ``multi_shot/cam_a|cam_b/person_NNNN/NNNN.png``. Only the first 200 person folders of each
     camera show the same people; the protocol keeps those seen in both cameras with more than
@@ -46,7 +53,19 @@ tracklet (as UTAL, UGA and EEA do) and every query / gallery image is a one-fram
 Options every loader takes: ``tracklets="all"`` (UTAL, DAL, TSSL) or ``"one_per_camera"`` (one
 randomly chosen training tracklet per identity per camera, seeded by ``sampling_seed``: the
 sparse sampling UGA and EEA assume; a no-op for image datasets). Video datasets also take
-``min_frames`` (drop shorter *training* tracklets).
+``min_frames`` (drop shorter *training* tracklets). PRID2011 and iLIDS-VID take ``split`` (a
+seed of the random halves) or ``split_file`` (a JSON file of canonical splits, below).
+
+Validation when the index loads: every frame a list file names (MARS, MSMT17) must exist; the
+error gives how many are missing and the first paths (other layouts list their folders, so
+their files exist). A ``.mat`` file that cannot be read, and later an image that cannot be
+decoded, raise an error naming the file.
+
+Split files (PRID2011, iLIDS-VID)
+    JSON: a list of splits, each ``{"train": [person numbers], "test": [person numbers]}``
+    (the layout of the files distributed with the iLIDS-VID / PRID2011 protocols, and of
+    torchreid's ``splits_*.json`` with ``"train"`` / ``"test"`` lists of person numbers);
+    ``split`` then picks the entry. Persons must be ones the dataset holds.
 """
 from __future__ import annotations
 
@@ -124,7 +143,12 @@ def _read_lines(name: str, path: Path) -> list[str]:
 def _load_mat(name: str, path: Path, key: str) -> np.ndarray:
     from scipy.io import loadmat
 
-    content = loadmat(str(_require_file(name, path)))
+    try:
+        content = loadmat(str(_require_file(name, path)))
+    except FileNotFoundError:
+        raise
+    except Exception as error:   # scipy raises ValueError / MatReadError / OSError... for damaged files
+        raise ValueError(f"{name}: cannot read {path}: {error}") from error
     if key not in content:
         keys = [k for k in content if not k.startswith("__")]
         if len(keys) != 1:
@@ -154,9 +178,35 @@ def _mars_tracks(root: Path, folder: str, names: list[str], meta: np.ndarray, in
     return tracklets
 
 
+MARS_PROTOCOLS = ("official", "torchreid")
+
+
+def check_frames_exist(name: str, tracklets, *, shown: int = 5) -> None:
+    """Raise :class:`FileNotFoundError` when frames of ``tracklets`` are missing on disk: how many,
+    of how many, and the first ``shown`` paths. One directory listing per folder, not one
+    ``stat`` per frame."""
+    by_folder: dict[str, list[str]] = {}
+    for tracklet in tracklets:
+        for frame in tracklet.frames:
+            by_folder.setdefault(os.path.dirname(frame), []).append(frame)
+    missing, total = [], 0
+    for folder, frames in by_folder.items():
+        total += len(frames)
+        try:
+            present = {entry.name for entry in os.scandir(folder) if entry.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            present = set()
+        missing += [frame for frame in frames if os.path.basename(frame) not in present]
+    if missing:
+        raise FileNotFoundError(f"{name}: {len(missing)} of {total} frame files the lists name are missing, e.g. "
+                                + ", ".join(missing[:shown]))
+
+
 def load_mars(root, *, tracklets: str = "all", sampling_seed: int = 0, min_frames: int = 0,
-              keep_junk: bool = False) -> TrackletDataset:
+              keep_junk: bool = False, protocol: str = "official") -> TrackletDataset:
     """MARS (1,261 identities, 6 cameras, 20,478 tracklets); see the module docstring."""
+    if protocol not in MARS_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {MARS_PROTOCOLS}, got {protocol!r}")
     base = _locate("mars", root, "info", ("MARS", "mars"))
     info = base / "info"
     for folder in ("bbox_train", "bbox_test"):
@@ -170,15 +220,18 @@ def load_mars(root, *, tracklets: str = "all", sampling_seed: int = 0, min_frame
     test = _mars_tracks(base, "bbox_test", test_names, test_meta, info / "tracks_test_info.mat")
     if query_rows.size and (query_rows.min() < 0 or query_rows.max() >= len(test)):
         raise ValueError(f"mars: {info / 'query_IDX.mat'} indexes tracks outside 1..{len(test)}")
+    check_frames_exist("mars", train + test)
     is_query = np.zeros(len(test), dtype=bool)
     is_query[query_rows] = True
     query = [test[i] for i in dict.fromkeys(query_rows.tolist())]  # query_IDX order, duplicates once
-    gallery = [t for t, q in zip(test, is_query) if not q]
+    # official: all test tracks (a query's own track is same-id same-camera junk for it); torchreid: the rest.
+    gallery = list(test) if protocol == "official" else [t for t, q in zip(test, is_query) if not q]
     if not keep_junk:
         query = [t for t in query if t.pid != -1]
         gallery = [t for t in gallery if t.pid != -1]
     train = _min_frames([t for t in train if t.pid >= 0], min_frames)
-    return TrackletDataset("mars", select_train_tracklets(train, tracklets, sampling_seed), query, gallery)
+    return TrackletDataset("mars", select_train_tracklets(train, tracklets, sampling_seed), query, gallery,
+                           protocol=f"mars-{protocol}")
 
 
 def _person_sequences(name: str, camera_dir: Path, pattern: str) -> dict[int, tuple[str, ...]]:
@@ -191,9 +244,52 @@ def _person_sequences(name: str, camera_dir: Path, pattern: str) -> dict[int, tu
     return sequences
 
 
+def _person_number(name: str, path: Path, value) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    match = re.search(r"(\d+)\s*$", str(value))
+    if match is None:
+        raise ValueError(f"{name}: split file {path} lists {value!r}, neither a person number nor a person folder name")
+    return int(match.group(1))
+
+
+def read_split_file(name: str, path: str | os.PathLike, split: int, persons: list[int]
+                    ) -> tuple[list[int], list[int]]:
+    """Train and test persons of entry ``split`` of a JSON split file (module docstring)."""
+    import json
+
+    path = _require_file(name, Path(path).expanduser())
+    try:
+        splits = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{name}: cannot read split file {path}: {error}") from error
+    if isinstance(splits, dict):
+        splits = [splits]
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "test"} <= set(s) for s in splits):
+        raise ValueError(f"{name}: split file {path} must hold a list of {{'train': [...], 'test': [...]}} entries")
+    if not isinstance(split, (int, np.integer)) or not 0 <= split < len(splits):
+        raise ValueError(f"split must be an integer in [0, {len(splits)}) for {path}, got {split!r}")
+    train = sorted({_person_number(name, path, v) for v in splits[split]["train"]})
+    test = sorted({_person_number(name, path, v) for v in splits[split]["test"]})
+    overlap = sorted(set(train) & set(test))
+    if overlap:
+        raise ValueError(f"{name}: split {split} of {path} puts persons {overlap[:5]} in both train and test")
+    unknown = sorted(set(train + test) - set(persons))
+    if unknown:
+        raise ValueError(f"{name}: split {split} of {path} names {len(unknown)} persons this dataset does not hold "
+                         f"(in both cameras, long enough), e.g. {unknown[:5]}")
+    return train, test
+
+
 def _two_camera_dataset(name: str, cameras: list[dict[int, tuple[str, ...]]], persons: list[int], split: int,
-                        id_format: str, tracklets: str, sampling_seed: int, min_frames: int) -> TrackletDataset:
-    train_persons, test_persons = _split_persons(persons, split)
+                        id_format: str, tracklets: str, sampling_seed: int, min_frames: int,
+                        split_file: str | os.PathLike | None = None) -> TrackletDataset:
+    if split_file is not None:
+        train_persons, test_persons = read_split_file(name, split_file, split, persons)
+        protocol = f"split {split} of {split_file}"
+    else:
+        train_persons, test_persons = _split_persons(persons, split)
+        protocol = f"random split {split} (seeded halves)"
 
     def tracklet(person: int, camera: int) -> Tracklet:
         return Tracklet(frames=cameras[camera][person], camera=camera, pid=person,
@@ -202,14 +298,15 @@ def _two_camera_dataset(name: str, cameras: list[dict[int, tuple[str, ...]]], pe
     train = _min_frames([tracklet(p, c) for p in train_persons for c in (0, 1)], min_frames)
     query = [tracklet(p, 0) for p in test_persons]
     gallery = [tracklet(p, 1) for p in test_persons]
-    return TrackletDataset(name, select_train_tracklets(train, tracklets, sampling_seed), query, gallery)
+    return TrackletDataset(name, select_train_tracklets(train, tracklets, sampling_seed), query, gallery,
+                           protocol=protocol)
 
 
 PRID_SHARED_PERSONS = 200  # person_0001..person_0200 are the same people in cam_a and cam_b
 
 
 def load_prid2011(root, *, split: int = 0, min_frames: int = 28, tracklets: str = "all",
-                  sampling_seed: int = 0) -> TrackletDataset:
+                  sampling_seed: int = 0, split_file: str | os.PathLike | None = None) -> TrackletDataset:
     """PRID2011 multi-shot (178 persons of the protocol, 2 cameras); see the module docstring.
 
     ``min_frames`` selects the protocol's persons (both tracklets at least that long), so unlike
@@ -220,17 +317,17 @@ def load_prid2011(root, *, split: int = 0, min_frames: int = 28, tracklets: str 
     persons = [p for p in sorted(set(cameras[0]) & set(cameras[1]))
                if p <= PRID_SHARED_PERSONS and min(len(cameras[0][p]), len(cameras[1][p])) >= min_frames]
     return _two_camera_dataset("prid2011", cameras, persons, split, "cam{camera}_person_{person:04d}", tracklets,
-                               sampling_seed, 0)
+                               sampling_seed, 0, split_file)
 
 
 def load_ilidsvid(root, *, split: int = 0, tracklets: str = "all", sampling_seed: int = 0,
-                  min_frames: int = 0) -> TrackletDataset:
+                  min_frames: int = 0, split_file: str | os.PathLike | None = None) -> TrackletDataset:
     """iLIDS-VID (300 persons, 2 cameras); see the module docstring."""
     base = _locate("ilidsvid", root, "sequences", ("i-LIDS-VID", "iLIDS-VID"))
     cameras = [_person_sequences("ilidsvid", base / "sequences" / cam, r"person(\d+)") for cam in ("cam1", "cam2")]
     persons = sorted(set(cameras[0]) & set(cameras[1]))
     return _two_camera_dataset("ilidsvid", cameras, persons, split, "cam{camera}_person{person:03d}", tracklets,
-                               sampling_seed, min_frames)
+                               sampling_seed, min_frames, split_file)
 
 
 _DUKE_VIDEO_NAME = re.compile(r"(-?\d+)_?C(\d+)_?F(\d+)")
@@ -351,6 +448,7 @@ def load_msmt17(root, *, include_val: bool = True, tracklets: str = "all", sampl
     train = _camera_tracklets(records)
     query = _image_tracklets(_msmt_list(base, test_dir, "list_query.txt"), True)
     gallery = _image_tracklets(_msmt_list(base, test_dir, "list_gallery.txt"), True)
+    check_frames_exist("msmt17", train + query + gallery)
     return TrackletDataset("msmt17", select_train_tracklets(train, tracklets, sampling_seed), query, gallery)
 
 
@@ -378,8 +476,9 @@ def load_dataset(name: str, root: str | os.PathLike, **options) -> TrackletDatas
         Market-1501), or the folder holding the official archive's folder.
     **options
         ``tracklets`` (``"all"`` | ``"one_per_camera"``) and ``sampling_seed`` for every
-        dataset; ``min_frames`` for video datasets; ``split`` for prid2011 / ilidsvid;
-        ``keep_junk`` for mars / market1501 / dukemtmc; ``include_val`` for msmt17. See the
+        dataset; ``min_frames`` for video datasets; ``split`` and ``split_file`` for prid2011 /
+        ilidsvid; ``keep_junk`` for mars / market1501 / dukemtmc; ``protocol`` for mars;
+        ``include_val`` for msmt17. See the
         module docstring for what each layout expects and how query / gallery are built.
 
     Returns

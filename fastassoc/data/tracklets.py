@@ -54,8 +54,14 @@ class Tracklet:
 def _open_image(path: str):
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:
+        # PIL names neither the file of a truncated JPEG ("image file is truncated") nor of an unknown format.
+        raise OSError(f"cannot decode image {path}: {error}") from error
 
 
 class TrackletDataset:
@@ -69,12 +75,19 @@ class TrackletDataset:
         The splits, stored as tuples. Train and test identities are disjoint; query and
         gallery follow the dataset's official protocol.
     frame_loader : callable str -> PIL.Image.Image, optional
-        Reads one frame; by default the frame is a path, opened with PIL and converted to RGB.
+        Reads one frame; by default the frame is a path, opened with PIL and converted to RGB
+        (a file PIL cannot decode raises :class:`OSError` naming it).
+    protocol : str, optional
+        The evaluation protocol the query / gallery follow when a dataset has several (e.g.
+        ``"mars-official"`` or ``"mars-torchreid"``; ``"split 3"`` style names for random
+        splits); reports copy it.
     """
 
     def __init__(self, name: str, train: Sequence[Tracklet], query: Sequence[Tracklet],
-                 gallery: Sequence[Tracklet], frame_loader: Callable[[str], object] | None = None):
+                 gallery: Sequence[Tracklet], frame_loader: Callable[[str], object] | None = None,
+                 protocol: str | None = None):
         self.name = name
+        self.protocol = protocol
         self.train = tuple(train)
         self.query = tuple(query)
         self.gallery = tuple(gallery)

@@ -209,12 +209,19 @@ def test_mars(tmp_path):
     ds = load_dataset("mars", tmp_path)
     assert as_set(ds.train) == mars_set(MARS_TRAIN)
     assert as_set(ds.query) == mars_set([MARS_TEST[0], MARS_TEST[5]])
-    assert as_set(ds.gallery) == mars_set([MARS_TEST[i] for i in (1, 2, 3, 6)])  # junk row 4 dropped
+    # Official protocol: every test track is in the gallery, the queries' own included (junk row 4 dropped).
+    assert as_set(ds.gallery) == mars_set([MARS_TEST[i] for i in (0, 1, 2, 3, 5, 6)])
+    assert ds.protocol == "mars-official"
+    torchreid = load_dataset("mars", tmp_path, protocol="torchreid")
+    assert as_set(torchreid.gallery) == mars_set([MARS_TEST[i] for i in (1, 2, 3, 6)])
+    assert torchreid.protocol == "mars-torchreid"
     assert [t.tracklet_id for t in ds.query] == ["0003C1T0001", "0004C1T0001"]
     assert all(Path(f).parent.name == Path(f).name[:4] and Path(f).parent.parent.name == "bbox_train"
                for t in ds.train for f in t.frames)
-    junk = load_dataset("mars", tmp_path, keep_junk=True)
+    junk = load_dataset("mars", tmp_path, keep_junk=True, protocol="torchreid")
     assert as_set(junk.gallery) == mars_set([MARS_TEST[i] for i in (1, 2, 3, 4, 6)])
+    with pytest.raises(ValueError, match="protocol"):
+        load_dataset("mars", tmp_path, protocol="prid")
     sparse = load_dataset("mars", tmp_path, tracklets="one_per_camera", sampling_seed=3)
     assert sorted((t.pid, t.camera) for t in sparse.train) == [(1, 0), (1, 1), (2, 0)]
     assert as_set(sparse.train) <= as_set(ds.train)
@@ -240,6 +247,82 @@ def test_mars_missing_info_file_and_mismatch(tmp_path):
                      {"track_train_info": np.array(rows, dtype=np.float64)})
     with pytest.raises(ValueError, match="row 1"):
         load_dataset("mars", tmp_path)
+
+
+def _oracle_mars_rank1(query, gallery, distance):
+    """The MARS authors' rule per query: rank the gallery by distance (ties by position), drop
+    junk (same identity and camera, the query's own track among them; identity -1), and score
+    a hit when the first remaining track has the query's identity."""
+    hits = []
+    for qi, q in enumerate(query):
+        order = sorted(range(len(gallery)), key=lambda g: (distance[qi][g], g))
+        kept = [g for g in order if not ((gallery[g].pid == q.pid and gallery[g].camera == q.camera)
+                                         or gallery[g].pid == -1)]
+        if any(gallery[g].pid == q.pid for g in kept):
+            hits.append(gallery[kept[0]].pid == q.pid)
+    return float(np.mean(hits)), len(hits)
+
+
+@pytest.mark.parametrize("protocol", ["official", "torchreid"])
+def test_mars_protocol_junk_rules_on_the_fixture_tree(tmp_path, protocol):
+    """Features that put every query's own track (and same-camera tracks of its identity) first:
+    the ranking must skip them as junk, under the official protocol as under torchreid's."""
+    import torch
+
+    from fastassoc import data, evaluate_ranking
+
+    build_mars(tmp_path)
+    ds = load_dataset("mars", tmp_path, protocol=protocol)
+    rng = np.random.default_rng(0)
+
+    def feature(t):
+        # Identity and camera in the first coordinates: same-camera same-identity tracks are nearest.
+        return np.array([10.0 * t.pid, 3.0 * t.camera, *rng.normal(scale=0.01, size=2)])
+
+    qf = np.stack([feature(t) for t in ds.query])
+    gf = np.stack([feature(t) for t in ds.gallery])
+    qp, qc = data.tracklet_labels(ds.query)
+    gp, gc = data.tracklet_labels(ds.gallery)
+    result = evaluate_ranking(torch.from_numpy(qf).float(), torch.from_numpy(gf).float(), qp, gp, qc, gc,
+                              backend="reference")
+    distance = np.linalg.norm(qf[:, None] - gf[None], axis=-1)
+    rank1, valid = _oracle_mars_rank1(ds.query, ds.gallery, distance)
+    assert int(result.num_valid_queries) == valid
+    assert float(result.cmc[0]) == pytest.approx(rank1)
+
+
+def test_mars_missing_frames_are_counted_and_named(tmp_path):
+    build_mars(tmp_path)
+    (tmp_path / "bbox_train" / "0001" / "0001C1T0001F002.jpg").unlink()
+    (tmp_path / "bbox_test" / "0004" / "0004C6T0001F001.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"2 of 18 frame files .* missing.*0001C1T0001F002\.jpg"):
+        load_dataset("mars", tmp_path)
+
+
+def test_corrupt_mat_file_is_named(tmp_path):
+    build_mars(tmp_path)
+    (tmp_path / "info" / "tracks_test_info.mat").write_bytes(b"not a mat file at all" * 10)
+    with pytest.raises(ValueError, match="tracks_test_info.mat"):
+        load_dataset("mars", tmp_path)
+
+
+def test_undecodable_image_is_named(tmp_path):
+    build_mars(tmp_path)
+    broken = tmp_path / "bbox_train" / "0001" / "0001C1T0001F001.jpg"
+    broken.write_bytes(JPEG[: len(JPEG) // 2])           # a truncated JPEG
+    ds = load_dataset("mars", tmp_path)
+    with pytest.raises(OSError, match="0001C1T0001F001.jpg"):
+        ds.load_frame(str(broken))
+    (tmp_path / "bbox_train" / "0001" / "0001C1T0001F002.jpg").write_bytes(b"garbage")
+    with pytest.raises(OSError, match="0001C1T0001F002.jpg"):
+        ds.load_frame(str(tmp_path / "bbox_train" / "0001" / "0001C1T0001F002.jpg"))
+
+
+def test_msmt17_missing_listed_image_is_named(tmp_path):
+    build_msmt(tmp_path, "train", "test")
+    (tmp_path / "test" / "0001" / "0001_000_02_0303noon_0015_1.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="1 of .* missing.*0001_000_02_0303noon_0015_1.jpg"):
+        load_dataset("msmt17", tmp_path)
 
 
 # -- PRID2011 / iLIDS-VID ----------------------------------------------------------------------------
@@ -272,6 +355,24 @@ def test_prid2011(tmp_path):
     assert len(partitions) > 1  # the split index changes the halves
     relaxed = load_dataset("prid2011", tmp_path, min_frames=27)
     assert {t.pid for t in relaxed.train + relaxed.query} == {1, 2, 3, 4, 5}
+
+
+def test_prid2011_split_file(tmp_path):
+    import json
+
+    build_prid(tmp_path)
+    splits = [{"train": ["person_0001", "person_0004"], "test": ["person_0002", "person_0005"]},
+              {"train": [2, 5], "test": [1, 4]}]
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    for split, (train, test) in enumerate([({1, 4}, {2, 5}), ({2, 5}, {1, 4})]):
+        ds = load_dataset("prid2011", tmp_path, split=split, split_file=tmp_path / "splits.json")
+        assert {t.pid for t in ds.train} == train and {t.pid for t in ds.query} == test
+        assert "splits.json" in ds.protocol
+    with pytest.raises(ValueError, match="split must be"):
+        load_dataset("prid2011", tmp_path, split=2, split_file=tmp_path / "splits.json")
+    (tmp_path / "bad.json").write_text(json.dumps([{"train": [1, 3], "test": [2]}]))   # person 3 is too short
+    with pytest.raises(ValueError, match="does not hold"):
+        load_dataset("prid2011", tmp_path, split_file=tmp_path / "bad.json")
 
 
 def test_ilidsvid(tmp_path):
