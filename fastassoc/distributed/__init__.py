@@ -8,10 +8,11 @@ ranks, takes this rank's block plus ``group``, and is collective: every rank of 
 calls it. Each op's docstring states the bytes each rank sends; nothing ``B x N`` or
 ``N x N`` crosses the wire.
 """
+from .evaluation import evaluate_ranking
 from .graph import cross_camera_graph, knn_soft_labels
 from .knn import mutual_knn, topk_anchors
 from .memory import ema_update_
 from ._comm import BYTES_SENT, ShardLayout
 
-__all__ = ["topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "ema_update_", "ShardLayout",
+__all__ = ["evaluate_ranking", "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "ema_update_", "ShardLayout",
            "BYTES_SENT"]
