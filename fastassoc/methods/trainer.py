@@ -74,6 +74,7 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_write_text, rea
 from .config import (OPTIMIZERS, RUNTIME_FIELDS, SCHEDULERS, TrainConfig, config_differences, jsonable,
                      resolve_config)
 from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
+from .environment import run_environment
 from .plots import plot_run
 
 
@@ -146,6 +147,9 @@ class Trainer:
         self.start_epoch = 0
         self.prepared = False
         self._assoc_times: dict[str, float] = {}
+        self._assoc_total = 0.0          # seconds inside association() since construction
+        self.timing: dict[str, Any] = {}  # wall time per phase (report["timing"]), kept across resumes
+        self.step_evaluations: list[dict] = []
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -339,7 +343,9 @@ class Trainer:
             if total is None:
                 bar.update(1)
         key = "time_" + "".join(ch if ch.isalnum() else "_" for ch in desc.lower()).strip("_")
-        self._assoc_times[key] = self._assoc_times.get(key, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._assoc_times[key] = self._assoc_times.get(key, 0.0) + elapsed
+        self._assoc_total += elapsed
 
     def pair_diagnostics(self, ia: torch.Tensor, ib: torch.Tensor, prefix: str = "pairs") -> dict:
         """:func:`pair_diagnostics` against the training tracklets' ground truth (tracklet indices)."""
@@ -439,21 +445,26 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
+        started = time.perf_counter()
         if self.out_dir is not None:
             for stale in remove_stale_temporaries(self.out_dir):
                 self.log(f"[{self.name}] removed {stale.name}, left by an interrupted write")
         self.prepare()
-        started = time.perf_counter()
+        timing = self.timing
+        timing["setup_seconds"] = timing.get("setup_seconds", 0.0) + time.perf_counter() - started
         self._assoc_times = {}
         if self.start_epoch == 0 and not self.history:
             if c.bn_warmup_batches:
-                self.calibrate_batchnorm(c.bn_warmup_batches)
+                with self._timed("batchnorm_warmup_seconds"):
+                    self.calibrate_batchnorm(c.bn_warmup_batches)
             if c.baseline:
-                self.baseline = self.evaluate(desc="baseline")
+                with self._timed("baseline_eval_seconds"):
+                    self.baseline = self.evaluate(desc="baseline")
                 self.log(f"[{self.name}] untrained network: rank-1 {100 * self.baseline['rank1']:.1f}  "
                          f"mAP {100 * self.baseline['mAP']:.1f}")
-            self.setup()
-            self.baseline_diagnostics = self.initial_diagnostics() or {}
+            with self._timed("method_setup_seconds"):
+                self.setup()
+                self.baseline_diagnostics = self.initial_diagnostics() or {}
             self._setup_times = dict(self._assoc_times)
         epochs = tqdm(range(self.start_epoch, c.epochs), desc=f"{self.name} epochs", initial=self.start_epoch,
                       total=c.epochs, disable=not self.show_progress)
@@ -466,15 +477,21 @@ class Trainer:
                 self.save_checkpoint()
             if stop_after is not None and self.start_epoch >= stop_after and self.start_epoch < c.epochs:
                 epochs.close()
+                timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - started
                 return None
         epochs.close()
-        self.final = self.evaluate(desc="final")
-        report = self.report(time.perf_counter() - started)
+        with self._timed("final_eval_seconds"):
+            self.final = self.evaluate(desc="final")
+        if self.out_dir is not None and c.plots:
+            with self._timed("plots_seconds"):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.plot()
+        seconds = time.perf_counter() - started
+        timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + seconds
+        report = self.report(seconds)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(jsonable(report), indent=2), self.out_dir / "report.json")
-            if c.plots:
-                self.plot()
         base = f"baseline rank-1 {100 * self.baseline['rank1']:.1f} mAP {100 * self.baseline['mAP']:.1f} -> " \
             if self.baseline else ""
         self.log(f"[{self.name}] {base}final rank-1 {100 * self.final['rank1']:.1f} mAP {100 * self.final['mAP']:.1f}")
@@ -489,10 +506,13 @@ class Trainer:
         self.model.train()
         if self.heads is not None:
             self.heads.train()
+        self._epoch = epoch
+        assoc_start = self._assoc_total
         self.on_epoch_start(epoch)
         self.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         steps = 0
+        loop_start, loop_assoc_start = time.perf_counter(), self._assoc_total
         bar = tqdm(self.loader, desc=f"  epoch {epoch + 1}/{c.epochs}", leave=False, disable=not self.show_progress)
         for frames, index, cameras in bar:
             frames = frames.to(self.device, non_blocking=True)
@@ -510,6 +530,8 @@ class Trainer:
             steps += 1
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
+        # Association steps a method runs inside its batches are association time, not training.
+        training_seconds = time.perf_counter() - loop_start - (self._assoc_total - loop_assoc_start)
         lr = self.optimizer.param_groups[-1]["lr"]
         self.scheduler.step()
         self.model.eval()
@@ -517,10 +539,15 @@ class Trainer:
         record.update({key: value / max(steps, 1) for key, value in sums.items()})
         diagnostics = self.on_epoch_end(epoch) or {}
         record.update(diagnostics)
+        association_seconds = self._assoc_total - assoc_start
         if c.eval_every and (epoch + 1) % c.eval_every == 0 and epoch + 1 < c.epochs:
+            eval_start = time.perf_counter()
             result = self.evaluate(desc=f"eval {epoch + 1}")
-            record.update(rank1=result["rank1"], mAP=result["mAP"])
+            record.update(rank1=result["rank1"], mAP=result["mAP"], eval_seconds=time.perf_counter() - eval_start)
         record.update(self._assoc_times)
+        busy = association_seconds + training_seconds
+        record.update(association_seconds=association_seconds, training_seconds=training_seconds,
+                      association_share=association_seconds / busy if busy > 0 else float("nan"))
         record["time"] = time.perf_counter() - start
         return record
 
@@ -535,9 +562,66 @@ class Trainer:
                 parts.append(f"{key} {value}")
         return "  ".join(parts)
 
+    @contextlib.contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - start
+
+    def record_step_eval(self, step: int, result: dict, **extra) -> dict:
+        """Record an evaluation made inside training (e.g. after every merging step) in the
+        report's ``step_evaluations``; the best one is reported as ``best_step``.
+
+        Parameters
+        ----------
+        step : int
+            The method's step number (merging step, iteration...).
+        result : dict
+            :meth:`evaluate`'s result (``rank1``, ``mAP``...; ``cmc`` is dropped).
+        **extra
+            Numbers to keep with it (``clusters=413``...).
+
+        Returns
+        -------
+        dict
+            The recorded entry: ``step``, ``epoch`` (epochs done when it was made, 1-based
+            epoch of the current one while training), the metrics and ``extra``.
+        """
+        entry = {"step": int(step), "epoch": getattr(self, "_epoch", self.start_epoch - 1) + 1,
+                 **{key: value for key, value in result.items() if key != "cmc"}, **extra}
+        self.step_evaluations.append(entry)
+        return entry
+
+    # The figure best_step is chosen by; a method may override it.
+    step_selection_metric = "rank1"
+
+    def best_step(self) -> dict | None:
+        """The entry of :attr:`step_evaluations` with the highest :attr:`step_selection_metric`
+        (the earliest among equals), or None."""
+        key = self.step_selection_metric
+        scored = [entry for entry in self.step_evaluations if entry.get(key) is not None]
+        return max(scored, key=lambda entry: entry[key]) if scored else None
+
+    def timing_summary(self) -> dict:
+        """``report["timing"]``: seconds per phase (setup, batchnorm warm-up, baseline
+        evaluation, method setup, final evaluation, plots, wall), per epoch association vs
+        training seconds and the association share, and their totals over the epochs."""
+        epochs = [{"epoch": r["epoch"], **{key: r[key] for key in ("association_seconds", "training_seconds",
+                                                                   "association_share", "eval_seconds") if key in r}}
+                  for r in self.history]
+        association = sum(r.get("association_seconds", 0.0) for r in epochs)
+        training = sum(r.get("training_seconds", 0.0) for r in epochs)
+        return {**self.timing, "epochs": epochs, "association_seconds": association, "training_seconds": training,
+                "association_share": association / (association + training) if association + training > 0
+                else float("nan")}
+
     def report(self, seconds: float | None = None) -> dict:
+        """The run's report (``report.json``): method, environment (versions, commit, machine),
+        the full resolved config, dataset sizes, per-epoch history, timing per phase, the
+        final and untrained evaluations, step evaluations when a method recorded any."""
         report = {
-            "method": self.name, "config": self.config.to_dict(), "device": str(self.device),
+            "method": self.name, "environment": run_environment(self.device), "config": self.config.to_dict(),
+            "device": str(self.device),
             "dataset": {"name": self.dataset.name, "train": len(self.dataset.train), "query": len(self.dataset.query),
                         "gallery": len(self.dataset.gallery), "num_cameras": self.dataset.num_cameras,
                         "num_train_pids": self.dataset.num_train_pids},
@@ -546,8 +630,17 @@ class Trainer:
         }
         if self.final is not None:
             report.update({k: v for k, v in self.final.items()})
+            report["final"] = {k: v for k, v in self.final.items() if k != "cmc"}
         if self.baseline is not None:
             report.update({f"baseline_{k}": v for k, v in self.baseline.items()})
+        if self.step_evaluations:
+            best = self.best_step()
+            report["step_evaluations"] = self.step_evaluations
+            report["best_step"] = None if best is None else {
+                **best, "selected_by": self.step_selection_metric,
+                "note": "chosen on the test set (query / gallery), as the paper's model selection does: an "
+                        "optimistic figure; 'final' is the last model's"}
+        report["timing"] = self.timing_summary()
         if seconds is not None:
             report["seconds"] = seconds
         return report
@@ -555,7 +648,8 @@ class Trainer:
     # ---- plots -----------------------------------------------------------------------------------
 
     def plot(self) -> list[Path]:
-        """Write ``losses.png``, ``diagnostics.png`` and ``cmc.png`` into ``out_dir``."""
+        """Write ``losses.png``, ``diagnostics.png``, ``timing.png`` and ``cmc.png`` into ``out_dir``
+        (:func:`~fastassoc.methods.plots.plot_run`)."""
         return plot_run(self.out_dir, self.name, self.history, self.final, self.baseline)
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -575,7 +669,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "method_state": self.method_state(), "history": self.history, "baseline": self.baseline,
             "baseline_diagnostics": self.baseline_diagnostics,
-            "setup_times": getattr(self, "_setup_times", {}),
+            "setup_times": getattr(self, "_setup_times", {}), "timing": self.timing,
+            "step_evaluations": self.step_evaluations,
             "sampler": {"epoch": getattr(self.sampler, "epoch", None), "seed": getattr(self.sampler, "seed", None)},
             "rng": rng_state(),
         }
@@ -600,6 +695,8 @@ class Trainer:
         self.baseline = state["baseline"]
         self.baseline_diagnostics = state.get("baseline_diagnostics", {})
         self._setup_times = state.get("setup_times", {})
+        self.timing = dict(state.get("timing", {}))
+        self.step_evaluations = list(state.get("step_evaluations", []))
         self.start_epoch = int(state["epoch"])
         if state["sampler"]["epoch"] is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(state["sampler"]["epoch"])
