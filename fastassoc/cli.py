@@ -288,10 +288,48 @@ def _make_config(trainer_class, preset: str, overrides: dict):
         raise UsageError(" ".join(str(error).split())) from error
 
 
+# Shared config fields that only take these values (the trainer would fail on others mid-run).
+def _config_choices() -> dict[str, tuple]:
+    from .data import DATASETS
+    from .methods.backbones import BACKBONES
+    from .methods.config import OPTIMIZERS, SCHEDULERS
+
+    return {"data": ("synthetic",) + tuple(DATASETS), "backbone": BACKBONES, "optimizer": OPTIMIZERS,
+            "scheduler": SCHEDULERS, "eval_pooling": ("mean", "max"), "eval_metric": METRIC_NAMES}
+
+
+# Shared count fields and their least value (0 workers: load in the main process).
+_CONFIG_MINIMUMS = {"epochs": 1, "seed": 0, "small_width": 1, "tracklets_per_camera": 1, "frames_per_tracklet": 1,
+                    "batches_per_epoch": 1, "num_workers": 0, "eval_max_frames": 1, "eval_batch_size": 1,
+                    "eval_every": 0, "bn_warmup_batches": 0, "step_size": 1}
+_CONFIG_FRACTIONS = ("train_erasing", "train_grayscale")
+
+
 def _check_config(config) -> None:
-    """The device and backend a config names, checked on this machine."""
+    """What a resolved config names, checked on this machine before any work: device, backend,
+    the choices and counts of the shared fields, the dataset folder and the weights file."""
     device = _check_device(config.device, "device")
     _check_backend(config.backend, device)
+    for key, options in _config_choices().items():
+        value = getattr(config, key, None)
+        if value is not None and value not in options:
+            raise UsageError(f"{key} must be one of {', '.join(options)}; got {value!r}")
+    for key, minimum in _CONFIG_MINIMUMS.items():
+        value = getattr(config, key, None)
+        if value is not None and value < minimum:
+            raise UsageError(f"{key} must be >= {minimum}, got {value}")
+    for key in _CONFIG_FRACTIONS:
+        value = getattr(config, key, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UsageError(f"{key} must lie in [0, 1], got {value}")
+    if config.lr <= 0:
+        raise UsageError(f"lr must be > 0, got {config.lr}")
+    if config.data != "synthetic":
+        if not config.root:
+            raise UsageError(f"data={config.data} needs root (--root, the folder holding the dataset)")
+        _check_folder(config.root, "root")
+    if config.weights is not None:
+        _check_file(config.weights, "weights")
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -309,17 +347,17 @@ def _train(args) -> int:
     _check_file(args.split_file, "--split-file")
     if args.dataset and not args.root:
         raise UsageError("--dataset needs --root (the folder holding the dataset)")
-    if args.root and not args.dataset:
-        raise UsageError("--root applies to --dataset (the synthetic world needs no folder)")
     _check_folder(args.root, "--root")
     overrides = config_overrides(args.set, trainer_class.Config)
     flags = {"epochs": args.epochs, "seed": args.seed, "backend": args.backend, "weights": args.weights}
     if args.dataset:
-        flags.update(data=args.dataset, root=args.root)
+        flags["data"] = args.dataset
+    if args.root:
+        flags["root"] = args.root
     if args.from_scratch:
         flags["from_scratch"] = True
     overrides = _merge_flags(overrides, flags)
-    _check_ranges(overrides, "--epochs/--set")
+    _check_ranges(overrides, "--set")
     if args.override and not args.resume:
         raise UsageError("--override applies to --resume (it resumes a run whose settings differ)")
     if args.resume:
@@ -332,7 +370,9 @@ def _train(args) -> int:
         if args.preset is not None:
             requested["preset"] = args.preset
         # The trainer treats these as runtime settings of a resumed run, not settings to compare.
-        for key in ("backend", "device"):
+        from .methods.config import RUNTIME_FIELDS
+
+        for key in RUNTIME_FIELDS:
             if key in requested:
                 runtime[key] = requested.pop(key)
         device = _check_device(runtime.get("device"), "device")
@@ -349,6 +389,8 @@ def _train(args) -> int:
         report = trainer.fit()
     else:
         config = _make_config(trainer_class, args.preset or "smoke", {**overrides, **runtime})
+        if args.root and config.data == "synthetic":
+            raise UsageError("--root applies to a dataset on disk (--dataset NAME); this run uses the synthetic world")
         _check_config(config)
         _check_out(out)
         _require_train_extras("training", *(("matplotlib",) if config.plots else ()),
@@ -585,6 +627,7 @@ def _ops_tour(args) -> int:
 # ---- the parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
     from .methods import METHODS, PRESET_NAMES
 
     parser = _Parser(prog="fastassoc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -614,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", required=True, choices=METHODS)
     source = train.add_mutually_exclusive_group()
     source.add_argument("--data", choices=("synthetic",), help="the synthetic tracklet world (default)")
-    source.add_argument("--dataset", help="a dataset on disk: mars, prid2011, ilidsvid, dukevideo, market1501, ...")
+    source.add_argument("--dataset", choices=DATASETS, metavar="NAME",
+                        help=f"a dataset on disk: {', '.join(DATASETS)}")
     train.add_argument("--root", help="folder holding --dataset")
     train.add_argument("--preset", choices=PRESET_NAMES, help="default smoke (on --resume: the checkpoint's)")
     train.add_argument("--out", required=True, help="output folder: report.json, plots, checkpoint.pt")

@@ -187,6 +187,16 @@ def test_splits_and_from_scratch_reach_their_callees(tmp_path, capsys, monkeypat
     (["demo", "--out", "{out}/file.txt/demo", "--methods", "dal"], "is a file, not a folder"),
     (["demo", "--epochs", "-1"], "argument --epochs: must be >= 1, got -1"),
     (["train", "--method", "nope", "--out", "{out}"], "argument --method: invalid choice: 'nope'"),
+    (["train", "--method", "dal", "--out", "{out}", "--dataset", "foo", "--root", "{out}"],
+     "argument --dataset: invalid choice: 'foo'"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "data=mars"], "data=mars needs root"),
+    (["train", "--method", "dal", "--out", "{out}", "--root", "{out}"], "--root applies to a dataset on disk"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "optimizer=adamw"],
+     "optimizer must be one of sgd, adam, rmsprop; got 'adamw'"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "train_erasing=2"], "train_erasing must lie in [0, 1]"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "lr=0"], "lr must be > 0"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "eval_batch_size=0"], "eval_batch_size must be >= 1"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "weights=\"{out}/w.pth\""], "weights {out}/w.pth: no such"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys, no_training, argv, message):
