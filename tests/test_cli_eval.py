@@ -243,3 +243,26 @@ def test_a_source_is_required_and_files_must_exist(tmp_path, capsys):
     (tmp_path / "f.csv").write_text("1,2")
     code, _, err = run(["eval", "--features", str(tmp_path / "f.csv"), "--out", str(tmp_path)], capsys)
     assert code == 2 and "must be a .pt, .npy or .npz file" in err
+
+
+def test_damaged_or_foreign_checkpoints_get_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    code, _, err = run(["eval", "--checkpoint", str(empty), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and str(empty) in err, err
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    code, _, err = run(["eval", "--checkpoint", str(foreign), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and str(foreign) in err, err
+
+
+def test_device_and_backend_are_checked_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    save(tmp_path / "features.npz", problem())
+    base = ["eval", "--features", str(tmp_path / "features.npz"), "--out", str(tmp_path / "o")]
+    code, _, err = run([*base, "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA device" in err, err
+    code, _, err = run([*base, "--backend", "triton"], capsys)
+    assert code == 2 and "--backend triton" in err, err
+    assert not (tmp_path / "o").exists()
