@@ -685,15 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "precomputed distance matrix (keys: see fastassoc.eval.files). Prints the CMC table, mAP and "
                     "mINP; writes OUT/eval.json and OUT/cmc.png.")
     what = evaluate.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", metavar="PATH", help="checkpoint.pt (or the run folder holding it); needs fastassoc[train]")
-    what.add_argument("--features", metavar="FILE", help="a .pt / .npy / .npz file with query, gallery, query_pids, gallery_pids, "
-                                         "query_cameras, gallery_cameras")
-    what.add_argument("--distances", metavar="FILE", help="a .pt / .npy / .npz file with a Q x G distances matrix (and the four "
-                                          "label keys, or --labels)")
+    what.add_argument("--checkpoint", metavar="PATH",
+                      help="checkpoint.pt (or the run folder holding it); needs fastassoc[train]")
+    what.add_argument("--features", metavar="FILE",
+                      help="a .pt / .npy / .npz file with query, gallery, query_pids, gallery_pids, query_cameras, "
+                           "gallery_cameras")
+    what.add_argument("--distances", metavar="FILE",
+                      help="a .pt / .npy / .npz file with a Q x G distances matrix (and the four label keys, or "
+                           "--labels)")
     evaluate.add_argument("--labels", metavar="FILE", help="with --distances: a file holding the four label keys")
     evaluate.add_argument("--root", metavar="DIR", help="with --checkpoint: the dataset's folder on this machine")
-    evaluate.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder for eval.json and cmc.png "
-                                                             "(default runs/eval)")
+    evaluate.add_argument("--out", default="runs/eval", metavar="DIR",
+                          help="output folder for eval.json and cmc.png (default runs/eval)")
     evaluate.add_argument("--metric", choices=METRIC_NAMES, help="with --features (default euclidean)")
     evaluate.add_argument("--normalize", action="store_true", help="with --features: L2-normalise the features")
     evaluate.add_argument("--rerank", action="store_true",
@@ -702,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k2", type=positive, metavar="K2", help="re-ranking k2 (default 6)")
     evaluate.add_argument("--lambda", dest="lambda_value", type=_fraction, metavar="LAMBDA",
                           help="re-ranking weight of the original distance (default 0.3)")
-    evaluate.add_argument("--max-rank", type=positive, metavar="N", help="length of the CMC curve in eval.json (default 50)")
+    evaluate.add_argument("--max-rank", type=positive, metavar="N",
+                          help="length of the CMC curve in eval.json (default 50)")
     evaluate.add_argument("--backend", choices=BACKEND_NAMES, help="fastassoc op backend (default auto)")
     evaluate.add_argument("--allow-pickle", action="store_true",
                           help="load pickled content (np.save of a dict, NumPy arrays in a .pt): only for "

@@ -196,7 +196,7 @@ def test_splits_and_from_scratch_reach_their_callees(tmp_path, capsys, monkeypat
     (["train", "--method", "dal", "--out", "{out}", "--set", "train_erasing=2"], "train_erasing must lie in [0, 1]"),
     (["train", "--method", "dal", "--out", "{out}", "--set", "lr=0"], "lr must be > 0"),
     (["train", "--method", "dal", "--out", "{out}", "--set", "eval_batch_size=0"], "eval_batch_size must be >= 1"),
-    (["train", "--method", "dal", "--out", "{out}", "--set", "weights=\"{out}/w.pth\""], "weights {out}/w.pth: no such"),
+    (["train", "--method", "dal", "--out", "{out}", "--set", "weights={out}/w.pth"], "weights {out}/w.pth: no such"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys, no_training, argv, message):
