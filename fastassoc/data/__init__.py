@@ -19,7 +19,10 @@ Training
     transform=train_transform(h, w))`` yields camera-balanced batches
     ``(frames [B, n, 3, H, W], tracklet indices [B], cameras [B])``; its parts are
     :class:`CameraBalancedSampler`, :class:`TrackletFrames` and :func:`sample_frames`
-    (:mod:`fastassoc.data.sampling`). ``train_transform`` / ``eval_transform`` are the
+    (:mod:`fastassoc.data.sampling`). ``frame_loader(..., batch_size=60)`` yields single-frame
+    batches, the same number of images from every camera (UGA, EEA) or random frames (DAL),
+    an epoch one pass over the frames (:class:`FrameSampler`); ``config_loader`` and
+    ``config_train_transform`` build what a trainer config asks for. ``train_transform`` / ``eval_transform`` are the
     torchvision transforms of the literature (:mod:`fastassoc.data.transforms`).
 
 Features

@@ -76,9 +76,12 @@ applied by :meth:`DALTrainer.make_config` when ``data`` is one of them): RMSProp
 x0.94 every 2 epochs (epochs over the training frames), 2e4 iterations. Backbones: ResNet-50 or
 MobileNet (the paper's best MARS row is MobileNet v1; ``backbone="mobilenet_v1"`` where the
 build offers it, ``mobilenet_v2`` otherwise), ImageNet weights via ``--weights``. From the
-public code, not the paper: weight decay 4e-5, momentum 0.9 (SGD, RMSProp), RMSProp's epsilon
-1.0. Ours: Nesterov momentum for SGD, RMSProp's squared-gradient decay (torch's alpha 0.99;
-TensorFlow's default decay is 0.9).
+public code (``train_dal.py``), not the paper: weight decay 4e-5, SGD with Nesterov momentum
+0.9, RMSProp momentum 0.9 and epsilon 1.0, the RMSProp decay counted in epochs of
+``num_samples / batch_size`` batches (frames). Ours: RMSProp's squared-gradient decay is
+torch's ``alpha=0.99`` where the public code uses 0.9 (the trainer core does not expose it).
+The public code also clips gradients at 2.0 and evaluates an exponential moving average of
+the weights (0.9999); the paper states neither and neither is applied here.
 
 Diagnostics each epoch (ground truth known): ``assoc_rate`` (fraction of tracklets whose
 cross-camera anchor currently is a merge, the paper's Fig. 4a), ``pairs`` / ``pairs_precision``
@@ -131,7 +134,7 @@ class DALTrainer(Trainer):
         "demo": dict(optimizer="adam", lr=3e-4, weight_decay=5e-4, epochs=15, cross_normalize=False),
         # MARS: SGD at 0.01 for 1e5 iterations of 64 random frames, 0.001 for the last 5e4 (epochs of 1000
         # iterations); MobileNet / ResNet-50 pretrained on ImageNet (--weights); resize only. weight_decay 4e-5
-        # and momentum 0.9 are the public code's; Nesterov is ours.
+        # and Nesterov momentum 0.9 are the public code's.
         "paper": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=4e-5, scheduler="multistep",
                       milestones=(50,), gamma=0.1, epochs=100, batches_per_epoch=1000, sampling="images",
                       batch_size=64, cross_normalize=True, train_flip=0.0, train_pad=0, train_erasing=0.0,

@@ -62,7 +62,8 @@ Presets
 ``paper``: ResNet-50 + embedding block (1024-d, dropout 0.5), Adam 3.5e-4, 80 epochs over the
 frames with a 30-epoch warm-up on MARS and 10 on the other datasets, batches of 60 frames
 evenly over the cameras, plain cosine logits (scale 1), resize only, SSTT tracklets. Ours,
-where the paper is silent: weight decay 5e-4, the threshold bounds 0.55 -> 0.75.
+where the paper is silent: weight decay 5e-4, dropout 0.5, Adam's betas (torch's defaults), the
+threshold bounds 0.55 -> 0.75.
 ``smoke`` / ``demo`` (small CNN from scratch, synthetic world, SSTT tracklets): Adam 1e-3,
 20 / 40 epochs with 5 / 10 warm-up epochs, dropout 0.2, scale 10, threshold 0.3 -> 0.5 (the
 exemplars of a network trained from scratch hardly reach a cross-camera cosine of 0.55, so the

@@ -70,8 +70,8 @@ Presets
 -------
 ``paper``: ResNet-50 + embedding block (1024-d, dropout 0.5), Adam 3.5e-4 x0.1 at epochs 40 and
 60 of each 80-epoch stage, batches of 60 frames evenly over the cameras, epochs over the frames,
-resize only, SSTT tracklets. Ours, where the paper is silent: weight decay 5e-4, the embedding's
-dropout placement as Fig. 2 draws it. ``smoke`` / ``demo`` (small CNN
+resize only, SSTT tracklets. Ours, where the paper is silent: weight decay 5e-4, dropout 0.5,
+Adam's betas (torch's defaults). ``smoke`` / ``demo`` (small CNN
 from scratch, synthetic world, SSTT tracklets): Adam 1e-3, 20 / 30 epochs split in half,
 dropout 0.2, ``centre_scale = 0.1`` (the second stage then starts from a loss near the first
 stage's instead of about 30 times it). Demo preset, rank-1 / mAP: 88.3 / 89.9 with
