@@ -7,6 +7,23 @@ here has the semantics of its single-process counterpart on the concatenated ban
 ranks, takes this rank's block plus ``group``, and is collective: every rank of the group
 calls it. Each op's docstring states the bytes each rank sends; nothing ``B x N`` or
 ``N x N`` crosses the wire.
+
+Launch one process per GPU (``torchrun --nproc_per_node 8 script.py``; NCCL) or per CPU
+socket (gloo), initialise the group, give each rank its block, call the op.
+
+Examples
+--------
+A one-process group (every rank of a larger one runs the same lines on its own block):
+
+>>> import torch, torch.distributed as dist, fastassoc, fastassoc.distributed as fd
+>>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+>>> bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+>>> distances, indices = fd.topk_anchors(bank[:2], bank, 2, exclude=torch.tensor([0, 1]))
+>>> indices.tolist(), distances.tolist()
+([[1, 2], [0, 2]], [[1.0, 4.0], [1.0, 5.0]])
+>>> torch.equal(indices, fastassoc.topk_anchors(bank[:2], bank, 2, exclude=torch.tensor([0, 1]))[1])
+True
+>>> dist.destroy_process_group()
 """
 from .evaluation import evaluate_ranking
 from .graph import cross_camera_graph, knn_soft_labels

@@ -117,7 +117,7 @@ class ShardLayout:
     def owner(self, index: torch.Tensor) -> torch.Tensor:
         """The rank holding each global row ``index`` (int64, in ``[0, total)``)."""
         starts = torch.tensor(self.offsets[1:], dtype=torch.int64, device=index.device)
-        return torch.searchsorted(starts, index, right=True)
+        return torch.searchsorted(starts, index.contiguous(), right=True)
 
 
 def exchange_counts(values: list[int], group=None, device=None) -> list[list[int]]:
