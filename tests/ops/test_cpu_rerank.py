@@ -3,8 +3,8 @@ backend-parametrised tests in test_rerank.py do not reach.
 
 Metrics, float64, max_distance, empty and single inputs against the float64 NumPy oracle of
 test_rerank.py; lists and sums that must not depend on the thread count or the tile limit
-(bit-equal outputs); the lists the reference's own GEMM chunks give (same pattern as the
-reference on continuous data, values within rounding); DBSCAN on values of every float
+(bit-equal outputs); the reference's exact lists (same pattern as the reference on
+continuous data, values within rounding); DBSCAN on values of every float
 dtype against scikit-learn; cluster centres bit-equal to the reference's row-order sums.
 """
 from __future__ import annotations

@@ -235,6 +235,33 @@ def test_jaccard_exact_ties_and_duplicates(backend_device, size, k1, k2, seed):
     assert_matches_oracle(got.cpu(), oracle_jaccard(x, k1, k2), f"quantised N={size} k1={k1} k2={k2}")
 
 
+def ring(rng: np.random.Generator, members: int = 24, copies: int = 3, others: int = 40, dim: int = 512
+         ) -> np.ndarray:
+    """A centre row (and ``copies`` copies of it) with ``members`` cyclic shifts of one offset
+    around it, all at one distance from it, among ``others`` random rows; values are multiples
+    of 2^-12, so float64 sums of their products are exact and the ties are exact, while float32
+    sums in different orders (a GEMM's, over the shifted rows) round differently."""
+    step = 2.0 ** -12
+    centre = np.full(dim, np.round(0.3 / step) * step)
+    offset = rng.integers(-2048, 2049, dim) * step
+    rows = [centre] * (1 + copies) + [centre + np.roll(offset, 7 * s) for s in range(1, members + 1)]
+    rows += list(rng.integers(-4096, 4097, (others, dim)) * step)
+    return np.asarray(rows, np.float32)[rng.permutation(len(rows))]
+
+
+@pytest.mark.parametrize("weighting", ["spcl", "zhong"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_jaccard_exact_ties_that_float32_sums_would_break(backend_device, weighting, seed):
+    # The centre's 24 neighbours tie exactly (and its copies at distance 0): k1 = 10 keeps the
+    # copies and the members of smaller index. Lists ranked by float32 GEMM values keep the
+    # members the GEMM's rounding favours, and their J differs from the oracle's by ~0.1.
+    backend, device = backend_device
+    require_backend("jaccard_distance", backend)
+    x = ring(np.random.default_rng(seed))
+    got = jaccard_distance(torch.from_numpy(x).to(device), 10, 4, weighting=weighting, backend=backend)
+    assert_matches_oracle(got.cpu(), oracle_jaccard(x, 10, 4, weighting), f"ring {weighting} seed {seed}")
+
+
 def test_jaccard_one_identity_and_isolated_points(backend_device):
     backend, device = backend_device
     require_backend("jaccard_distance", backend)

@@ -6,16 +6,16 @@ Algorithm
 ``jaccard_distance``, as :func:`fastassoc.kernels.reference.rerank.jaccard_distance_reference`
 defines it, in three compiled passes:
 
-1. *k1-nearest lists.* The reference's row chunks (``tile_elements() // N`` rows) and its
-   very GEMM call (``x[chunk] @ x.T``, so the same bits) into one reused tile;
-   ``_C.rerank_tile_lists`` turns the dots into the reference's distances (squared
-   Euclidean ``(|q|^2 + |a|^2) - 2 q.a`` clamped at 0, cosine ``1 - q.a``; for Euclidean
-   the tile is the reference's own ``distance_tile``, square root included), sets the
-   diagonal to 0 and keeps each row's ``K`` smallest (distance, column) pairs and its largest
-   distance: the reference's lists, ties to the smaller index, without its sorts.
+1. *k1-nearest lists.* The reference's exact lists
+   (:func:`~fastassoc.kernels.reference.rerank.nearest_lists`) from the knn family's exact
+   self-join (:func:`fastassoc.kernels.cpu.knn.topk_self_join`: upper-triangle GEMM tiles,
+   bf16-screened where the CPU has bf16 dot products, candidates rescored exactly), with the
+   family's squared norms (:func:`exact_squared_norms`, compiled). Zhong's farthest distances
+   are the reference's :func:`~fastassoc.kernels.reference.rerank.farthest_distances`.
 2. *Encoding.* ``_C.rerank_encode``: reciprocal sets, the 2/3 expansion, the weights
-   (products of the rows in a fixed-order float64 dot, within rounding of the reference's
-   torch sums) and query expansion (dense per-thread row buffer, list order), as CSR.
+   (products of the rows in the fixed-order float64 dot, the reference's bits; the softmax
+   and its sums within rounding of the reference's torch ones) and query expansion (dense
+   per-thread row buffer, list order), as CSR.
 3. *Jaccard.* ``_C.rerank_jaccard``: inverted (column) lists of ``V``; per row the
    partners accumulate ``min(V_ik, V_jk)`` in ascending ``k`` (the reference's order, so
    ``m_ij`` has its bits, from either end of the pair) into a dense per-thread buffer with a
@@ -34,12 +34,17 @@ smallest core point, border points to the smallest cluster number). ``cluster_ce
 
 Limits
 ------
-Memory beyond the inputs: one GEMM tile (``tile_elements()`` elements), the ``N x K``
-lists, ``V`` (twice, rows and columns), one dense row buffer per thread and the returned
-matrix (W-jaccard: peak 1.05-1.09x the returned bytes). Results do not depend on the thread
-count, nor on the tile limit beyond what the reference's own GEMM chunks do (both chunk the
-same way). Past the kept-pairs budget the Jaccard pass does three times the sums of one
-triangle (counting, then full rows) in exchange for holding no pair list.
+Memory beyond the inputs: the knn self-join's tiles and lists, the ``N x K`` lists,
+``V`` (twice, rows and columns), one dense row buffer per thread and the returned matrix.
+Results do not depend on the thread count nor on the tile limit. Past the kept-pairs budget
+the Jaccard pass does three times the sums of one triangle (counting, then full rows) in
+exchange for holding no pair list.
+
+Why compiled C++ and not numba (the design card lists numba for irregular sparse work):
+numba is not installed in this project's environment (nor a dependency), it would add an
+LLVM JIT with a multi-second first-call compile per process and per dtype to every training
+run, and the sparse passes already exist here as OpenMP loops over rows with per-thread
+buffers, the shape numba's ``prange`` would take. The decision was argued, not measured.
 """
 from __future__ import annotations
 
@@ -48,10 +53,11 @@ import warnings
 import torch
 
 from ... import _backend
-from ..reference._tiles import distance_tile
-from . import _core
+from ..reference.rerank import exact_squared_norms as _reference_norms
+from ..reference.rerank import farthest_distances
+from . import _core, _screen
+from . import knn as _knn
 
-_TILE_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}   # 2: tile holds distances
 _PAIR_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}
 _WEIGHTINGS = {"spcl": 0, "zhong": 1}
 # Upper-triangle pairs the Jaccard counting pass may keep for the writing pass (None: the
@@ -59,41 +65,42 @@ _WEIGHTINGS = {"spcl": 0, "zhong": 1}
 KEPT_PAIRS_BUDGET: int | None = None
 
 
-def _nearest_lists(x: torch.Tensor, width: int, metric: str, farthest_too: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Every row's ``width`` nearest rows ([N, width] int64, itself included at distance 0)
-    and, when ``farthest_too``, its largest distance ([N], compute dtype; else None), exactly
-    as the reference's lists."""
-    num_rows = x.shape[0]
-    # The reference's (x * x).sum(1), in row chunks (no N x D temporary; the same bits).
-    norms = _core.squared_norms(x, "sqeuclidean") if metric != "cosine" else None
-    ranks = torch.empty((num_rows, width), dtype=torch.int64)
-    farthest = torch.empty(num_rows, dtype=x.dtype) if farthest_too else None
-    step = max(1, _backend.tile_elements() // max(num_rows, 1))
-    update = _core.kernel("rerank_tile_lists")
-    tile_buffer = None
-    for start in range(0, num_rows, step):
-        stop = min(start + step, num_rows)
-        q = x[start:stop]
-        if metric == "euclidean":
-            tile = distance_tile(q, x, metric, norms)
-            row_norms = None
-        else:
-            if tile_buffer is None:
-                # Not the cached scratch buffer: the tile is freed before the sparse passes.
-                tile_buffer = torch.empty(min(step, num_rows) * num_rows, dtype=x.dtype)
-            tile = tile_buffer[:(stop - start) * num_rows].view(stop - start, num_rows)
-            torch.mm(q, x.T, out=tile)
-            # The reference's (q * q).sum(1) of the chunk, broadcast against the full norms.
-            row_norms = _core.squared_norms(q, metric)
-        update(_core.ptr(tile), _core.is_double(x), stop - start, num_rows, _TILE_METRICS[metric],
-               _core.ptr(row_norms), _core.ptr(norms) if metric == "sqeuclidean" else 0, start, width,
-               _core.ptr(ranks[start:stop]), _core.ptr(farthest[start:stop]) if farthest_too else 0)
-    if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= num_rows):
+def exact_squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """The reference's :func:`~fastassoc.kernels.reference.rerank.exact_squared_norms`, compiled.
+
+    ``_C.screen_exact_distance`` of the pair ``(x_i, -x_i)`` with zero norms is
+    ``max(0, -2 round(x_i . -x_i)) = 2 round(x_i . x_i)`` (the fixed-order dot is odd in either
+    argument, doubling and halving are exact): the same bits as the reference's torch lanes.
+    """
+    if x.dtype != torch.float32:
+        return _reference_norms(x)
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
+    for start in range(0, x.shape[0], step):
+        rows = x[start:start + step]
+        index = torch.arange(rows.shape[0])
+        zeros = torch.zeros(rows.shape[0], dtype=torch.float32)
+        out[start:start + step] = _screen.exact_distances(rows, (-rows).contiguous(), index, index, "sqeuclidean",
+                                                          row_norms=zeros, col_norms=zeros).mul_(0.5)
+    return out
+
+
+def _nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor | None) -> torch.Tensor:
+    """Every row's ``width`` nearest rows ([N, width] int64, by (exact distance, index)): the
+    reference's :func:`~fastassoc.kernels.reference.rerank.nearest_lists`.
+
+    The knn family's exact self-join (:func:`.knn.topk_self_join`: upper-triangle GEMM
+    proposals, bf16-screened where the CPU has bf16 dot products, rescored exactly) with the
+    family's squared norms ``norms`` (:func:`exact_squared_norms`; None for cosine).
+    """
+    values, indices = _knn.new_lists(x.shape[0], width, x.dtype)
+    _knn.topk_self_join(x, _knn.ranking_metric(metric), width, (values, indices), norms=norms)
+    _knn.finish_lists(values, indices, metric)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= x.shape[0]):
         # Only non-finite distances (squared norms that overflow the compute dtype) get here.
         raise ValueError("features: distances overflow the compute dtype (squared norms are not finite); "
                          "scale the features down")
-    return ranks, farthest
+    return indices
 
 
 def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: str, max_distance: float | None,
@@ -119,9 +126,10 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
     x = _core.prepare(features, metric)
     width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
     half = min(round(k1 / 2) + 1, width)
-    # Only Zhong's weights read the farthest distance.
-    ranks, farthest = _nearest_lists(x, width, metric, farthest_too=weighting == "zhong")
-    norms = _core.squared_norms(x, "sqeuclidean") if metric != "cosine" and weighting == "zhong" else None
+    norms = exact_squared_norms(x) if metric != "cosine" else None
+    ranks = _nearest_lists(x, width, metric, norms)
+    # Only Zhong's weights read the farthest distances (the reference's exact ones).
+    farthest = farthest_distances(x, metric, norms) if weighting == "zhong" else None
     crow, cols, values = _core.kernel("rerank_encode")(
         _core.ptr(ranks), num_rows, width, half, 0 if k2 == 1 else min(k2, width), _core.ptr(x),
         _core.is_double(x), x.shape[1], _core.ptr(norms), _core.ptr(farthest), _WEIGHTINGS[weighting],

@@ -8,10 +8,14 @@ Algorithm
 semantics are SpCL's when the caller L2-normalised them):
 
 1. *k1-nearest lists.* ``K = min(k1, N)`` (``weighting="zhong"``: ``min(k1 + 1, N)``, as
-   torchreid's ``re_ranking`` slices ``[:k1 + 1]`` of a full ranking): every row ranks all
-   ``N`` rows, itself included (its own distance is taken as exactly 0), with ``_tiles.distance_tile`` in row chunks of
-   at most ``_backend.tile_elements()`` distances, and keeps its ``K`` nearest in
-   (distance, index) order (:func:`fastassoc.kernels.reference.knn.smallest_k`).
+   torchreid's ``re_ranking`` slices ``[:k1 + 1]`` of a full ranking): every row's ``K``
+   nearest rows, itself included, in (exact distance, index) order (:func:`nearest_lists`).
+   Distances are exact, a function of the two rows alone (``_tiles.exact_distances``: the
+   fixed-order inner product), with squared norms taken as the same inner product of a row
+   with itself (:func:`exact_squared_norms`), so a row's squared Euclidean distance to
+   itself and to its copies is exactly 0 and rows at one exact distance tie exactly, wherever
+   they sit. A float32 GEMM tile only proposes (``knn.smallest_k_exact``, row chunks of at
+   most ``_backend.tile_elements()`` distances).
 2. *k-reciprocal sets.* ``R(i, w)``: the ``j`` among the first ``w`` entries of ``i``'s list
    whose own first ``w`` entries hold ``i``. ``R1 = R(i, K)`` and
    ``Rh = R(i, min(round(k1 / 2) + 1, K))`` -- SpCL slices ``[:k + 1]`` of a list with ``k1``
@@ -26,10 +30,12 @@ semantics are SpCL's when the caller L2-normalised them):
    row's sorted ``E(i)``), dot products gathered in chunks of at most ``tile_elements()``
    elements. ``weighting="zhong"`` (torchreid's ``re_ranking``, the paper's form):
    ``V[i, m] = exp(-d_im^2 / max_k d_ik^2)`` divided by the row sum, ``d`` the metric's
-   distance (so ``d^2`` is the 4th power of the Euclidean distance for ``"sqeuclidean"``, as
-   torchreid squares the squared-Euclidean matrices its callers pass), ``max_k`` over all
-   ``N`` rows (kept per row by the tile pass of step 1); a row whose distances are all 0
-   weighs its entries equally (torchreid divides 0 by 0 there).
+   exact distance (so ``d^2`` is the 4th power of the Euclidean distance for ``"sqeuclidean"``,
+   as torchreid squares the squared-Euclidean matrices its callers pass), ``max_k`` over all
+   ``N`` rows (:func:`farthest_distances`: GEMM tiles propose, candidates within their error
+   bound of the maximum are rescored exactly); a row whose distances are all 0 weighs its
+   entries equally (torchreid divides 0 by 0 there). Weights use the exact pair distances and
+   the fixed-order inner products (``_tiles.exact_dots``), the compiled core's bits.
 5. *Query expansion* (only when ``k2 != 1``, as SpCL): row ``i`` becomes the mean of the
    ``V`` rows of its first ``min(k2, K)`` list entries (itself normally first), summed in
    list order and divided by their number. With ``k2 == 1`` ``V`` is left as it is (not
@@ -65,17 +71,17 @@ docstring.
 
 Tie-breaking
 ------------
-Nearest lists: equal distances go to the smaller index (``smallest_k``); a row's distance
-to itself is exactly 0, so exact duplicates with a smaller index come first.
+Nearest lists: equal exact distances go to the smaller index. A row's own squared Euclidean
+distance is exactly 0, so exact copies of it with a smaller index come first (cosine: its
+own distance ``1 - x.x`` is within a unit roundoff of 0 and equal to its copies'); rows whose
+exact distances differ only after float32 rounding tie (the float64 truth may order them).
 
 Limits
 ------
 Arithmetic in float32 (float64 inputs stay float64); the output values are float32.
-Distances of the weights are recomputed per pair from the rows (same formulas as the tiles,
-not the GEMM's rounding). Memory: a few tiles, the ``N x K`` lists, the sparse ``V``
-(about ``N * k2 * |E|`` entries) and the stored pairs. One stored ``V`` entry's partner list
-(at most ``N``) is never split, so a piece may exceed its budget by that much. Python
-loops run over tiles and pieces only.
+Memory: a few tiles, the ``N x K`` lists, the sparse ``V`` (about ``N * k2 * |E|`` entries)
+and the stored pairs. One stored ``V`` entry's partner list (at most ``N``) is never split,
+so a piece may exceed its budget by that much. Python loops run over tiles and pieces only.
 """
 from __future__ import annotations
 
@@ -84,11 +90,11 @@ from typing import Iterator, NamedTuple
 import torch
 
 from ... import _backend
-from ._tiles import compute_dtype, distance_tile, prepare, row_chunks
+from ._tiles import band, compute_dtype, distance_tile, exact_distances, exact_dots, prepare, row_chunks
 from ...ops.evaluation import RankingResult
 from .evaluation import RankingScores
 from .graph import to_csr
-from .knn import smallest_k
+from .knn import smallest_k_exact
 
 
 def _triple_budget() -> int:
@@ -125,21 +131,66 @@ def _crow(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return crow
 
 
-def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's ``width`` nearest rows ([N, width] int64, itself included at distance 0) and
-    its largest distance ([N], compute dtype)."""
+def exact_squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """[N], compute dtype: every row's fixed-order inner product with itself (``_tiles.exact_dots``).
+
+    The squared norms of this family's distances: with them a row's squared Euclidean distance
+    ``(|x|^2 + |x|^2) - 2 x.x`` to itself, and to every copy of itself, is exactly 0.
+    """
+    out = x.new_empty(x.shape[0])
+    step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
+    for start in range(0, x.shape[0], step):
+        out[start:start + step] = exact_dots(x[start:start + step], x[start:start + step])
+    return out
+
+
+def nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Every row's ``width`` nearest rows, [N, width] int64, by (exact distance, index).
+
+    Exact distances (``_tiles.exact_distances``, a function of the two rows alone) with the
+    squared norms of :func:`exact_squared_norms` (``norms``, computed when not given), so a
+    row's distance to itself and to its copies is exactly 0 (cosine: ``1 - x.x`` of the
+    normalised row, within a unit roundoff of 0, the same for its copies): the row comes first,
+    behind copies of smaller index. A float32 GEMM only proposes
+    (:func:`fastassoc.kernels.reference.knn.smallest_k_exact`).
+    """
     num_rows = x.shape[0]
-    norms = (x * x).sum(1) if metric != "cosine" else None
+    if metric != "cosine" and norms is None:
+        norms = exact_squared_norms(x)
     ranks = torch.empty((num_rows, width), dtype=torch.int64, device=x.device)
+    for start, stop in row_chunks(num_rows, num_rows):
+        ranks[start:stop] = smallest_k_exact(x[start:stop], x, metric, width, None,
+                                             norms[start:stop] if norms is not None else None, norms)[1]
+    return ranks
+
+
+def farthest_distances(x: torch.Tensor, metric: str, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """[N], compute dtype: every row's largest exact distance to all rows (as :func:`nearest_lists`,
+    ``norms`` computed when not given).
+
+    The GEMM tile proposes: with ``t`` a row's largest tile value and ``B`` its
+    ``_tiles.band``, some column's exact value is ``>= t - B``, so a column whose tile value
+    is below ``t - 2B`` (with a margin) cannot hold the exact maximum; the others are rescored
+    exactly. Euclidean works in squared space and takes torch's square root at the end
+    (monotone, so the maximum is the root of the squared maximum).
+    """
+    ranking = "sqeuclidean" if metric == "euclidean" else metric
+    num_rows = x.shape[0]
+    norms = exact_squared_norms(x) if metric != "cosine" and norms is None else norms
     farthest = torch.empty(num_rows, dtype=x.dtype, device=x.device)
     for start, stop in row_chunks(num_rows, num_rows):
-        tile = distance_tile(x[start:stop], x, metric, norms)
-        local = torch.arange(stop - start, device=x.device)
-        # The formula may leave a rounding residue on the diagonal; the distance to itself is 0.
-        tile[local, local + start] = 0.0
-        farthest[start:stop] = tile.amax(1)
-        ranks[start:stop] = smallest_k(tile, width)[1]
-    return ranks, farthest
+        block_norms = norms[start:stop] if norms is not None else None
+        tile = distance_tile(x[start:stop], x, ranking, norms)
+        top = tile.amax(1).to(torch.float64)
+        floor = (top - 2 * band(x[start:stop], x, ranking, block_norms, norms)) * (1 - 2.0 ** -20) - 1e-300
+        rows, cols = (tile.to(torch.float64) >= floor.unsqueeze(1)).nonzero(as_tuple=True)
+        del tile
+        exact = exact_distances(x[start + rows], x[cols], ranking,
+                                block_norms[rows] if norms is not None else None,
+                                norms[cols] if norms is not None else None)
+        high = torch.full((stop - start,), -torch.inf, dtype=x.dtype, device=x.device)
+        farthest[start:stop] = high.scatter_reduce_(0, rows, exact, reduce="amax")
+    return farthest.sqrt_() if metric == "euclidean" else farthest
 
 
 def _reciprocal(ranks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,18 +232,17 @@ def _expanded_sets(ranks: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _pair_distances(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric: str) -> torch.Tensor:
-    """The metric's distance of every pair ``(rows[p], cols[p])``, in chunks of ``tile_elements()``."""
+    """The exact distance (``_tiles.exact_distances`` with :func:`exact_squared_norms`) of every
+    pair ``(rows[p], cols[p])``, 0 when ``rows[p] == cols[p]``; rows gathered in chunks of
+    ``tile_elements()`` elements."""
     distances = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
+    norms = exact_squared_norms(x) if metric != "cosine" else None
     step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
     for start in range(0, rows.numel(), step):
-        stop = min(start + step, rows.numel())
-        left, right = x[rows[start:stop]], x[cols[start:stop]]
-        dots = (left * right).sum(1)
-        if metric == "cosine":
-            distances[start:stop] = 1.0 - dots
-            continue
-        squared = ((left * left).sum(1) + (right * right).sum(1) - 2.0 * dots).clamp_min_(0.0)
-        distances[start:stop] = squared.sqrt_() if metric == "euclidean" else squared
+        left, right = rows[start:start + step], cols[start:start + step]
+        distances[start:start + step] = exact_distances(x[left], x[right], metric,
+                                                        norms[left] if norms is not None else None,
+                                                        norms[right] if norms is not None else None)
     return torch.where(rows == cols, 0.0, distances)
 
 
@@ -215,7 +265,8 @@ def _weights(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.T
     step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
     for start in range(0, rows.numel(), step):
         stop = min(start + step, rows.numel())
-        dots = (x[rows[start:stop]] * x[cols[start:stop]]).sum(1)
+        # The fixed-order inner product: a function of the two rows (the compiled core's bits).
+        dots = exact_dots(x[rows[start:stop]], x[cols[start:stop]])
         logits[start:stop] = -(2.0 - 2.0 * dots)
     row_max = torch.full((num_rows,), -torch.inf, dtype=x.dtype, device=x.device)
     row_max.scatter_reduce_(0, rows, logits, reduce="amax")
@@ -330,13 +381,16 @@ def _jaccard_pairs(v: _SparseRows, max_distance: float | None) -> tuple[torch.Te
 
 
 def _encoding(x: torch.Tensor, k1: int, k2: int, weighting: str, metric: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 1-5 on prepared rows: ``V`` as (rows, cols, values) sorted by (row, col), and every
-    row's largest distance to all rows ([N], compute dtype)."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Steps 1-5 on prepared rows: ``V`` as (rows, cols, values) sorted by (row, col), and, for
+    ``weighting="zhong"``, every row's largest exact distance to all rows ([N], compute dtype;
+    else None)."""
     num_rows = x.shape[0]
     # SpCL's lists hold k1 rows; torchreid's slices [:k1 + 1] of a full ranking.
     width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
-    ranks, farthest = _nearest_lists(x, width, metric)
+    ranks = nearest_lists(x, width, metric)
+    # Only Zhong's weights (and the re-ranked evaluation) read the farthest distances.
+    farthest = farthest_distances(x, metric) if weighting == "zhong" else None
     rows, cols = _expanded_sets(ranks, k1)
     if weighting == "spcl":
         values = _weights(x, rows, cols)
