@@ -392,6 +392,12 @@ def _train(args) -> int:
         if args.root and config.data == "synthetic":
             raise UsageError("--root applies to a dataset on disk (--dataset NAME); this run uses the synthetic world")
         _check_config(config)
+        if args.splits > 1 or args.split_file:
+            from .methods.protocols import SPLIT_DATASETS
+
+            if config.data not in SPLIT_DATASETS:
+                raise UsageError(f"--splits / --split-file need a dataset with random train/test splits "
+                                 f"(--dataset {' or '.join(SPLIT_DATASETS)}); this run uses data={config.data}")
         _check_out(out)
         _require_train_extras("training", *(("matplotlib",) if config.plots else ()),
                               *(("scipy",) if config.data != "synthetic" else ()))

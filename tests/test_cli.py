@@ -131,6 +131,7 @@ def test_splits_and_from_scratch_reach_their_callees(tmp_path, capsys, monkeypat
         return {"rank1": 0.5, "mAP": 0.25}
 
     protocols.train_splits = train_splits
+    protocols.SPLIT_DATASETS = ("synthetic",)  # the stub splits the synthetic world; the real one refuses it
     monkeypatch.setitem(sys.modules, "fastassoc.methods.protocols", protocols)
     split_file = tmp_path / "splits.json"
     split_file.write_text("[]")
@@ -181,6 +182,10 @@ def test_splits_and_from_scratch_reach_their_callees(tmp_path, capsys, monkeypat
      "--root {out}/nowhere: no such folder"),
     (["train", "--method", "dal", "--out", "{out}", "--weights", "{out}/w.pth"], "--weights {out}/w.pth: no such file"),
     (["train", "--method", "dal", "--out", "{out}", "--override"], "--override applies to --resume"),
+    (["train", "--method", "dal", "--out", "{out}", "--splits", "3"],
+     "--splits / --split-file need a dataset with random train/test splits (--dataset prid2011 or ilidsvid)"),
+    (["train", "--method", "dal", "--out", "{out}", "--split-file", "{out}/none.json"],
+     "--split-file {out}/none.json: no such file"),
     (["train", "--method", "dal", "--out", "{out}", "--resume"], "--resume: no checkpoint at {out}/checkpoint.pt"),
     (["train", "--method", "dal", "--out", "{out}/file.txt/run"], "{out}/file.txt is a file, not a folder"),
     (["train", "--method", "dal", "--out", "{out}/file.txt"], "--out {out}/file.txt exists and is not a folder"),
