@@ -27,9 +27,10 @@ True
 """
 from .evaluation import evaluate_ranking
 from .graph import cross_camera_graph, knn_soft_labels
+from .rerank import jaccard_distance
 from .knn import mutual_knn, topk_anchors
 from .memory import ema_update_
 from ._comm import BYTES_SENT, ShardLayout
 
-__all__ = ["evaluate_ranking", "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "ema_update_", "ShardLayout",
+__all__ = ["evaluate_ranking", "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "jaccard_distance", "ema_update_", "ShardLayout",
            "BYTES_SENT"]
