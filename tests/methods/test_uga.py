@@ -139,3 +139,10 @@ def test_paper_preset_samples_images_evenly_over_cameras_and_epochs_pass_over_fr
         assert Counter(cameras.tolist()) == {0: 2, 1: 2, 2: 2}      # 3 cameras divide 6
         counts.update(cameras.tolist())
     assert len(set(counts.values())) == 1
+
+
+def test_resume_with_frame_batches_equals_uninterrupted(tmp_path, world):
+    """The frame sampler's epoch is checkpointed like the tracklet sampler's."""
+    check_resume_equals_uninterrupted(UGATrainer, world, tmp_path, ("loss", "loss_self", "loss_cross", "pairs"),
+                                      epochs=3, stop_after=2, intra_epochs=1, threshold=0.3,
+                                      sampling="camera_images", batch_size=6, batches_per_epoch=4)
