@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup build demo test bench gpu-check
+.PHONY: setup build demo test wheel-check bench gpu-check
 
 $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,19 @@ setup: $(VENV)/.deps build
 # Rebuild the compiled core (incremental: build/ keeps the CMake tree).
 build: $(VENV)/.deps
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -c "import fastassoc, fastassoc._C as C; print('fastassoc', fastassoc.__version__, '| compiled core: cpu yes, cuda', 'yes' if C.has_cuda() else 'no')"
+	$(PY) -m fastassoc --require cpu
 
 demo: setup
 	$(VENV)/bin/fastassoc demo
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The platform wheel (from build/'s tree: only the CUDA objects recompile, for the release
+# architectures), checked for its core, LICENSE and py.typed and run outside the checkout.
+# The no-compiler install is covered by tests/test_build.py.
+wheel-check: $(VENV)/.deps
+	PY=$(PY) bash .ci/wheel_check.sh
 
 bench: setup
 	$(PY) -m pytest -q bench --benchmark-only
