@@ -43,9 +43,13 @@ class TrainConfig:
         taken from ``image_size``) or of :func:`~fastassoc.data.load_dataset`.
     image_size : (int, int)
         (height, width) frames are resized to.
-    backbone : {"small", "resnet50", "mobilenet_v2"}
+    backbone : {"small", "resnet50", "mobilenet_v2", "mobilenet_v1"}
     weights : str or None
-        Local file of ImageNet weights for a torchvision backbone (never downloaded).
+        Local file of ImageNet weights for an ImageNet backbone (never downloaded).
+    from_scratch : bool
+        Knowingly train the ``paper`` preset without ImageNet weights. All five papers start
+        from ImageNet; a ``paper`` config without ``weights`` is refused unless this is set
+        (:func:`check_pretraining`).
     small_width : int
         Channels of :class:`SmallReidNet`'s first stage (output dim = 8 x small_width).
     optimizer : {"sgd", "adam", "rmsprop"}
@@ -111,6 +115,7 @@ class TrainConfig:
     image_size: tuple = (64, 32)
     backbone: str = "small"
     weights: str | None = None
+    from_scratch: bool = False
     small_width: int = 32
     optimizer: str = "adam"
     lr: float = 3.5e-4
@@ -221,11 +226,17 @@ def resolve_config(config_class: type, method: str, method_presets: dict[str, di
             else:
                 values[key] = value
     values.update(method=method, preset=preset)
+    method_preset = method_presets.get(preset, {})
+    preset_data = method_preset.get("data", BASE_PRESETS[preset].get("data", "synthetic"))
     if values.get("data", "synthetic") != "synthetic":
         # The base presets' options describe the synthetic world; a dataset on disk keeps only the
         # method preset's options (e.g. tracklets="one_per_camera") and the caller's.
-        values["data_options"] = {**method_presets.get(preset, {}).get("data_options", {}),
-                                  **overrides.get("data_options", {})}
+        values["data_options"] = {**method_preset.get("data_options", {}), **overrides.get("data_options", {})}
+    elif preset_data != "synthetic":
+        # An explicit data="synthetic" over a preset made for a dataset on disk: that dataset's
+        # options (and root) do not describe the synthetic world; only the caller's apply.
+        values["data_options"] = dict(overrides.get("data_options", {}))
+        values["root"] = overrides.get("root")
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -245,3 +256,31 @@ def config_differences(saved: dict, requested: dict) -> list[tuple[str, Any, Any
         if jsonable(value) != jsonable(old):
             out.append((key, old, value))
     return out
+
+
+def check_pretraining(config: TrainConfig) -> None:
+    """Refuse a ``paper`` config that would silently train a randomly initialised network.
+
+    All five papers start from ImageNet weights; without them the ``paper`` preset is not the
+    papers' procedure, so it needs ``weights`` (a local file) or an explicit ``from_scratch``.
+
+    Raises
+    ------
+    ValueError
+        ``preset="paper"`` with neither ``weights`` nor ``from_scratch=True``; or both given.
+
+    Examples
+    --------
+    >>> check_pretraining(TrainConfig(preset="paper", backbone="resnet50"))
+    Traceback (most recent call last):
+    ...
+    ValueError: preset 'paper' starts from ImageNet weights, as all five papers do: pass weights=PATH (--weights, a local resnet50 state_dict file; nothing is downloaded), or from_scratch=True (--from-scratch) to train a randomly initialised resnet50 knowingly
+    >>> check_pretraining(TrainConfig(preset="paper", from_scratch=True))
+    """
+    if config.from_scratch and config.weights:
+        raise ValueError(f"from_scratch=True contradicts weights={config.weights!r}: give one or the other")
+    if config.preset == "paper" and not config.weights and not config.from_scratch:
+        raise ValueError(f"preset 'paper' starts from ImageNet weights, as all five papers do: pass weights=PATH "
+                         f"(--weights, a local {config.backbone} state_dict file; nothing is downloaded), or "
+                         f"from_scratch=True (--from-scratch) to train a randomly initialised {config.backbone} "
+                         f"knowingly")

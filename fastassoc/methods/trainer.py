@@ -71,8 +71,8 @@ from ..segments import CameraLayout
 from .backbones import ReidModel, build_backbone
 from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_write_text, read_checkpoint, remove_stale_temporaries,
                          rng_state, seed_everything, set_rng_state, to_device, write_checkpoint)
-from .config import (OPTIMIZERS, RUNTIME_FIELDS, SCHEDULERS, TrainConfig, config_differences, jsonable,
-                     resolve_config)
+from .config import (OPTIMIZERS, RUNTIME_FIELDS, SCHEDULERS, TrainConfig, check_pretraining, config_differences,
+                     jsonable, resolve_config)
 from .diagnostics import cluster_diagnostics, graph_diagnostics, pair_diagnostics, soft_label_diagnostics
 from .environment import run_environment
 from .plots import plot_run
@@ -133,6 +133,7 @@ class Trainer:
                  dataset: fdata.TrackletDataset | None = None, log: Callable[[str], None] | None = None):
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        check_pretraining(config)
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._given_dataset = dataset

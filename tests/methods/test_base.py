@@ -221,3 +221,32 @@ def test_resume_equals_uninterrupted(tmp_path, world):
     assert len(resumed["history"]) == 3
     assert resumed["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
     assert resumed["rank1"] == pytest.approx(full["rank1"], abs=1e-6)
+
+
+# -- paper preset: pretraining and an explicit dataset (issue 14 item 3) -------------------------------
+
+def test_paper_preset_without_weights_is_refused_unless_from_scratch(tmp_path):
+    config = _Toy.make_config("paper", data="synthetic")   # building the config is fine...
+    with pytest.raises(ValueError, match=r"preset 'paper' starts from ImageNet weights.*from_scratch=True"):
+        _Toy(config)                                        # ...training a random ResNet-50 with it is not
+    _Toy(_Toy.make_config("paper", data="synthetic", from_scratch=True))
+    weights = tmp_path / "resnet50.pth"
+    weights.write_bytes(b"")   # only named here; the backbone is built later, in prepare()
+    _Toy(_Toy.make_config("paper", data="synthetic", weights=str(weights)))
+    with pytest.raises(ValueError, match="contradicts"):
+        _Toy(_Toy.make_config("paper", data="synthetic", weights=str(weights), from_scratch=True))
+    _Toy(tiny_config(_Toy))   # other presets train from scratch as before
+
+
+def test_explicit_data_overrides_the_presets_dataset():
+    _Toy.PRESETS["paper"] = {"data_options": {"tracklets": "one_per_camera"}}
+    try:
+        config = _Toy.make_config("paper", data="synthetic", from_scratch=True)
+        assert (config.data, config.data_options, config.root) == ("synthetic", {}, None)
+        own = _Toy.make_config("paper", data="synthetic", data_options={"num_cameras": 2})
+        assert own.data_options == {"num_cameras": 2}
+        on_disk = _Toy.make_config("paper", data="prid2011", root="/x")
+        assert (on_disk.data, on_disk.data_options) == ("prid2011", {"tracklets": "one_per_camera"})
+        assert _Toy.make_config("paper").data == "mars"
+    finally:
+        del _Toy.PRESETS["paper"]
