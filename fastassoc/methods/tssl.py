@@ -63,10 +63,10 @@ Readings and options
     f_theta as P^step. Track the best model", lines 17-18) and returns the best one. That choice
     is made on the test set's labels: a model selected that way is not an unsupervised result.
     With ``eval_merge_steps`` (paper preset) every step's evaluation is recorded (the epoch
-    record's ``rank1`` / ``mAP``, ``merge_step_evals`` in report.json) and the report gives both
-    ``final`` (the last model, the one returned and saved) and ``best_step`` (the paper's
-    test-set choice among the step models and the final one), each with rank-1 / mAP;
-    ``model_selection`` says plainly which uses the test set.
+    record's ``rank1`` / ``mAP``; ``step_evaluations`` in report.json, with the step's cluster
+    count) and the report gives both ``final`` (the last model, the one returned and saved) and
+    ``best_step`` (the paper's test-set choice among the step models), the latter with a note
+    saying plainly that it was chosen on the test set.
 ``rotation``, ``colour_jitter``, ``channel_gain``, ``gamma_jitter`` (the surrogate transform)
     The paper's surrogate is "horizontal flip, crop, rotation and colour jittering" without
     strengths. After flip and pad-crop: ``RandomRotation(rotation)`` (degrees, 10), then
@@ -130,9 +130,6 @@ from .base import Trainer, TrainConfig, one_hot_csr
 
 NEGATIVES = ("cyclic", "hardest", "random")
 TRACKLET_FEATURES = ("original", "reformulated")
-MODEL_SELECTION_NOTE = ("final: the model after the last epoch (returned and saved). best_step: the model with the "
-                        "best test rank-1 among the evaluations after each merging step and the final one, the "
-                        "paper's Algorithm 1 choice; it is selected with the test set's labels.")
 MERGE_FEATURES = ("cluster_memory", "tracklet_memory")
 # The surrogate colour jittering of the smoke / demo presets: camera-like colour casts and tone curves
 # instead of torchvision's ColorJitter (see the module docstring).
@@ -351,18 +348,18 @@ class TSSLTrainer(Trainer):
         self.labels = torch.arange(len(self.train), device=self.device)
         self.cluster_memory = self.memory.clone()
         self.merge_steps = 0
-        self.step_evals = []
 
     def method_state(self) -> dict:
         return {"memory": self.memory, "labels": self.labels, "cluster_memory": self.cluster_memory,
-                "merge_steps": self.merge_steps, "step_evals": list(getattr(self, "step_evals", []))}
+                "merge_steps": self.merge_steps, "step_evaluations": list(self.step_evaluations)}
 
     def load_method_state(self, state: dict) -> None:
         self.memory = state["memory"].contiguous()
         self.labels = state["labels"]
         self.cluster_memory = state["cluster_memory"].contiguous()
         self.merge_steps = int(state["merge_steps"])
-        self.step_evals = list(state.get("step_evals", []))
+        # The core does not checkpoint its step evaluations: they travel with the method state.
+        self.step_evaluations = list(state.get("step_evaluations", []))
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -487,28 +484,9 @@ class TSSLTrainer(Trainer):
         return diagnostics
 
     def evaluate_merge_step(self, epoch: int) -> dict:
-        """Algorithm 1 lines 17-18: evaluate the model after merging step ``merge_steps`` (test labels!)."""
+        """Algorithm 1 lines 17-18: evaluate the model after merging step ``merge_steps`` on the
+        test set, recorded by :meth:`record_step_eval` (the report's ``step_evaluations`` and
+        ``best_step``)."""
         result = self.evaluate(desc=f"merge step {self.merge_steps}")
-        entry = {"step": self.merge_steps, "epoch": epoch + 1, "clusters": int(self.labels.max()) + 1,
-                 **{key: result[key] for key in ("rank1", "rank5", "rank10", "mAP", "mINP")}}
-        self.step_evals.append(entry)
-        record = getattr(self, "record_step_eval", None)      # the trainer core's per-step record, where built
-        if record is not None:
-            record(self.merge_steps, result)
+        self.record_step_eval(self.merge_steps, result, clusters=int(self.labels.max()) + 1)
         return {"rank1": result["rank1"], "mAP": result["mAP"]}
-
-    def report(self, seconds: float | None = None) -> dict:
-        report = super().report(seconds)
-        if not self.config.eval_merge_steps:
-            return report
-        report["merge_step_evals"] = list(self.step_evals)
-        candidates = list(self.step_evals)
-        if self.final is not None:
-            report["final"] = {"step": self.merge_steps, "epoch": self.config.epochs,
-                               **{key: self.final[key] for key in ("rank1", "rank5", "rank10", "mAP", "mINP")}}
-            candidates.append(report["final"])
-        if candidates:
-            # Ties go to the earlier step (fewer merges, the first model that reached the figure).
-            report["best_step"] = max(candidates, key=lambda entry: (entry["rank1"], entry["mAP"], -entry["epoch"]))
-        report["model_selection"] = MODEL_SELECTION_NOTE
-        return report

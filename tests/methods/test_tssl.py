@@ -251,19 +251,28 @@ def test_every_merging_step_is_evaluated_and_the_report_gives_final_and_best_ste
     config = _tiny(epochs=4, max_merge_steps=2, eval_merge_steps=True, baseline=False)
     trainer = TSSLTrainer(config, tmp_path, dataset=world, log=_quiet)
     report = trainer.fit()
-    steps = report["merge_step_evals"]
+    steps = report["step_evaluations"]
     assert [entry["step"] for entry in steps] == [1, 2]
-    merged_epochs = [record["epoch"] for record in report["history"] if record["merges"] > 0]
-    assert [entry["epoch"] for entry in steps] == merged_epochs
-    for entry in steps:
-        record = report["history"][entry["epoch"] - 1]
+    merged = [record for record in report["history"] if record["merges"] > 0]
+    assert [entry["epoch"] for entry in steps] == [record["epoch"] for record in merged]
+    assert [entry["clusters"] for entry in steps] == [record["clusters"] for record in merged]
+    for entry, record in zip(steps, merged):
         assert record["rank1"] == entry["rank1"] and record["mAP"] == entry["mAP"]
     assert report["final"]["rank1"] == report["rank1"] and report["final"]["mAP"] == report["mAP"]
-    candidates = steps + [report["final"]]
-    assert report["best_step"]["rank1"] == max(entry["rank1"] for entry in candidates)
-    assert "test set" in report["model_selection"]
+    assert report["best_step"]["rank1"] == max(entry["rank1"] for entry in steps)
+    assert "test set" in report["best_step"]["note"]
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["best_step"] == report["best_step"] and len(saved["merge_step_evals"]) == 2
+    assert saved["best_step"]["step"] == report["best_step"]["step"] and len(saved["step_evaluations"]) == 2
+
+
+def test_step_evaluations_survive_a_resume(world, tmp_path):
+    config = _tiny(epochs=4, max_merge_steps=2, eval_merge_steps=True, baseline=False)
+    full = TSSLTrainer(config, tmp_path / "full", dataset=world, log=_quiet).fit()
+    TSSLTrainer(config, tmp_path / "cut", dataset=world, log=_quiet).fit(stop_after=3)
+    resumed = TSSLTrainer.resume(tmp_path / "cut", dataset=world, log=_quiet).fit()
+    assert [e["step"] for e in resumed["step_evaluations"]] == [e["step"] for e in full["step_evaluations"]]
+    assert [e["rank1"] for e in resumed["step_evaluations"]] == \
+        pytest.approx([e["rank1"] for e in full["step_evaluations"]])
 
 
 def test_unknown_linkage_is_refused_naming_the_choices(world):
