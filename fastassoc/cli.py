@@ -308,8 +308,14 @@ _CONFIG_FRACTIONS = ("train_erasing", "train_grayscale")
 def _check_config(config) -> None:
     """What a resolved config names, checked on this machine before any work: device, backend,
     the choices and counts of the shared fields, the dataset folder and the weights file."""
+    from .methods.config import check_pretraining
+
     device = _check_device(config.device, "device")
     _check_backend(config.backend, device)
+    try:
+        check_pretraining(config)  # the paper preset without --weights or --from-scratch
+    except ValueError as error:
+        raise UsageError(_one_line(error)) from error
     for key, options in _config_choices().items():
         value = getattr(config, key, None)
         if value is not None and value not in options:

@@ -182,6 +182,8 @@ def test_splits_and_from_scratch_reach_their_callees(tmp_path, capsys, monkeypat
      "--root {out}/nowhere: no such folder"),
     (["train", "--method", "dal", "--out", "{out}", "--weights", "{out}/w.pth"], "--weights {out}/w.pth: no such file"),
     (["train", "--method", "dal", "--out", "{out}", "--override"], "--override applies to --resume"),
+    (["train", "--method", "dal", "--out", "{out}", "--preset", "paper", "--dataset", "mars", "--root", "{out}"],
+     "preset 'paper' starts from ImageNet weights"),
     (["train", "--method", "dal", "--out", "{out}", "--splits", "3"],
      "--splits / --split-file need a dataset with random train/test splits (--dataset prid2011 or ilidsvid)"),
     (["train", "--method", "dal", "--out", "{out}", "--split-file", "{out}/none.json"],
