@@ -74,8 +74,8 @@ Presets
 tracklet features; resize only. ``paper`` on PRID2011 / iLIDS-VID (the small-data schedule,
 applied by :meth:`DALTrainer.make_config` when ``data`` is one of them): RMSProp at 0.045,
 x0.94 every 2 epochs (epochs over the training frames), 2e4 iterations. Backbones: ResNet-50 or
-MobileNet (the paper's best MARS row is MobileNet v1; ``backbone="mobilenet_v1"`` where the
-build offers it, ``mobilenet_v2`` otherwise), ImageNet weights via ``--weights``. From the
+MobileNet (the paper's best MARS row is MobileNet v1, ``backbone="mobilenet_v1"``; the public
+code's default too; ``mobilenet_v2`` is offered as well), ImageNet weights via ``--weights``. From the
 public code (``train_dal.py``), not the paper: weight decay 4e-5, SGD with Nesterov momentum
 0.9, RMSProp momentum 0.9 and epsilon 1.0, the RMSProp decay counted in epochs of
 ``num_samples / batch_size`` batches (frames). Ours: RMSProp's squared-gradient decay is
