@@ -25,6 +25,7 @@ A one-process group (every rank of a larger one runs the same lines on its own b
 True
 >>> dist.destroy_process_group()
 """
+from .cluster import agglomerative_merge
 from .evaluation import evaluate_ranking
 from .graph import cross_camera_graph, knn_soft_labels
 from .rerank import jaccard_distance
@@ -32,5 +33,5 @@ from .knn import mutual_knn, topk_anchors
 from .memory import ema_update_
 from ._comm import BYTES_SENT, ShardLayout
 
-__all__ = ["evaluate_ranking", "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "jaccard_distance", "ema_update_", "ShardLayout",
+__all__ = ["agglomerative_merge", "evaluate_ranking", "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "jaccard_distance", "ema_update_", "ShardLayout",
            "BYTES_SENT"]

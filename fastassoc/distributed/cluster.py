@@ -1,0 +1,261 @@
+"""Sharded :func:`fastassoc.agglomerative_merge` (centroid and TSSL linkages).
+
+Algorithm
+---------
+1. Clusters are the distinct labels of all ranks (cluster ``i`` the ``i``-th smallest); they
+   are owned in contiguous blocks of cluster ids. Every sample row travels to its cluster's
+   owner, ranks in rank order, so the owner's ``index_add_`` adds a cluster's rows in global
+   sample order: the single-process means to the bit.
+2. ``tssl``: ``a_i`` from the exact sharded search over the means (``smallest_k_exact``,
+   self excluded by index), summed in ascending order as the single-process op sums them.
+3. The greedy walk needs the cluster pairs in exact ``(linkage, i, j)`` order up to the
+   ``num_merges``-th merge. Each pair ``i < j`` is scored by the owner of ``j`` from the gathered
+   means of ``i`` (chunks of ``query_chunk`` clusters per rank). Pass 1: each rank sends its
+   ``M`` pairs of smallest GEMM-based lower bound with their exact linkages; walking them
+   gives a forest of ``num_merges`` merges (``M`` doubles until it does), and the largest exact
+   linkage ``U`` on it bounds the linkage of the exact walk's last merge (a greedy walk
+   minimises the largest linkage over all forests of that size). Pass 2: each rank sends every
+   pair whose lower bound is ``<= U`` and whose exact linkage is ``<= U``; every rank walks the
+   gathered pairs in ``(linkage, i, j)`` order: the single-process walk.
+4. Labels are renumbered by first appearance over the global sample order.
+
+``buc`` / ``buc_l2`` (minimum sample distances between clusters) are not sharded here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops as _ops
+from ..kernels.reference import _tiles
+from ..kernels.reference.cluster import union_find_roots, union_pair_keys
+from ..kernels.reference.knn import smallest_k_exact
+from ._checks import agree
+from ._comm import (QUERY_CHUNK, ShardLayout, all_gather_padded, all_to_all_rows, exchange_counts, layout_from_sizes,
+                    sharded_search)
+
+# Relative slack on lower bounds, as the single-process op's (float32 roundings of sqrt, exp, sums).
+_SLACK = 2.0 ** -20
+_FIRST_PAIRS = 1024
+
+
+def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, *, linkage: str = "tssl",
+                        neighbours: int = 4, group=None, query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    r"""Sharded :func:`fastassoc.agglomerative_merge` for ``linkage="tssl"`` and ``"centroid"``.
+
+    ``x`` / ``labels`` are this rank's block of the samples (clusters may span blocks). Returns
+    this rank's merged labels: the ranks' outputs concatenated in rank order equal
+    ``agglomerative_merge(cat(x), cat(labels), num_merges, linkage=..., neighbours=...)``
+    (clusters renumbered by first appearance over all samples). Collective.
+
+    Parameters
+    ----------
+    x : Tensor [n, D], float; labels : Tensor [n], integer >= 0
+    num_merges : int, 0 <= num_merges < number of clusters over all ranks (0 when there are none)
+    linkage : {"tssl", "centroid"}
+    neighbours : int >= 1, for ``"tssl"``
+    group : ProcessGroup, optional; query_chunk : int >= 1, clusters per rank per gathered chunk
+
+    Returns
+    -------
+    Tensor [n], int64
+
+    Communication
+    -------------
+    Bytes sent per rank (``C`` clusters, ``C_r`` owned by rank ``r``, ``u_r`` distinct labels on
+    rank ``r``, ``e`` = 4, or 8 for float64): ``24 (W - 1)`` (sizes, check) + ``8 (W - 1) max_r u_r``
+    (labels) + ``8 (W - 1)`` + ``D e + 16`` per sample owned by another rank's cluster (step 1);
+    tssl: a sharded search over the means (per chunk ``(W - 1) c (D e + 16)``, candidates
+    ``sum_{r != rank} C_r k (e + 8)``); per pass and chunk ``(W - 1) c (D e + 16)`` (gathered
+    means, ids, ``a_i``) plus ``24 (W - 1) M`` (pass 1, per try) and ``24 (W - 1) max_r P_r``
+    (pass 2, ``P_r`` pairs of rank ``r`` under ``U``); ``16 (W - 1) max_r u_r`` (first appearances).
+    Never a cluster-pair matrix.
+    """
+    error = None
+    try:
+        x = _ops._checks.features("x", x)
+        labels = _ops._checks.index_vector("labels", labels, length=x.shape[0], low=0, high=2 ** 62,
+                                           device=x.device)
+        num_merges = _ops._checks.non_negative_int("num_merges", num_merges)
+        linkage = _ops._checks.choice("linkage", linkage, ("tssl", "centroid"))
+        neighbours = _ops._checks.non_negative_int("neighbours", neighbours, minimum=1)
+        query_chunk = _ops._checks.non_negative_int("query_chunk", query_chunk, minimum=1)
+        distinct_local = torch.unique(labels)
+    except (TypeError, ValueError) as caught:
+        error = caught
+    device = x.device if isinstance(x, torch.Tensor) else None
+    stats = agree(error, None if error else [x.shape[0], x.shape[1], distinct_local.numel()], 3, group, device)
+    if len({s[1] for s in stats}) > 1:
+        raise ValueError(f"x must have the same feature dimension on every rank; got {[s[1] for s in stats]}")
+    layout = layout_from_sizes([s[0] for s in stats], group)
+    distinct = torch.unique(torch.cat(all_gather_padded(distinct_local, [s[2] for s in stats], group)))
+    num_clusters = distinct.numel()
+    if num_merges > max(num_clusters - 1, 0):
+        raise ValueError(f"num_merges must be at most the number of clusters minus one ({max(num_clusters - 1, 0)}, "
+                         f"over all ranks), got {num_merges}")
+    cluster_of_sample = torch.searchsorted(distinct, labels)
+    roots = torch.arange(num_clusters, device=device)
+    if num_merges > 0 and num_clusters > 1:
+        roots = _merged_roots(_tiles.prepare(x, "euclidean"), cluster_of_sample, num_clusters, num_merges, linkage,
+                              neighbours, layout, group, query_chunk)
+    return _renumber(roots[cluster_of_sample], layout, group)
+
+
+def _renumber(ids: torch.Tensor, layout: ShardLayout, group) -> torch.Tensor:
+    """Ids [n] renumbered 0..K-1 by first appearance over the concatenated samples of all ranks."""
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((unique_ids.numel(),), 2 ** 62, dtype=torch.int64, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device) + layout.offset, "amin")
+    sizes = [row[0] for row in exchange_counts([unique_ids.numel()], group, ids.device)]
+    table = torch.cat(all_gather_padded(torch.stack([unique_ids, first], 1), sizes, group))
+    every_id, every_inverse = torch.unique(table[:, 0], return_inverse=True)
+    every_first = torch.full((every_id.numel(),), 2 ** 62, dtype=torch.int64, device=ids.device)
+    every_first.scatter_reduce_(0, every_inverse, table[:, 1], "amin")
+    rank = torch.empty_like(every_first)
+    rank[torch.argsort(every_first)] = torch.arange(every_first.numel(), device=ids.device)
+    return rank[torch.searchsorted(every_id, ids)]
+
+
+def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage, neighbours, layout, group,
+                  query_chunk) -> torch.Tensor:
+    world, device, dtype = layout.world_size, features.device, features.dtype
+    cluster_sizes = [num_clusters * (r + 1) // world - num_clusters * r // world for r in range(world)]
+    clusters = layout_from_sizes(cluster_sizes, group)
+    # Step 1: every sample to its cluster's owner, in global sample order.
+    owners = clusters.owner(cluster_of_sample)
+    order = torch.argsort(owners, stable=True)
+    send_counts = torch.bincount(owners, minlength=world)
+    received_counts = torch.cat(all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * world, group)
+                                ).view(-1).tolist()
+    split = send_counts.tolist()
+    rows = torch.cat(all_to_all_rows(list(features[order].split(split)), received_counts, group))
+    ids = torch.cat(all_to_all_rows(list(cluster_of_sample[order].split(split)), received_counts, group))
+    local_ids = ids - clusters.offset
+    sizes = torch.bincount(local_ids, minlength=clusters.size).to(dtype)
+    means = torch.zeros(clusters.size, features.shape[1], dtype=dtype, device=device)
+    means.index_add_(0, local_ids, rows)
+    means /= sizes.unsqueeze(1)
+    sq_norms = (means * means).sum(1)
+    global_ids = torch.arange(clusters.size, device=device) + clusters.offset
+    density = torch.zeros(clusters.size, dtype=dtype, device=device)
+    if linkage == "tssl":
+        density = _mean_neighbour_distance(means, sq_norms, global_ids, min(neighbours, num_clusters - 1), clusters,
+                                           group, query_chunk)
+
+    def passes(select):
+        """Run ``select(i ids, j ids, lower [q, n], exact(a, b))`` over every chunk of gathered means."""
+        most = max(clusters.sizes)
+        chunk = min(query_chunk, most)
+        for start in range(0, most, chunk):
+            counts = [max(0, min(chunk, size - start)) for size in clusters.sizes]
+            mine = slice(start, start + counts[clusters.rank])
+            payload = torch.cat([means[mine], density[mine].unsqueeze(1)], 1)
+            gathered = all_gather_padded(payload, [chunk] * world, group)
+            id_parts = all_gather_padded(global_ids[mine], [chunk] * world, group)
+            q = torch.cat([g[:n] for g, n in zip(gathered, counts)])
+            q_ids = torch.cat([g[:n] for g, n in zip(id_parts, counts)])
+            q_means, q_density = q[:, :-1].contiguous(), q[:, -1].contiguous()
+            q_sq = (q_means * q_means).sum(1)
+            if clusters.size == 0 or q.shape[0] == 0:
+                select(None, None, None, None)
+                continue
+            for low, high in _tiles.row_chunks(q.shape[0], clusters.size):
+                squared = _tiles.distance_tile(q_means[low:high], means, "sqeuclidean", sq_norms)
+                bound = _tiles.band(q_means[low:high], means, "sqeuclidean", q_sq[low:high], sq_norms)
+                lower = (squared.to(torch.float64) - bound.unsqueeze(1)).clamp_min_(0.0).sqrt_().mul_(1 - _SLACK)
+                if linkage == "tssl":
+                    exponent = lower * 2 - (q_density[low:high, None] + density[None, :]).double()
+                    exponent -= _SLACK * exponent.abs()
+                    lower += exponent.exp_().mul_(1 - _SLACK)
+                lower.masked_fill_(q_ids[low:high, None] >= global_ids[None, :], torch.inf)
+
+                def exact(a, b, low=low):
+                    distances = _tiles.exact_distances(q_means[low + a], means[b], "euclidean", q_sq[low + a],
+                                                       sq_norms[b])
+                    if linkage != "tssl":
+                        return distances
+                    exponent = q_density[low + a] + density[b]
+                    return exponent.sub_(distances, alpha=2.0).neg_().exp_().add_(distances)
+
+                select(q_ids[low:high], global_ids, lower, exact)
+
+    # Pass 1: a forest of num_merges merges from each rank's M pairs of smallest lower bound.
+    capacity = max(_FIRST_PAIRS, 4 * num_merges)
+    while True:
+        kept = []
+
+        def keep_smallest(i_ids, j_ids, lower, exact):
+            if lower is None:
+                return
+            flat = lower.flatten()
+            take = min(capacity, flat.numel())
+            best = torch.topk(flat, take, largest=False).indices
+            best = best[torch.isfinite(flat[best])]
+            a, b = best // lower.shape[1], best % lower.shape[1]
+            kept.append(torch.stack([exact(a, b).to(torch.float64), i_ids[a].double(), j_ids[b].double()], 1))
+            merged = torch.cat(kept)
+            if merged.shape[0] > capacity:
+                merged = merged[torch.topk(merged[:, 0], capacity, largest=False).indices]
+            kept[:] = [merged]
+
+        passes(keep_smallest)
+        mine = kept[0] if kept else torch.empty((0, 3), dtype=torch.float64, device=device)
+        values, keys = _gathered_pairs(mine, num_clusters, group)
+        parent = list(range(num_clusters))
+        merged, last = union_pair_keys(parent, keys.tolist(), num_clusters, num_merges)
+        if merged == num_merges:
+            # The forest's largest exact linkage (pairs are walked in ascending order).
+            limit = float(values[last])
+            break
+        if capacity >= num_clusters * num_clusters:
+            raise RuntimeError("agglomerative_merge: ran out of cluster pairs before num_merges merges")
+        capacity *= 2
+
+    # Pass 2: every pair with exact linkage <= limit, walked in (linkage, i, j) order.
+    found = []
+
+    def keep_under_limit(i_ids, j_ids, lower, exact):
+        if lower is None:
+            return
+        a, b = (lower <= limit).nonzero(as_tuple=True)
+        linkages = exact(a, b).to(torch.float64)
+        under = linkages <= limit
+        found.append(torch.stack([linkages[under], i_ids[a[under]].double(), j_ids[b[under]].double()], 1))
+
+    passes(keep_under_limit)
+    mine = torch.cat(found) if found else torch.empty((0, 3), dtype=torch.float64, device=device)
+    values, keys = _gathered_pairs(mine, num_clusters, group)
+    parent = list(range(num_clusters))
+    merged, _ = union_pair_keys(parent, keys.tolist(), num_clusters, num_merges)
+    if merged != num_merges:
+        raise AssertionError("agglomerative_merge: the exact walk under the forest bound did not complete")
+    return union_find_roots(parent, device)
+
+
+def _gathered_pairs(pairs: torch.Tensor, num_clusters: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' (linkage, i, j) rows, sorted by (linkage, i * C + j): (linkages, keys)."""
+    sizes = [row[0] for row in exchange_counts([pairs.shape[0]], group, pairs.device)]
+    every = torch.cat(all_gather_padded(pairs, sizes, group))
+    keys = every[:, 1].to(torch.int64) * num_clusters + every[:, 2].to(torch.int64)
+    by_key = torch.argsort(keys)
+    values, keys = every[by_key, 0], keys[by_key]
+    by_value = torch.argsort(values, stable=True)
+    return values[by_value], keys[by_value]
+
+
+def _mean_neighbour_distance(means, sq_norms, global_ids, k, clusters, group, query_chunk) -> torch.Tensor:
+    """a_i of the owned clusters: mean exact distance to the k nearest other clusters, summed in ascending order."""
+    offset = clusters.offset
+
+    def local_search(rows, meta):
+        row_sq = (rows * rows).sum(1)
+        skip = meta[:, 0] - offset  # the query itself, when it is one of this block's clusters
+        found, columns = smallest_k_exact(rows, means, "euclidean", k, skip, row_sq, sq_norms)
+        return found.unsqueeze(1), torch.where(columns >= 0, columns + offset, -1).unsqueeze(1), []
+
+    values, _, _ = sharded_search(means, global_ids.unsqueeze(1), clusters, k, 1, local_search, means.dtype,
+                                  query_chunk=query_chunk, group=group)
+    nearest = values[:, 0]
+    total = nearest[:, 0].clone()
+    for column in range(1, k):
+        total += nearest[:, column]
+    return total / k
