@@ -171,7 +171,7 @@ def main() -> None:
         sent = max(results[name]["bytes_sent"] for results in per_rank)
         rows.append({"case": name, "world": args.world, "threads_per_rank": args.threads, "t1_s": t1, "tw_s": tw,
                      "efficiency": efficiency, "max_bytes_sent_per_rank": sent})
-    print(f"| case | W | T_1 (s) | T_W (s) | efficiency | bytes sent / rank (max) |")
+    print("| case | W | T_1 (s) | T_W (s) | efficiency | bytes sent / rank (max) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['case']} | {row['world']} | {row['t1_s']:.3f} | {row['tw_s']:.3f} | {row['efficiency']:.2f} "

@@ -33,5 +33,5 @@ from .knn import mutual_knn, topk_anchors
 from .memory import ema_update_
 from ._comm import BYTES_SENT, ShardLayout
 
-__all__ = ["agglomerative_merge", "evaluate_ranking", "topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "jaccard_distance", "ema_update_", "ShardLayout",
-           "BYTES_SENT"]
+__all__ = ["topk_anchors", "mutual_knn", "cross_camera_graph", "knn_soft_labels", "jaccard_distance",
+           "agglomerative_merge", "evaluate_ranking", "ema_update_", "ShardLayout", "BYTES_SENT"]

@@ -62,12 +62,13 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     Communication
     -------------
     Bytes sent per rank (``C`` clusters, ``C_r`` owned by rank ``r``, ``u_r`` distinct labels on
-    rank ``r``, ``e`` = 4, or 8 for float64): ``24 (W - 1)`` (sizes, check) + ``8 (W - 1) max_r u_r``
-    (labels) + ``8 (W - 1)`` + ``D e + 16`` per sample owned by another rank's cluster (step 1);
-    tssl: a sharded search over the means (per chunk ``(W - 1) c (D e + 16)``, candidates
-    ``sum_{r != rank} C_r k (e + 8)``); per pass and chunk ``(W - 1) c (D e + 16)`` (gathered
-    means, ids, ``a_i``) plus ``24 (W - 1) M`` (pass 1, per try) and ``24 (W - 1) max_r P_r``
-    (pass 2, ``P_r`` pairs of rank ``r`` under ``U``); ``16 (W - 1) max_r u_r`` (first appearances).
+    rank ``r``, ``e`` = 4, or 8 for float64): ``32 (W - 1)`` (sizes, check) + ``8 (W - 1) max_r u_r``
+    (labels) + ``8 (W - 1)`` + ``D e + 8`` per sample owned by another rank's cluster (step 1);
+    tssl: a sharded search over the means (per chunk ``(W - 1) c (D e + 8)``, candidates
+    ``sum_{r != rank} C_r k (e + 8)``); per pass and chunk ``(W - 1) c ((D + 1) e + 8)`` (gathered
+    means with ``a_i``, ids) plus, per walk, ``8 (W - 1)`` and ``24 (W - 1) max_r P_r`` (``P_r``
+    the rank's pairs: at most ``M`` in pass 1, per try, those under ``U`` in pass 2);
+    ``8 (W - 1) + 16 (W - 1) max_r u_r`` (first appearances).
     Never a cluster-pair matrix.
     """
     error = None

@@ -64,8 +64,9 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
 
     Communication
     -------------
-    Bytes sent per rank: ``32 (W - 1)`` (sizes, check); per chunk ``(W - 1) c (D e + 16)``
-    (gathered queries with identity and camera) + ``24 (W - 1) max_r m_r`` (``m_r`` true matches
+    Bytes sent per rank (``v`` = 4, or 8 for float64 features): ``32 (W - 1)`` (sizes, check); per
+    chunk ``(W - 1) c (D v + 16)`` (gathered queries in the compute dtype, with identity and camera)
+    + ``8 (W - 1)`` (match counts) + ``24 (W - 1) max_r m_r`` (``m_r`` true matches
     of the chunk's queries in rank ``r``'s block) + ``16`` per match of another rank's queries
     (the two counts); at the end ``24 (W - 1) max_r b_r`` (per-query first rank, AP, INP).
     Never a ``Q x G`` block.

@@ -15,8 +15,7 @@ from .. import ops as _ops
 from ..kernels.reference._tiles import prepare
 from ..ops._sparse import CSRMatrix
 from ._checks import agree, value_dtype
-from ._comm import (QUERY_CHUNK, all_gather_padded, all_to_all_rows, exchange_counts, layout_from_sizes,
-                    sharded_search)
+from ._comm import QUERY_CHUNK, all_gather_padded, all_to_all_rows, layout_from_sizes, sharded_search
 from .knn import local_topk, search
 
 
@@ -203,8 +202,9 @@ def knn_soft_labels(x: torch.Tensor, cameras: torch.Tensor, k: int = 4, *, num_c
     Communication
     -------------
     Bytes sent per rank (``k' = min(k, N)``, ``v`` = 4, or 8 for float64): ``32 (W - 1)`` +
-    ``8 (W - 1) max_r u_r`` (camera labels) + per chunk ``(W - 1) c (D e + 16)`` + ``sum_{r != rank} n_r k' (v + 8)`` (candidates) +
-    ``(W - 1) max_r n_r (k' v + 8)`` (the gathered neighbour distances and camera ids).
+    ``8 (W - 1) max_r u_r`` (camera labels) + per chunk ``(W - 1) c (D e + 16)`` +
+    ``sum_{r != rank} n_r k' (v + 8)`` (candidates) + ``(W - 1) max_r n_r (k' v + 8)`` (the gathered
+    neighbour distances and camera ids).
     """
     x, cameras, num_ids, layout, k_search = _camera_inputs(x, cameras, num_cameras, k, group)
     query_chunk = _ops._checks.non_negative_int("query_chunk", query_chunk, minimum=1)

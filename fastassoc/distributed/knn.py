@@ -14,11 +14,10 @@ are written in each op's docstring.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .. import ops as _ops
 from ..kernels.reference._tiles import exact_distances, prepare
-from ._comm import QUERY_CHUNK, all_to_all_rows, check_same, exchange_counts, layout_from_sizes, sharded_search
+from ._comm import QUERY_CHUNK, all_to_all_rows, check_same, layout_from_sizes, sharded_search
 from ._checks import agree, value_dtype
 
 
@@ -220,7 +219,7 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 1, *, metric: str = "s
     Communication
     -------------
     Bytes sent per rank: ``32 (W - 1)`` (sizes and the argument check) plus :func:`topk_anchors` ``a -> b`` (queries
-    ``a``, ``M = 2``) and ``b -> a`` (queries ``b``), plus ``8 W`` counts and ``16`` bytes per
+    ``a``, ``M = 2``) and ``b -> a`` (queries ``b``), plus ``8 (W - 1)`` for the counts and ``16`` bytes per
     reverse pair ``(i, j)`` of this rank's ``b`` lists whose ``i`` lives on another rank
     (at most ``16 nb k``).
     """

@@ -78,7 +78,8 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
     ``(W - 1) c (D v + 8)`` (gathered rows) + ``sum_{r != rank} n_r L K (v + 8)`` (candidates);
     ``8 (W - 1) max_r n_r K`` (the lists) + ``8 (W - 1)`` + ``8`` per row of another rank this
     rank's pairs name and ``D v`` per row of this rank another rank asks for + ``v (W - 1)
-    max_r |E_r|`` (pair values of the expanded sets of rank ``r``'s rows) + ``8 (W - 1)`` +
+    max_r |E_r|`` (pair values of the expanded sets of rank ``r``'s rows) + ``v (W - 1) max_r n_r``
+    (farthest distances, ``"zhong"``) + ``8 (W - 1)`` +
     ``20`` per stored pair ``(i, j)``, ``i < j``, ``j`` on another rank (the mirrored entry).
     """
     error = None

@@ -162,3 +162,10 @@ def test_ema_update_equals_single_process(results, name):
     got = torch.cat([value[0] for value in _outputs(per_rank, name)])
     assert torch.equal(got, expected), (got - expected).abs().max()
     assert not torch.equal(got, bank)
+    # Bytes sent, as the docstring states them: the checks, the counts, every entry owned elsewhere.
+    sizes = split_sizes(bank.shape[0], world, EMA_SPECS[name][1])
+    starts = torch.tensor(sizes).cumsum(0)
+    for rank, rank_results in enumerate(per_rank):
+        owners = torch.searchsorted(starts, batches[rank][0], right=True)
+        remote = int((owners != rank).sum())
+        assert rank_results[name][2] == 24 * (world - 1) + 8 * (world - 1) + remote * (4 * 4 + 8)
