@@ -172,3 +172,15 @@ def test_registry_and_options(world):
         UTALTrainer(tiny_config(UTALTrainer, ccta_search="both"), dataset=world, log=quiet).fit()
     with pytest.raises(ValueError, match="ccta_distance"):
         UTALTrainer(tiny_config(UTALTrainer, ccta_distance="cube"), dataset=world, log=quiet).fit()
+
+
+def test_paper_batch_size_holds_on_any_camera_count(world):
+    """UTAL Sec. 4.1: batches of 128 frames on PRID2011 / iLIDS-VID and 384 elsewhere, the same
+    number of tracklets (of 4 frames) from every camera."""
+    assert UTALTrainer.make_config("paper").batch_size == 384
+    assert UTALTrainer.make_config("paper", data="ilidsvid", root="/x").batch_size == 128
+    trainer = UTALTrainer(tiny_config(UTALTrainer, batch_size=18, frames_per_tracklet=2), dataset=world, log=quiet)
+    trainer.prepare()                                  # 3 cameras x 3 tracklets x 2 frames = 18
+    assert trainer.config.tracklets_per_camera == 3
+    frames, index, cameras = next(iter(trainer.loader))
+    assert frames.shape[0] * frames.shape[1] == 18
