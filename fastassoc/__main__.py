@@ -104,6 +104,9 @@ def report() -> dict:
         core_info["path"] = core.__file__
         core_info["cuda"] = bool(core.has_cuda())
         core_info["build"] = core_build_info(core)
+        has_openmp = getattr(core, "has_openmp", None)     # the binary's own answer, where it has one
+        if has_openmp is not None and core_info["build"] is not None:
+            core_info["build"]["openmp"] = bool(has_openmp())
     elif load_error:
         core_info["error"] = load_error
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
