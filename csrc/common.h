@@ -28,6 +28,22 @@ inline void require(bool condition, const std::string& message) {
 // the launcher last reported it (follow_torch_threads), else omp_get_max_threads().
 int kernel_threads();
 
+// Team size of one parallel region (csrc/cpu/core.cpp): kernel_threads() when the region's
+// work is worth a fork/join (`parallel`), else 1. Every region of the kernels takes its
+// team from here, so that parallel_regions() counts the regions that forked a team. Why it
+// matters: a region ends when its slowest thread does, so on a CPU shared with other busy
+// processes each one can cost a descheduled thread's time slice (issue 11); kernels open
+// few regions per call and share work inside them dynamically.
+int region_threads(bool parallel);
+
+// Chunk of a schedule(dynamic, chunk) loop over n iterations for a team of `threads`:
+// about 8 chunks per thread, so that a thread that keeps its core takes over the share of
+// one that lost it, at one atomic increment per chunk.
+inline int64_t dynamic_chunk(int64_t n, int threads) {
+  const int64_t chunk = n / (int64_t{8} * (threads > 0 ? threads : 1));
+  return chunk > 0 ? chunk : 1;
+}
+
 // x.y of two float32 rows accumulated in float64 in a fixed order (csrc/cpu/screen.cpp):
 // deterministic, exactly symmetric in (x, y), vectorised. The exact distances of the
 // screened kernels all come from it, so equal rows give equal distances.

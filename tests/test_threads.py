@@ -7,18 +7,28 @@ following torch. ``parallel_region_threads()`` opens a region the way the kernel
 reports how many threads actually ran it, so these tests observe the team, not a setting.
 Results must not depend on the thread count. No timing here: bench/bench_shared_cpu.py
 measures the shared-CPU behaviour.
+
+A shared CPU (issue 11): every parallel region waits for its slowest thread, so with
+another busy process on the box each region can cost a descheduled thread's time slice.
+The ops therefore open few regions per call. ``parallel_regions()`` counts the regions
+the core's kernels fork; torch's own regions (one or two per elementwise op or reduction
+above its grain size) are bounded by counting the torch calls an op makes with a
+``TorchDispatchMode``, and the chunked row passes are checked bit for bit against the
+one-shot torch expressions they replace.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastassoc
 from fastassoc import _backend
-from fastassoc.kernels.cpu import _core
+from fastassoc.kernels.cpu import _core, graph, knn
 
 pytestmark = pytest.mark.skipif(_backend.compiled_core() is None, reason="the compiled core is not built")
 
@@ -185,3 +195,109 @@ def test_results_identical_with_one_and_two_threads(core, how):
                 first = tuple(torch.nonzero(~same)[0].tolist())
                 raise AssertionError(f"{name}[{position}] differs with 2 threads at {first}: "
                                      f"{a[first].item()!r} (1 thread) vs {b[first].item()!r}")
+
+
+# ------------------------------------------------------------------ few parallel regions per call
+
+class TorchCalls(TorchDispatchMode):
+    """Counts the aten operators (by name) that run inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def regions_of(core, function):
+    """Parallel regions with more than one thread the core's kernels opened during ``function()``."""
+    before = core.parallel_regions()
+    function()
+    return core.parallel_regions() - before
+
+
+def test_region_counter_counts_forked_regions_only(core):
+    core.set_num_threads(2)
+    assert regions_of(core, core.parallel_region_threads) == 1
+    core.set_num_threads(1)
+    assert regions_of(core, core.parallel_region_threads) == 0, "a one-thread region was counted as forked"
+
+
+def test_tile_update_is_one_region_for_both_list_sides(core):
+    core.set_num_threads(2)
+    generator = torch.Generator().manual_seed(20)
+    rows, cols = torch.randn(300, 16, generator=generator), torch.randn(400, 16, generator=generator)
+    row_lists, col_lists = knn.new_lists(300, 5, torch.float32), knn.new_lists(400, 5, torch.float32)
+    tiles = _core.DotTiles.for_blocks([(300, 400)], torch.float32)
+    count = regions_of(core, lambda: knn.block_topk(
+        tiles, rows, cols, "sqeuclidean", 5, row_norms=(rows * rows).sum(1), col_norms=(cols * cols).sum(1),
+        row_lists=row_lists, col_lists=col_lists))
+    assert count == 1, f"one 300 x 400 tile opened {count} regions (row and column passes share one)"
+    # Both sides were filled: each list's head is its nearest (random data, no ties).
+    distances = ((rows * rows).sum(1)[:, None] + (cols * cols).sum(1)[None, :] - 2 * rows @ cols.T).clamp_min(0)
+    assert torch.equal(row_lists[1][:, 0], distances.argmin(1))
+    assert torch.equal(col_lists[1][:, 0], distances.argmin(0))
+
+
+def test_small_tiles_run_on_the_calling_thread(core):
+    core.set_num_threads(2)
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(21))
+    count = regions_of(core, lambda: fastassoc.topk_anchors(x, x, k=3, backend="cpu"))
+    assert count == 0, f"a 20 x 20 search forked {count} regions"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (37, 3), (1000, 24), (129, 1025)])
+@pytest.mark.parametrize("chunk", [1, 50, 1 << 22])
+def test_chunked_row_passes_equal_torch_bit_for_bit(monkeypatch, dtype, shape, chunk):
+    monkeypatch.setattr(_core, "ROW_CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(22)
+    x = (torch.randn(shape, generator=generator, dtype=dtype)
+         * torch.rand(shape[0], 1, generator=generator, dtype=dtype) * 100)
+    stats = _core.RowStats(x)
+    assert torch.equal(stats.sq, (x * x).sum(1))
+    assert torch.equal(stats.length, x.norm(dim=1))
+    assert torch.equal(_core.squared_norms(x, "sqeuclidean"), (x * x).sum(1))
+    half = shape[0] // 2
+    # A slice of the op-wide statistics is what a block computes for itself.
+    assert torch.equal(stats[half:].sq, (x[half:] * x[half:]).sum(1))
+    assert torch.equal(stats[:half].length, x[:half].norm(dim=1))
+
+
+@pytest.mark.parametrize("chunk", [4, 1 << 22])
+def test_pair_dots_equal_torch_bit_for_bit(monkeypatch, chunk):
+    monkeypatch.setattr(_core, "ROW_CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(23)
+    xn = torch.nn.functional.normalize(torch.randn(300, 33, generator=generator), dim=1)
+    low = torch.randint(0, 300, (1001,), generator=generator)
+    high = torch.randint(0, 300, (1001,), generator=generator)
+    assert torch.equal(graph._pair_dots(xn, low, high), (xn[low] * xn[high]).sum(1))
+
+
+def test_squared_norms_are_a_few_torch_passes():
+    # 8,298 x 1,024 (the issue's anchors): 2 torch regions per chunk; 1,024-row chunks made 9.
+    x = torch.empty(8298, 1024)
+    x.fill_(0.5)
+    with TorchCalls() as calls:
+        norms = _core.squared_norms(x, "sqeuclidean")
+    assert calls.counts["sum"] <= 3 and calls.counts["mul"] <= 3, dict(calls.counts)
+    assert bool((norms == 256.0).all())
+
+
+def test_cross_camera_graph_bounds_read_row_statistics_once():
+    # Ten cameras, 45 camera pairs: the error bounds' row norms and squared norms are computed
+    # once per call, not per pair and side (180 reductions before).
+    generator = torch.Generator().manual_seed(24)
+    x = torch.randn(1500, 16, generator=generator)
+    cameras = torch.randint(0, 10, (1500,), generator=generator)
+    with TorchCalls() as calls:
+        result = graph.cross_camera_graph_cpu(x, cameras, 10, 3, None, False, "pairwise", "full")
+    assert calls.counts["linalg_vector_norm"] <= 2, dict(calls.counts)
+    assert calls.counts["sum"] <= 4, dict(calls.counts)
+    expected = fastassoc.cross_camera_graph(x, cameras, k=3, self_loops=False, mode="pairwise",
+                                            backend="reference")
+    assert torch.equal(result.crow_indices(), expected.crow_indices())
+    assert torch.equal(result.col_indices(), expected.col_indices())
+    assert torch.equal(result.values(), expected.values())

@@ -21,6 +21,7 @@ namespace fastassoc {
 
 namespace {
 std::atomic<int> g_thread_override{0};   // 0: follow torch
+std::atomic<long long> g_parallel_regions{0};  // regions that forked a team (region_threads)
 thread_local int t_torch_threads = 0;    // torch.get_num_threads() of this thread, 0: not reported
 }  // namespace
 
@@ -29,6 +30,12 @@ int kernel_threads() {
   if (override_count > 0) return override_count;
   if (t_torch_threads > 0) return t_torch_threads;
   return std::max(1, omp_get_max_threads());
+}
+
+int region_threads(bool parallel) {
+  const int team = parallel ? kernel_threads() : 1;
+  if (team > 1) g_parallel_regions.fetch_add(1, std::memory_order_relaxed);
+  return team;
 }
 
 void register_core(py::module_& m) {
@@ -77,10 +84,14 @@ void register_core(py::module_& m) {
       "Record torch.get_num_threads() for the calling thread (the launchers call this before "
       "every kernel; torch's count is per thread, so is this one). 0 forgets it.");
   m.def(
+      "parallel_regions", []() { return g_parallel_regions.load(std::memory_order_relaxed); },
+      "Number of parallel regions with more than one thread the CPU kernels have opened in this "
+      "process, from every calling thread (a counter for tests: take differences around a call).");
+  m.def(
       "parallel_region_threads",
       []() {
         int seen = 0;
-#pragma omp parallel num_threads(kernel_threads())
+#pragma omp parallel num_threads(region_threads(true))
         {
 #pragma omp single
           seen = omp_get_num_threads();

@@ -59,7 +59,9 @@ inline bool before(T distance_a, int64_t index_a, T distance_b, int64_t index_b)
 template <typename T>
 void distance_tile(T* tile, int64_t num_rows, int64_t num_gallery, int metric, const T* query_sq_norms,
                    const T* gallery_sq_norms) {
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (num_rows * num_gallery >= kMinParallelWork)
+  const int threads = region_threads(num_rows * num_gallery >= kMinParallelWork);
+  const int64_t chunk = dynamic_chunk(num_rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
   for (int64_t r = 0; r < num_rows; ++r) {
     T* distances = tile + r * num_gallery;
     if (metric == kCosine) {
@@ -95,7 +97,7 @@ template <typename T>
 void rank_tile(const T* tile, int64_t num_rows, int64_t num_gallery, const int64_t* query_pids,
                const int64_t* gallery_pids, const int64_t* query_cameras, const int64_t* gallery_cameras,
                int64_t* first_rank, double* ap, double* inp) {
-#pragma omp parallel num_threads(kernel_threads()) if (num_rows * num_gallery >= kMinParallelWork)
+#pragma omp parallel num_threads(region_threads(num_rows * num_gallery >= kMinParallelWork))
   {
     std::vector<Match<T>> matches;
     std::vector<int64_t> negatives_in_gap;
@@ -165,7 +167,7 @@ void rank_tile_screened(const float* tile, int64_t num_rows, int64_t num_gallery
     return squared > 0.0f ? squared : 0.0f;
   };
   int64_t recomputed = 0;
-#pragma omp parallel num_threads(kernel_threads()) if (num_rows * num_gallery >= kMinParallelWork) reduction(+ : recomputed)
+#pragma omp parallel num_threads(region_threads(num_rows * num_gallery >= kMinParallelWork)) reduction(+ : recomputed)
   {
     std::vector<Match<float>> matches;
     std::vector<float> match_distances;

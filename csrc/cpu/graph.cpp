@@ -66,10 +66,12 @@ py::tuple csr_from_edges(int64_t num_nodes, const int64_t* sources, const int64_
         staged[at] = diagonal_value;
       }
     }
-#pragma omp parallel num_threads(kernel_threads()) if (num_nodes >= kParallelMinRows)
+    const int threads = region_threads(num_nodes >= kParallelMinRows);
+    const int64_t chunk = dynamic_chunk(num_nodes, threads);
+#pragma omp parallel num_threads(threads)
     {
       std::vector<std::pair<int64_t, double>> row;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
       for (int64_t i = 0; i < num_nodes; ++i) {
         const int64_t begin = offsets[i], end = offsets[i + 1];
         row.clear();

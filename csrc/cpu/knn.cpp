@@ -222,14 +222,18 @@ FASTASSOC_ISA_CLONES void process_column_slab_dispatch(const TileArgs<double>& a
 
 // Row lists: rows split across threads. Column lists: columns split across threads in
 // slabs, each list owned by one thread, rows visited in order. Both passes read the same
-// tile (recomputing the metric is cheaper than writing it back).
+// tile (recomputing the metric is cheaper than writing it back). One parallel region for
+// both passes, both scheduled dynamically and without a barrier between them (row and
+// column lists are disjoint memory): a thread that keeps its core while another process
+// holds the other takes over the rest of the work instead of waiting (issue 11).
 template <typename T>
 void tile_update(const TileArgs<T>& a) {
   const int64_t k = a.k;
   if (a.rows <= 0 || a.cols <= 0 || k <= 0) return;
   const bool want_rows = a.row_values != nullptr;
   const bool want_cols = a.col_values != nullptr;
-  const int num_threads = a.rows * a.cols >= kParallelMinElements ? kernel_threads() : 1;
+  const int num_threads = region_threads(a.rows * a.cols >= kParallelMinElements);
+  const int64_t row_chunk = dynamic_chunk(a.rows, num_threads);
   // Slabs: at least two per thread where the tile is wide enough, whole scan blocks.
   const int64_t per_slab = std::min<int64_t>(
       kColumnSlab, std::max<int64_t>(kScanBlock, (a.cols + 2 * num_threads - 1) / (2 * num_threads)));
@@ -240,7 +244,7 @@ void tile_update(const TileArgs<T>& a) {
     std::vector<T> values(std::max(a.cols, per_slab));
     std::vector<T> gates(per_slab);
     if (want_rows) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, row_chunk) nowait
       for (int64_t r = 0; r < a.rows; ++r) process_row_dispatch(a, r, values.data());
     }
     if (want_cols) {
@@ -255,10 +259,12 @@ void tile_update(const TileArgs<T>& a) {
 
 template <typename T>
 void sort_lists(T* values, int64_t* indices, int64_t num_lists, int64_t k) {
-#pragma omp parallel num_threads(kernel_threads()) if (num_lists * k >= kParallelMinElements)
+  const int threads = region_threads(num_lists * k >= kParallelMinElements);
+  const int64_t chunk = dynamic_chunk(num_lists, threads);
+#pragma omp parallel num_threads(threads)
   {
     std::vector<std::pair<T, int64_t>> scratch;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < num_lists; ++i) sort_list(values + flat_index(i, k, 0), indices + flat_index(i, k, 0), k, scratch);
   }
 }
@@ -281,9 +287,12 @@ py::tuple mutual_pairs(const T* row_values, const int64_t* row_indices, int64_t 
       if (back[t] == row_base + i) return true;
     return false;
   };
+  const bool parallel = num_rows * k >= kParallelMinElements;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (num_rows * k >= kParallelMinElements)
+    const int threads = region_threads(parallel);
+    const int64_t chunk = dynamic_chunk(num_rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
     for (int64_t i = 0; i < num_rows; ++i) {
       int64_t count = 0;
       for (int64_t s = 0; s < k; ++s) count += is_pair(i, s);
@@ -299,10 +308,12 @@ py::tuple mutual_pairs(const T* row_values, const int64_t* row_indices, int64_t 
   T* values_ptr = out_values.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel num_threads(kernel_threads()) if (num_rows * k >= kParallelMinElements)
+    const int threads = region_threads(parallel && total > 0);
+    const int64_t chunk = dynamic_chunk(num_rows, threads);
+#pragma omp parallel num_threads(threads)
     {
       std::vector<std::pair<int64_t, T>> found;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
       for (int64_t i = 0; i < num_rows; ++i) {
         if (offsets[i + 1] == offsets[i]) continue;
         found.clear();
@@ -359,7 +370,7 @@ void register_cpu_knn(py::module_& m) {
       "metric: 0 sqeuclidean (row_norms, col_norms: squared norms), 1 cosine (1 - dot).\n"
       "row_ids / col_ids (0 or int64 [rows] / [cols]): ids stored (and tie-broken on) instead of\n"
       "row_base + r / col_base + j. exclude (0 or int64 [rows]): the column col_base + j each row\n"
-      "must skip (-1 none).");
+      "must skip (-1 none). Row and column lists must not overlap in memory.");
   m.def(
       "knn_sort_lists",
       [](std::uintptr_t values, std::uintptr_t indices, bool is_double, int64_t num_lists, int64_t k) {

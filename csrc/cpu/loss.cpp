@@ -56,7 +56,7 @@ void forward_tile(T* tile, int64_t num_rows, int64_t num_cols, int64_t row0, int
                   double* segment_sum, double* target_logits) {
   const int64_t col1 = col0 + num_cols;
   const int64_t first_segment = segment_of(offsets, num_segments, col0);
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (num_rows * num_cols >= kMinParallelWork)
+#pragma omp parallel for num_threads(region_threads(num_rows * num_cols >= kMinParallelWork)) schedule(static)
   for (int64_t r = 0; r < num_rows; ++r) {
     T* z = tile + r * num_cols;
     for (int64_t c = 0; c < num_cols; ++c) z[c] = z[c] * scale;
@@ -91,7 +91,7 @@ template <typename T>
 double finish(int64_t num_rows, Targets targets, const T* values, const int64_t* offsets, int64_t num_segments,
               const T* segment_max, const double* segment_sum, const double* target_logits, T* lse, T* tsum) {
   double total = 0.0;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) reduction(+ : total) if (num_rows * num_segments >= 64)
+#pragma omp parallel for num_threads(region_threads(num_rows * num_segments >= 64)) schedule(static) reduction(+ : total)
   for (int64_t b = 0; b < num_rows; ++b) {
     for (int64_t s = 0; s < num_segments; ++s) {
       const int64_t at = b * num_segments + s;
@@ -120,7 +120,7 @@ void backward_tile(T* tile, int64_t num_rows, int64_t num_cols, int64_t row0, in
   // dL/d(dot) = scale * dL/dz, folded into one multiplier.
   const T gain = T(factor * double(scale));
   const T logit_scale = holds_logits ? T(1) : scale;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (num_rows * num_cols >= kMinParallelWork)
+#pragma omp parallel for num_threads(region_threads(num_rows * num_cols >= kMinParallelWork)) schedule(static)
   for (int64_t r = 0; r < num_rows; ++r) {
     T* g = tile + r * num_cols;
     const int64_t b = row0 + r;

@@ -87,7 +87,7 @@ void ema_update(T* bank, int64_t num_rows, int64_t dim, const int64_t* index, in
   const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
   const double keep = momentum, blend = 1.0 - momentum;
 
-#pragma omp parallel num_threads(kernel_threads()) if (num_values * dim >= kMinParallelWork)
+#pragma omp parallel num_threads(region_threads(num_values * dim >= kMinParallelWork))
   {
     std::vector<double> row(dim), total(dim);
 #pragma omp for schedule(dynamic, 4)

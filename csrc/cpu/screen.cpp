@@ -132,8 +132,9 @@ namespace {
 
 enum Metric : int { kSqEuclidean = 0, kCosine = 1 };
 
-// Below this many elements a loop runs on one thread.
-constexpr int64_t kParallelMinWork = 1 << 15;
+// Below this many elements (row x dim products) a loop runs on one thread: about 50 us of
+// work, less than a fork/join risks when another process holds one of the cores.
+constexpr int64_t kParallelMinWork = 1 << 17;
 
 // The tile kernels' formula on an exact float32 inner product.
 inline float distance(int metric, float dot, float row_norm, float col_norm) {
@@ -157,7 +158,9 @@ void register_cpu_screen(py::module_& m) {
         const float* rs = as_ptr<const float>(row_scale);
         const float* cs = as_ptr<const float>(col_scale);
         py::gil_scoped_release release;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (rows * cols >= kParallelMinWork)
+        const int threads = region_threads(rows * cols >= kParallelMinWork);
+        const int64_t chunk = dynamic_chunk(rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
         for (int64_t r = 0; r < rows; ++r) {
           const float scale = rs[r];
           unsigned char* row = bytes + r * ld * 4;
@@ -185,7 +188,9 @@ void register_cpu_screen(py::module_& m) {
         double* errors = as_ptr<double>(err_ptr);
         bool finite = true;
         py::gil_scoped_release release;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) reduction(&& : finite) if (num_rows * dim >= kParallelMinWork)
+        const int threads = region_threads(num_rows * dim >= kParallelMinWork);
+        const int64_t chunk = dynamic_chunk(num_rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk) reduction(&& : finite)
         for (int64_t r = 0; r < num_rows; ++r) {
           const float* row = x + r * dim;
           int8_t* out = q + r * dim;
@@ -235,7 +240,9 @@ void register_cpu_screen(py::module_& m) {
         bool finite = true;
         {
           py::gil_scoped_release release;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) reduction(&& : finite) if (num_rows * dim >= kParallelMinWork)
+          const int threads = region_threads(num_rows * dim >= kParallelMinWork);
+          const int64_t chunk = dynamic_chunk(num_rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk) reduction(&& : finite)
           for (int64_t r = 0; r < num_rows; ++r) {
             const bool row_finite = bf16_row(x + r * dim, dim, q + r * dim, norms + r, norms_hat + r, errors + r);
             finite = finite && row_finite;
@@ -264,7 +271,8 @@ void register_cpu_screen(py::module_& m) {
         bool bad_index = false;
         {
           py::gil_scoped_release release;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(dynamic, 16) reduction(|| : bad_index) if (num_rows * width * dim >= kParallelMinWork)
+          const int threads = region_threads(num_rows * width * dim >= kParallelMinWork);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16) reduction(|| : bad_index)
           for (int64_t r = 0; r < num_rows; ++r) {
             for (int64_t s = 0; s < width; ++s) {
               const int64_t at = r * width + s;
@@ -307,7 +315,9 @@ void register_cpu_screen(py::module_& m) {
         const float* col_norms = as_ptr<const float>(col_norms_ptr);
         float* out = as_ptr<float>(out_ptr);
         py::gil_scoped_release release;
-#pragma omp parallel for num_threads(kernel_threads()) schedule(static) if (count * dim >= kParallelMinWork)
+        const int threads = region_threads(count * dim >= kParallelMinWork);
+        const int64_t chunk = dynamic_chunk(count, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
         for (int64_t e = 0; e < count; ++e) {
           const float dot = static_cast<float>(screen_dot(x + ri[e] * dim, y + ci[e] * dim, dim));
           out[e] = distance(metric, dot, row_norms ? row_norms[ri[e]] : 0.0f, col_norms ? col_norms[ci[e]] : 0.0f);

@@ -83,20 +83,64 @@ def prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
     return x.contiguous()
 
 
-# Rows per chunk of the squared-norm pass: keeps the x * x temporary in cache instead of
-# page-faulting a fresh N x D buffer (the row sums are identical either way).
-_NORM_CHUNK_ROWS = 1024
+# Elements per chunk of the row-wise passes (squared norms, lengths, pair dots): the x * x
+# temporary (16 MiB of float32) stays in the last-level cache instead of page-faulting a
+# fresh N x D buffer, and the chunks are few. Each chunk costs torch two parallel regions,
+# and every region waits for its slowest thread: on a CPU shared with other busy processes
+# that is a descheduled thread's time slice per region (issue 11), so chunks are bounded
+# by elements, not rows. Row results do not depend on the chunking.
+ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(dim: int) -> int:
+    """Rows per chunk of a row-wise pass over ``dim``-wide rows."""
+    return max(1, ROW_CHUNK_ELEMENTS // max(dim, 1))
+
+
+def row_sq_sums(x: torch.Tensor) -> torch.Tensor:
+    """``(x * x).sum(1)`` in ``x``'s dtype, bit for bit, in bounded chunks."""
+    out = torch.empty(x.shape[0], dtype=x.dtype)
+    step = chunk_rows(x.shape[1] if x.dim() == 2 else 1)
+    for start in range(0, x.shape[0], step):
+        chunk = x[start:start + step]
+        torch.sum(chunk * chunk, 1, out=out[start:start + step])
+    return out
 
 
 def squared_norms(x: torch.Tensor, metric: str) -> torch.Tensor | None:
     """``(x * x).sum(1)`` for Euclidean metrics (the reference's expression, bit for bit), else None."""
     if metric not in ("sqeuclidean", "euclidean"):
         return None
+    return row_sq_sums(x)
+
+
+def row_lengths(x: torch.Tensor) -> torch.Tensor:
+    """``x.norm(dim=1)`` (torch's vector norm, bit for bit), in bounded chunks."""
     out = torch.empty(x.shape[0], dtype=x.dtype)
-    for start in range(0, x.shape[0], _NORM_CHUNK_ROWS):
-        chunk = x[start:start + _NORM_CHUNK_ROWS]
-        torch.sum(chunk * chunk, 1, out=out[start:start + _NORM_CHUNK_ROWS])
+    step = chunk_rows(x.shape[1] if x.dim() == 2 else 1)
+    for start in range(0, x.shape[0], step):
+        torch.linalg.vector_norm(x[start:start + step], dim=1, out=out[start:start + step])
     return out
+
+
+class RowStats:
+    """Per-row quantities of prepared rows that error bounds read, computed once per op call.
+
+    ``sq`` is ``(x * x).sum(1)`` and ``length`` is ``x.norm(dim=1)``, both row-wise, so a
+    slice of them equals what a block of rows would compute for itself (bit for bit). An
+    op that searches many blocks of one tensor (cross_camera_graph's camera pairs) passes
+    slices to :func:`fastassoc.kernels.cpu.knn.refine_lists` instead of having every
+    block recompute them: fewer, larger parallel regions.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.sq = row_sq_sums(x)
+        self.length = row_lengths(x)
+
+    def __getitem__(self, item: slice) -> "RowStats":
+        view = RowStats.__new__(RowStats)
+        view.sq, view.length = self.sq[item], self.length[item]
+        return view
 
 
 def tile_shape(num_rows: int, num_cols: int) -> tuple[int, int]:

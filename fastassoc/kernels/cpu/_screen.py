@@ -250,12 +250,13 @@ class FRows:
     dtype = torch.float32
     FLOAT_ACCUMULATION = True
 
-    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor | None = None):
-        # From the squared norms when the caller has them (Euclidean), widened by their rounding.
+    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+        # From the squared norms when the caller has them (Euclidean), widened by their rounding;
+        # else from x.norm(dim=1), or ``lengths`` when the caller computed it already (_core.RowStats).
         if sq_norms is not None:
             self.norm = sq_norms.double().sqrt() * (1 + (x.shape[1] + 2) * 2.0 ** -23)
         else:
-            self.norm = x.norm(dim=1).double() * (1 + 1e-6)
+            self.norm = (lengths if lengths is not None else x.norm(dim=1)).double() * (1 + 1e-6)
         self.norm_hat = self.norm
         self.err = torch.zeros_like(self.norm)
         self.shape = tuple(x.shape)

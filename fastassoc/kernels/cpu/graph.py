@@ -59,16 +59,19 @@ def _csr(num_nodes: int, sources: torch.Tensor, targets: torch.Tensor, weights: 
                                        size=(num_nodes, num_nodes), check_invariants=False)
 
 
-# Edges per chunk of the weight pass: the gathered rows stay in cache instead of
-# page-faulting two fresh E x D buffers (each row's sum is the same either way).
-_EDGE_CHUNK = 512
-
-
 def _pair_dots(xn: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """``(xn[low] * xn[high]).sum(1)``, the reference's edge weights bit for bit, in chunks."""
+    """``(xn[low] * xn[high]).sum(1)``, the reference's edge weights bit for bit, in chunks.
+
+    Chunks of a quarter of ``_core.chunk_rows`` edges (three temporaries of that many
+    rows, 12 MiB of float32 in all): the gathered rows stay in cache instead of
+    page-faulting two fresh E x D buffers, and the four parallel regions a chunk costs
+    (two gathers, product, sum) are paid a few times per call, not once per 512 edges
+    (each region is a stall on a shared CPU; each row's sum is the same either way).
+    """
     out = torch.empty(low.shape[0], dtype=xn.dtype)
-    for start in range(0, low.shape[0], _EDGE_CHUNK):
-        stop = start + _EDGE_CHUNK
+    step = max(1, _core.chunk_rows(xn.shape[1]) // 4)
+    for start in range(0, low.shape[0], step):
+        stop = start + step
         torch.sum(xn[low[start:stop]] * xn[high[start:stop]], 1, out=out[start:stop])
     return out
 
@@ -93,9 +96,13 @@ def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
         [(offsets[t + 1] - offsets[t], offsets[m + 1] - offsets[m]) for t, m in pairs], dtype)
     if mode == "pairwise":
         edges = [(empty_index, empty_index)]
+        # Row statistics of the error bounds once for all blocks, not once per camera pair
+        # (six parallel regions per block otherwise: stalls on a shared CPU, issue 11).
+        stats = _core.RowStats(xs)
         for t, m in pairs:
             t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]
-            row_lists, col_lists = exact_block_lists(xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0)
+            row_lists, col_lists = exact_block_lists(xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0,
+                                                     row_stats=stats[t0:t1], col_stats=stats[m0:m1])
             edges.append(mutual_pairs(row_lists, col_lists, row_base=t0, col_base=m0)[:2])
         # A block's lists only meet one camera, whose grouped order is its original order,
         # so positions rank ties like original indices; map them back once at the end.

@@ -248,7 +248,8 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
                  proposals: tuple[torch.Tensor, torch.Tensor], lists: tuple[torch.Tensor, torch.Tensor], *,
                  row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None, col_base: int = 0,
                  exclude: torch.Tensor | None = None, available: torch.Tensor | int,
-                 allowed=None) -> None:
+                 allowed=None, row_stats: _core.RowStats | None = None,
+                 col_stats: _core.RowStats | None = None) -> None:
     """Exact top-k lists from float32-GEMM proposals: the reference's definition of distance.
 
     A float32 GEMM's value for a pair depends on the pair's position in the tile, so copies
@@ -274,6 +275,9 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
     available : int or Tensor [R], the number of eligible columns per row
     allowed : callable(row_positions [c]) -> bool [c, C], optional: the eligible columns of
         those rows (exclusions beyond ``exclude``), for the exact fallback
+    row_stats, col_stats : _core.RowStats, optional: ``rows`` / ``cols``'s row statistics
+        when the caller has them (slices of one op-wide computation); the error bounds then
+        read them instead of recomputing them (same values, fewer parallel regions)
     """
     approx_values, candidates = proposals
     values, indices = lists
@@ -283,7 +287,8 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
     # Only candidates within two error bounds of the k-th GEMM value can be among the exact
     # k nearest (the first k are within one bound of their exact values); the rest rank
     # behind them and stay inf.
-    bound = _tiles.band(rows, cols, metric, row_norms, col_norms)
+    bound = _tiles.band(rows, cols, metric, row_norms if row_norms is not None or row_stats is None else row_stats.sq,
+                        col_norms if col_norms is not None or col_stats is None else col_stats.sq)
     reach = (approx_values[:, k - 1].to(torch.float64) + 2 * bound) * (1 + 2.0 ** -20)
     row_index, slot = ((approx_values.to(torch.float64) <= reach.unsqueeze(1)) & (candidates >= 0)).nonzero(
         as_tuple=True)
@@ -293,8 +298,9 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
     sort_lists(exact, candidates)
     values.copy_(exact[:, :k])
     indices.copy_(torch.where(torch.isinf(exact[:, :k]), -1, candidates[:, :k]))
-    row_bounds = _screen.FRows(rows, row_norms)
-    col_bounds = row_bounds if cols is rows else _screen.FRows(cols, col_norms)
+    row_bounds = _screen.FRows(rows, row_norms, row_stats.length if row_stats is not None else None)
+    col_bounds = row_bounds if cols is rows else _screen.FRows(cols, col_norms,
+                                                               col_stats.length if col_stats is not None else None)
     lower = _screen.lower_outside(row_bounds, col_bounds, metric, approx_values[:, -1], row_norms, col_norms)
     uncertain = torch.nonzero(~_screen.certify(approx_values, exact[:, k - 1], lower, available)).flatten()
     if uncertain.numel() and allowed is None and approx_values.shape[1] < k + _screen.SLACK:
@@ -444,14 +450,16 @@ def topk_anchors_cpu(queries: torch.Tensor, anchors: torch.Tensor, k: int, metri
 
 def exact_block_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
                       row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None, *,
-                      row_base: int = 0, col_base: int = 0, tiles: _core.DotTiles | None = None
+                      row_base: int = 0, col_base: int = 0, tiles: _core.DotTiles | None = None,
+                      row_stats: _core.RowStats | None = None, col_stats: _core.RowStats | None = None
                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Exact k-nearest lists of both sides of one ``rows x cols`` block from one GEMM pass.
 
     Returns ``(row_lists, col_lists)``: each row's k nearest columns (ids ``col_base + j``)
     and each column's k nearest rows (ids ``row_base + i``), sorted by (exact distance, id).
     The GEMM tiles fill proposal lists ``k + FLOAT_SLACK`` wide on both sides
-    (:func:`block_topk`); :func:`refine_lists` makes each side exact.
+    (:func:`block_topk`); :func:`refine_lists` makes each side exact (``row_stats`` /
+    ``col_stats``: see there).
     """
     dtype = rows.dtype
     num_rows, num_cols = rows.shape[0], cols.shape[0]
@@ -471,9 +479,9 @@ def exact_block_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: in
                    row_base=col_base, col_base=row_base, row_lists=col_proposals)
     row_lists, col_lists = new_lists(num_rows, k, dtype), new_lists(num_cols, k, dtype)
     refine_lists(rows, cols, metric, k, row_proposals, row_lists, row_norms=row_norms, col_norms=col_norms,
-                 col_base=col_base, available=num_cols)
+                 col_base=col_base, available=num_cols, row_stats=row_stats, col_stats=col_stats)
     refine_lists(cols, rows, metric, k, col_proposals, col_lists, row_norms=col_norms, col_norms=row_norms,
-                 col_base=row_base, available=num_rows)
+                 col_base=row_base, available=num_rows, row_stats=col_stats, col_stats=row_stats)
     return row_lists, col_lists
 
 
