@@ -7,19 +7,31 @@ hooks; the base class owns everything else:
 - data: the synthetic world or a dataset on disk (:mod:`fastassoc.data`), the camera layout of
   the training tracklets (:class:`fastassoc.segments.CameraLayout`: camera-sorted rows, the segments every
   per-camera op takes), camera-balanced batches of ``frames_per_tracklet`` frames;
-- model: a torchvision ResNet-50 / MobileNetV2 (ImageNet weights only from a local file,
-  ``weights=PATH``, never downloaded) or :class:`SmallReidNet` for CPU runs, followed by the
-  method's own layers (:meth:`Trainer.build_model`) and trainable heads (:meth:`Trainer.build_heads`);
+- model: a torchvision ResNet-50 / MobileNetV2 or :class:`~fastassoc.methods.backbones.MobileNetV1`
+  (ImageNet weights only from a local file, ``weights=PATH``, never downloaded; the ``paper``
+  preset refuses to start without them unless ``from_scratch=True``) or
+  :class:`~fastassoc.methods.backbones.SmallReidNet` for CPU runs, followed by the method's own
+  layers (:meth:`Trainer.build_model`) and trainable heads (:meth:`Trainer.build_heads`);
 - optimisation: SGD / Adam / RMSprop, a per-epoch step / multi-step / exponential schedule;
-- the epoch loop: tqdm bars per epoch and per association step (:meth:`Trainer.association`),
-  one log line per epoch, per-epoch loss means and association diagnostics;
+- the epoch loop: tqdm bars per epoch and per association step (:meth:`Trainer.association`)
+  when stderr is a terminal (``progress=None``), one log line per epoch with the loss means,
+  association diagnostics and where the time went (``association_seconds``,
+  ``training_seconds``, ``association_share``);
 - evaluation: tracklet features pooled over frames (mean, or max for DAL), optionally
   L2-normalised, ranked with :func:`fastassoc.evaluate_ranking`; the untrained network is
-  evaluated on the same split first (``baseline_rank1`` / ``baseline_mAP``);
-- outputs in ``out_dir``: ``report.json``, ``losses.png``, ``diagnostics.png``, ``cmc.png``,
-  and ``checkpoint.pt`` written atomically after every epoch (model, heads, optimiser,
-  scheduler, method state, history, RNG states of torch / NumPy / Python, the sampler's epoch).
-  ``Trainer.resume(out_dir)`` continues a run to the same result as an uninterrupted one.
+  evaluated on the same split first (``baseline_rank1`` / ``baseline_mAP``); evaluations a
+  method makes during training go to the report through :meth:`Trainer.record_step_eval`;
+- outputs in ``out_dir``: ``report.json`` (environment: versions, commit, machine; the full
+  config; history; wall time per phase), ``losses.png``, ``diagnostics.png``, ``timing.png``,
+  ``cmc.png``, and ``checkpoint.pt`` after every epoch (:mod:`fastassoc.methods.checkpoint`:
+  sealed with a SHA-256, plain types only; model, heads, optimiser, scheduler, method state,
+  history, RNG states of torch / NumPy / Python, the sampler's epoch).
+  ``Trainer.resume(out_dir)`` continues a run to the same result as an uninterrupted one, and
+  refuses other settings unless ``override=True``.
+
+Configs and presets live in :mod:`fastassoc.methods.config`, backbones in
+:mod:`fastassoc.methods.backbones`, diagnostics in :mod:`fastassoc.methods.diagnostics`,
+plots in :mod:`fastassoc.methods.plots`.
 
 Writing a method
 ----------------
@@ -43,7 +55,7 @@ Writing a method
             ...
         def on_epoch_end(self, epoch):       # -> dict of diagnostics (floats)
             return self.pair_diagnostics(ia, ib)
-        def method_state(self):              # tensors / python objects to checkpoint
+        def method_state(self):              # tensors, numbers, strings, lists, dicts to checkpoint
             return {"memory": self.memory}
         def load_method_state(self, state):
             self.memory = state["memory"]
