@@ -8,7 +8,7 @@ from .. import _backend
 from . import _checks
 from ._custom import backend_name, fake_features, fake_index, tensor_input
 
-LINKAGES = ("tssl", "centroid", "buc")
+LINKAGES = ("tssl", "centroid", "buc", "buc_l2")
 
 
 def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, *, linkage: str = "tssl",
@@ -23,8 +23,14 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     * ``"tssl"``: TSSL Eq. 8 read as :math:`D_{ij} + \exp(2 D_{ij} - (a_i + a_j))` with
       :math:`D` the centroid distance and :math:`a_i` the mean centroid distance of cluster
       ``i`` to its ``neighbours`` nearest other clusters (all others if fewer).
-    * ``"buc"``: minimum sample-to-sample distance + ``size_penalty`` (|C_i| + |C_j|)
-      (BUC's minimum-distance criterion with its diversity regulariser).
+    * ``"buc"``: minimum sample-to-sample *squared* distance + ``size_penalty`` (|C_i| + |C_j|):
+      BUC's minimum-distance criterion with its diversity regulariser as the public BUC code
+      ranks pairs (Lin et al., AAAI 2019: squared Euclidean sample distances plus
+      ``ratio_n * (|C_i| + |C_j|)``).
+    * ``"buc_l2"``: the same with the plain (not squared) minimum distance,
+      :math:`\min \|s - t\| + \lambda (|C_i| + |C_j|)`. Without a penalty both orders
+      are the same; with ``size_penalty > 0`` they differ (the penalty weighs against a
+      distance or a squared distance).
 
     All unordered cluster pairs are ordered by linkage (ties by ``(i, j)``) and walked
     greedily, merging pairs not yet in one cluster (union-find), until ``num_merges``
@@ -40,9 +46,9 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     x : Tensor [N, D], float
     labels : Tensor [N], integer >= 0
     num_merges : int, 0 <= num_merges < number of clusters (or 0 when there are none)
-    linkage : {"tssl", "centroid", "buc"}
+    linkage : {"tssl", "centroid", "buc", "buc_l2"}
     neighbours : int >= 1, for ``"tssl"``
-    size_penalty : float >= 0, for ``"buc"``
+    size_penalty : float >= 0, for ``"buc"`` and ``"buc_l2"``
     precision : {"highest", "tf32"}
     backend : {"auto", "reference", "cpu", "triton", "cuda"}
 

@@ -4,7 +4,7 @@ Linkages are those of the reference: exact pair distances (a fixed-order inner p
 a pair's distance depends on its two points only; see
 :mod:`fastassoc.kernels.reference._tiles`), square roots and tssl's exponentials by torch.
 
-One point per cluster (centroid and tssl always; buc from singletons),
+One point per cluster (centroid and tssl always; buc and buc_l2 from singletons),
 :func:`_merge_screened`: exact neighbour lists from the self-join of
 :func:`fastassoc.kernels.cpu.knn.topk_self_join` (bf16-screened where the CPU has bf16
 dot products, float32 GEMM proposals otherwise, exact rescoring either way), a proven head
@@ -12,7 +12,7 @@ of the pair order, the reference's union-find walk. When the proof does not give
 merges, and for buc with clusters of several samples, the reference's exact two-phase
 walk runs (:func:`fastassoc.kernels.reference.cluster.exact_merged_roots`: a float32 GEMM
 walk bounds the last linkage, then every pair whose GEMM lower bound is below it is
-rescored). The compiled driver (csrc/cpu/cluster.cpp) is not used: it ranks float32 GEMM
+rescored). buc ranks squared distances, buc_l2 their square roots. The compiled driver (csrc/cpu/cluster.cpp) is not used: it ranks float32 GEMM
 linkages, whose bits depend on a pair's position in its tile, so copies of one vector
 could tie-break by position.
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.cluster import (_lexsort, exact_merged_roots, renumber_by_first_appearance, union_find_roots,
-                                 union_pair_keys)
+from ..reference.cluster import (BUC_LINKAGES, _lexsort, exact_merged_roots, renumber_by_first_appearance,
+                                 union_find_roots, union_pair_keys)
 from . import knn
 from ._core import compute_dtype
 
@@ -37,7 +37,7 @@ def _points(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int,
     counts = torch.bincount(cluster_of_sample, minlength=num_clusters)
     sizes = counts.to(x.dtype)
     cluster_start = torch.zeros(num_clusters + 1, dtype=torch.int64)
-    if linkage == "buc":
+    if linkage in BUC_LINKAGES:
         cluster_start[1:] = counts.cumsum(0)
         points = x[torch.argsort(cluster_of_sample, stable=True)]
     else:
@@ -57,7 +57,7 @@ def agglomerative_merge_cpu(x: torch.Tensor, labels: torch.Tensor, num_merges: i
     x : Tensor [N, D], float, CPU
     labels : Tensor [N], int64 >= 0
     num_merges : int, 0 <= num_merges <= C - 1
-    linkage : {"tssl", "centroid", "buc"}
+    linkage : {"tssl", "centroid", "buc", "buc_l2"}
     neighbours : int >= 1
     size_penalty : float >= 0
     precision : {"highest", "tf32"} (CPU GEMMs are always full precision)
@@ -113,7 +113,8 @@ def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.T
     depth = min(num_clusters - 1, max(neighbours, _SCREEN_DEPTH))
     values, indices = knn.new_lists(num_clusters, depth, points.dtype)
     knn.topk_self_join(points, "sqeuclidean", depth, (values, indices), norms=sq_norms, exclude_self=True)
-    distances = values.sqrt()   # torch's sqrt, as the reference's distance tiles
+    # buc ranks squared distances (as BUC's code); the others torch's sqrt, as the reference's tiles.
+    distances = values if linkage == "buc" else values.sqrt()
     density = None
     if linkage == "tssl":
         k = min(neighbours, num_clusters - 1)
@@ -126,7 +127,7 @@ def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.T
         if linkage == "tssl":
             exponent = density[i] + j_density
             return exponent.sub_(d, alpha=2.0).neg_().exp_().add_(d)
-        if linkage == "buc":
+        if linkage in BUC_LINKAGES:
             return d + size_penalty * (sizes[i] + j_size)
         return d.clone()
 

@@ -13,8 +13,10 @@ Algorithm (the spec every backend's ``agglomerative_merge_<backend>`` must equal
      of the ``k = min(neighbours, C - 1)`` smallest ``D_il`` over ``l != i``, summed in
      ascending order and divided by ``k``. Large exponents overflow to ``inf``; such
      pairs tie and fall back to ``(i, j)`` order.
-   * ``buc``: ``sqrt(min over samples s in i, t in j of the clamped squared distance)
-     + size_penalty * (|C_i| + |C_j|)`` (BUC's minimum distance with its diversity term).
+   * ``buc``: ``min over samples s in i, t in j of the clamped squared distance
+     + size_penalty * (|C_i| + |C_j|)`` (BUC's minimum distance with its diversity term, as
+     the public BUC code ranks pairs: squared distances plus ``ratio_n (|C_i| + |C_j|)``).
+   * ``buc_l2``: the same with ``sqrt`` of that minimum (the plain distance).
 
 3. Pairs are ordered by ``(linkage, i, j)`` lexicographically and walked greedily with a
    union-find; a pair whose clusters are already joined is skipped. The walk stops after
@@ -52,6 +54,9 @@ from ... import _backend
 from . import _tiles
 from .knn import smallest_k_exact
 
+# Linkages over sample pairs (minimum distance between clusters): squared (BUC's code) and plain.
+BUC_LINKAGES = ("buc", "buc_l2")
+
 # Smallest first batch of pairs kept for the greedy walk (and how much it exceeds
 # num_merges): redundant pairs inside already-joined clusters are common.
 _MIN_PAIR_BUFFER = 1024
@@ -72,7 +77,7 @@ def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_mer
     x : Tensor [N, D], float (validated, contiguous)
     labels : Tensor [N], int64 >= 0
     num_merges : int, 0 <= num_merges <= C - 1
-    linkage : {"tssl", "centroid", "buc"}
+    linkage : {"tssl", "centroid", "buc", "buc_l2"}
     neighbours : int >= 1
     size_penalty : float >= 0
     precision : {"highest", "tf32"} (ignored: the reference is always exact)
@@ -97,8 +102,8 @@ def exact_merged_roots(x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clu
     lower bound is ``<= U`` (``inf`` for the others, which are all above ``U``).
     """
     features = _tiles.prepare(x, "euclidean")
-    if linkage == "buc":
-        source = _BucLinkages(features, cluster_of_sample, num_clusters, size_penalty)
+    if linkage in BUC_LINKAGES:
+        source = _BucLinkages(features, cluster_of_sample, num_clusters, size_penalty, squared=linkage == "buc")
     else:
         source = _CentroidLinkages(features, cluster_of_sample, num_clusters, linkage, neighbours)
     merging = _merging_keys(source.gemm_blocks, num_clusters, num_merges, x.device)
@@ -184,9 +189,11 @@ class _CentroidLinkages:
 
 
 class _BucLinkages:
-    """buc linkages (minimum sample distance plus the size penalty): GEMM blocks, exact pairs, candidates."""
+    """buc linkages (minimum sample distance, squared for ``buc``, plus the size penalty): GEMM
+    blocks, exact pairs, candidates."""
 
-    def __init__(self, x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, size_penalty: float):
+    def __init__(self, x: torch.Tensor, cluster_of_sample: torch.Tensor, num_clusters: int, size_penalty: float,
+                 squared: bool):
         order = torch.argsort(cluster_of_sample, stable=True)
         self.x = x[order]
         self.sample_cluster = cluster_of_sample[order]
@@ -196,10 +203,15 @@ class _BucLinkages:
         self.sizes = counts.to(x.dtype)
         self.sq_norms = (self.x * self.x).sum(1)
         self.size_penalty = size_penalty
+        self.squared = squared
         self.gemm_blocks = _buc_blocks(self, None)
 
     def penalty(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.size_penalty * (self.sizes[i] + self.sizes[j])
+
+    def distance(self, squared_minimum: torch.Tensor) -> torch.Tensor:
+        """The linkage's distance term of squared minima (in place for ``buc_l2``)."""
+        return squared_minimum if self.squared else squared_minimum.sqrt_()
 
     def exact(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Exact linkages of cluster pairs (i, j): the minimum over all their sample pairs."""
@@ -214,7 +226,7 @@ class _BucLinkages:
                                          self.sq_norms[cols])
         minimum = torch.full((i.numel(),), float("inf"), dtype=self.x.dtype, device=i.device)
         minimum.scatter_reduce_(0, pair, squared, "amin")
-        return minimum.sqrt_() + self.penalty(i, j)
+        return self.distance(minimum) + self.penalty(i, j)
 
     def candidate_blocks(self, limit: float) -> Iterator[tuple[int, torch.Tensor]]:
         return _buc_blocks(self, limit)()
@@ -311,13 +323,17 @@ def _buc_blocks(source: "_BucLinkages", limit: float | None) -> LinkageBlocks:
             penalty = source.size_penalty * (source.sizes[first:last, None] + source.sizes[None, first + 1:])
             if limit is None:
                 # sqrt is monotone, so sqrt(min) equals min(sqrt): the same value as the spec.
-                yield first, minimum.sqrt_() + penalty
+                yield first, source.distance(minimum) + penalty
                 first = last
                 continue
             rows_all = x[offsets_list[first]:offsets_list[last]]
             bound = _tiles.band(rows_all, columns, "sqeuclidean", sq_norms[offsets_list[first]:offsets_list[last]],
                                 column_norms).max()
-            lower = _lower_distance(minimum, bound) + penalty.to(torch.float64) * (1 - _SLACK)
+            if source.squared:
+                lower = (minimum.to(torch.float64) - bound).clamp_min_(0.0).mul_(1 - _SLACK)
+            else:
+                lower = _lower_distance(minimum, bound)
+            lower += penalty.to(torch.float64) * (1 - _SLACK)
             wanted = (lower <= limit) & (pair_j > pair_i)
             exact_minimum = torch.full_like(minimum, float("inf"))
             if bool(wanted.any()):
@@ -333,7 +349,7 @@ def _buc_blocks(source: "_BucLinkages", limit: float | None) -> LinkageBlocks:
                                                    sq_norms[row_start + rows], column_norms[cols])
                     flat = row_cluster[rows] * minimum.shape[1] + column_cluster[0, cols]
                     exact_minimum.view(-1).scatter_reduce_(0, flat, exact, "amin")
-            yield first, exact_minimum.sqrt_() + penalty
+            yield first, source.distance(exact_minimum) + penalty
             first = last
 
     return blocks

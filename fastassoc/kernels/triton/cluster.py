@@ -12,8 +12,9 @@ Pair linkages are computed on the GPU by the fused distance + top-k kernel
   ascending order divided by the count; the pair launch then evaluates
   ``D + exp(2D - (a_i + a_j))`` in registers. Only ``j > i`` is visited (upper
   triangle: blocks skip the column tiles left of their first row).
-* ``buc``: rows and columns are the samples; pairs ``s < t`` of *different* clusters
-  (group mask) with value ``sqrt(d^2(s, t)) + size_penalty * (|C_s| + |C_t|)``. The
+* ``buc`` / ``buc_l2``: rows and columns are the samples; pairs ``s < t`` of *different*
+  clusters (group mask) with value ``d^2(s, t) + size_penalty * (|C_s| + |C_t|)`` (``buc``,
+  the public BUC code's expression) or ``sqrt(d^2(s, t)) + ...`` (``buc_l2``). The
   cluster-pair linkage is the minimum over its sample pairs, so walking sample pairs
   in ``(value, i, j)`` order (``i < j`` their clusters) visits every cluster pair first
   at its linkage; later sample pairs of a joined pair are skipped by the union-find.
@@ -44,7 +45,7 @@ import math
 
 import torch
 
-from ..reference.cluster import merge_step, union_find_roots, union_pair_keys
+from ..reference.cluster import BUC_LINKAGES, merge_step, union_find_roots, union_pair_keys
 from . import _common
 from ._common import Operand, RowGroup
 from .knn import topk_anchors_triton
@@ -174,8 +175,9 @@ def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges
     def merged_roots(cluster_of_sample: torch.Tensor, num_clusters: int) -> torch.Tensor:
         dtype = _common.compute_dtype(x.dtype)
         sizes = torch.bincount(cluster_of_sample, minlength=num_clusters).to(dtype)
-        if linkage == "buc":
-            operand = _common.prepare(x, "euclidean")
+        if linkage in BUC_LINKAGES:
+            # buc ranks squared distances (BUC's code), buc_l2 their square roots.
+            operand = _common.prepare(x, "sqeuclidean" if linkage == "buc" else "euclidean")
             stream = _PairStream(operand, x.shape[0], num_clusters, precision, cluster_of_row=cluster_of_sample,
                                  linkage=_common.LINKAGE_ADD, row_bias=sizes[cluster_of_sample].contiguous(),
                                  bias_scale=size_penalty)
