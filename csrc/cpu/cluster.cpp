@@ -14,12 +14,14 @@
 // at most max(tile_elements, P) products.
 //
 // Per tile (OpenMP over row clusters): squared distance (|p|^2 + |q|^2) - 2 p.q clamped
-// at 0 (the formula every backend shares); buc reduces it to the cluster-pair minimum;
-// D = its square root, taken by a launcher callback with torch's sqrt (torch's float
-// sqrt is not always correctly rounded; the reference's values and ties need its bits).
+// at 0 (the formula every backend shares); buc and buc_l2 reduce it to the cluster-pair
+// minimum; D = its square root, taken by a launcher callback with torch's sqrt (torch's
+// float sqrt is not always correctly rounded; the reference's values and ties need its
+// bits), except for buc, which ranks the squared minimum D2 itself (the public BUC code).
 // Linkages:
 //   centroid  D
-//   buc       D + size_penalty * (|C_i| + |C_j|)
+//   buc       D2 + size_penalty * (|C_i| + |C_j|)   (squared, as BUC's code ranks pairs)
+//   buc_l2    D + size_penalty * (|C_i| + |C_j|)
 //   tssl      D + exp(2 D - (a_i + a_j)),  a_i = (ascending sum of the k smallest D_il) / k
 //
 // Streaming selection. Each scan keeps the `capacity` smallest pairs strictly after
@@ -59,7 +61,7 @@
 namespace fastassoc {
 namespace {
 
-enum Linkage : int { kCentroid = 0, kTssl = 1, kBuc = 2 };
+enum Linkage : int { kCentroid = 0, kTssl = 1, kBuc = 2, kBucL2 = 3 };
 
 // Below this many tile entries a parallel region costs more than it saves (and on a
 // loaded machine a descheduled worker can stall it for a time slice).
@@ -275,7 +277,7 @@ class Merger {
   // pair that passes the buffer's current limit is offered. Branch-light, vectorisable.
   void offer_row(PairBuffer<T>& buffer, T* row, int64_t i) const {
     const int64_t num_clusters = p_.num_clusters;
-    if (p_.linkage == kBuc) {
+    if (p_.linkage == kBuc || p_.linkage == kBucL2) {
       const T penalty = T(p_.size_penalty), size_i = sizes_[i];
       for (int64_t j = i + 1; j < num_clusters; ++j) row[j] = row[j] + penalty * (size_i + sizes_[j]);
     }
@@ -294,7 +296,8 @@ class Merger {
   // points for buc) into a block whose row i - first holds cluster j > i at column
   // j - first (the tile itself, in place, when there is one point per cluster);
   // (2) D = sqrt of the block by the launcher's callback (torch's sqrt, which is not
-  // always correctly rounded: the reference's values and ties need its bits);
+  // always correctly rounded: the reference's values and ties need its bits; buc ranks
+  // the squared minimum and skips it);
   // (3) pairs offered, nearest lists fed.
   void packed_tile(T* tile, int64_t first, int64_t last) {
     const int64_t* start = p_.cluster_start;
@@ -331,7 +334,7 @@ class Merger {
         }
       }
     }
-    take_sqrt(block, (last - first) * block_columns);
+    if (p_.linkage != kBuc) take_sqrt(block, (last - first) * block_columns);
     if (offer_pairs_ && p_.linkage == kTssl) tssl_block(block, block_columns, first, last);
 #pragma omp parallel num_threads(threads_) if (work >= kMinParallelWork)
     {
@@ -418,7 +421,7 @@ class Merger {
   }
 
   void offer_open_cluster(int64_t c) {
-    take_sqrt(open_minimum_.data() + c + 1, p_.num_clusters - c - 1);
+    if (p_.linkage != kBuc) take_sqrt(open_minimum_.data() + c + 1, p_.num_clusters - c - 1);
     offer_row(buffers_[0], open_minimum_.data(), c);
   }
 
@@ -594,7 +597,7 @@ void bind_merge(py::module_& m, const char* name) {
          int64_t num_samples, std::uintptr_t labels_out, py::function dots, py::function sqrt,
          py::function exp) {
         require(num_points >= 0 && num_clusters >= 0 && num_samples >= 0, "agglomerative_merge: negative size");
-        require(linkage >= kCentroid && linkage <= kBuc, "agglomerative_merge: linkage code must be 0, 1 or 2");
+        require(linkage >= kCentroid && linkage <= kBucL2, "agglomerative_merge: linkage code must be 0, 1, 2 or 3");
         require(neighbours >= 1, "agglomerative_merge: neighbours must be >= 1");
         require(num_merges >= 0 && num_merges <= std::max<int64_t>(num_clusters - 1, 0),
                 "agglomerative_merge: num_merges must lie in [0, num_clusters - 1]");
@@ -626,7 +629,7 @@ void bind_merge(py::module_& m, const char* name) {
       "the square root of count values in place and exp(address, count) their exponential (torch's, for the "
       "reference's bits). Writes int64 labels renumbered "
       "by first appearance of sample_cluster [num_samples]; returns the number of GEMM passes. "
-      "linkage: 0 centroid, 1 tssl, 2 buc.");
+      "linkage: 0 centroid, 1 tssl, 2 buc (squared minimum distance), 3 buc_l2 (minimum distance).");
 }
 
 }  // namespace

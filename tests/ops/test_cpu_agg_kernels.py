@@ -18,6 +18,7 @@ compiled CPU kernels can get wrong:
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,7 +81,7 @@ class LargestTensor(TorchDispatchMode):
 
 # ============================================================================== cluster
 
-LINKAGES = ("tssl", "centroid", "buc")
+LINKAGES = ("tssl", "centroid", "buc", "buc_l2")
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,91 @@ def test_merge_float64_and_half_inputs(merge_available):
             expected = merge(x.to(dtype), labels, 50, linkage, "reference")
             got = merge(x.to(dtype), labels, 50, linkage, "cpu")
             assert_equal_tensors(got, expected, f"{linkage} {dtype}")
+
+
+def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage_code: int,
+                          size_penalty: float, tile_elements: int) -> torch.Tensor:
+    """One step of csrc/cpu/cluster.cpp's driver (``agglomerative_merge_f32``), which the cpu
+    launcher does not call, with torch callbacks for the GEMM, sqrt and exp."""
+    import ctypes
+
+    _, cluster = torch.unique(labels, sorted=True, return_inverse=True)
+    num_clusters = int(cluster.max()) + 1
+    points = x[torch.argsort(cluster, stable=True)].float().contiguous()
+    counts = torch.bincount(cluster, minlength=num_clusters)
+    cluster_start = torch.zeros(num_clusters + 1, dtype=torch.int64)
+    cluster_start[1:] = counts.cumsum(0)
+    sq_norms = (points * points).sum(1).contiguous()
+    sizes = counts.float().contiguous()
+    cluster = cluster.contiguous()
+    labels_out = torch.empty(x.shape[0], dtype=torch.int64)
+    held = []
+
+    def dots(r0, r1, c0):
+        held[:] = [(points[r0:r1] @ points[c0:].T).contiguous()]
+        return held[0].data_ptr()
+
+    def in_place(function):
+        def apply(address, count):
+            array = (ctypes.c_float * count).from_address(address)
+            function(torch.frombuffer(array, dtype=torch.float32))
+        return apply
+
+    core.agglomerative_merge_f32(points.shape[0], num_clusters, cluster_start.data_ptr(), sq_norms.data_ptr(),
+                                 sizes.data_ptr(), linkage_code, 1, size_penalty, num_merges, 16, 4, tile_elements,
+                                 cluster.data_ptr(), x.shape[0], labels_out.data_ptr(), dots,
+                                 in_place(torch.Tensor.sqrt_), in_place(torch.Tensor.exp_))
+    return labels_out
+
+
+def buc_oracle(x: np.ndarray, labels: np.ndarray, num_merges: int, size_penalty: float, squared: bool) -> np.ndarray:
+    """Dense NumPy cluster-pair linkages (minimum sample distance, squared or not, + penalty), walked by
+    (linkage, i, j), renumbered by first appearance."""
+    values = sorted(set(labels.tolist()))
+    cluster = np.array([values.index(v) for v in labels.tolist()])
+    count = len(values)
+    sizes = np.bincount(cluster)
+    x = x.astype(np.float64)
+    squared_distances = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    minimum = np.full((count, count), np.inf)
+    np.minimum.at(minimum, (cluster[:, None].repeat(len(x), 1), cluster[None, :].repeat(len(x), 0)),
+                  squared_distances)
+    linkage = (minimum if squared else np.sqrt(minimum)) + size_penalty * (sizes[:, None] + sizes[None, :])
+    pairs = sorted((linkage[i, j], i, j) for i in range(count) for j in range(i + 1, count))
+    root = list(range(count))
+    merges = 0
+    for _, i, j in pairs:
+        if merges == num_merges:
+            break
+        if root[i] != root[j]:
+            old, new = max(root[i], root[j]), min(root[i], root[j])
+            root = [new if r == old else r for r in root]
+            merges += 1
+    first_seen: dict[int, int] = {}
+    return np.array([first_seen.setdefault(root[c], len(first_seen)) for c in cluster.tolist()])
+
+
+@pytest.mark.parametrize("tile_elements", [7, 1 << 20])
+def test_compiled_driver_buc_is_squared_and_buc_l2_plain(core, tile_elements):
+    """Codes 2 (buc: squared minimum, BUC's code) and 3 (buc_l2) of the compiled driver: the issue 14
+    four-cluster case (A = [0], B = [2], 5 points at 10.0, 5 at 11.5, penalty 0.1: squared merges
+    the big pair, plain merges A and B), then random clusters against the NumPy oracle."""
+    x = torch.tensor([[0.0], [2.0]] + [[10.0]] * 5 + [[11.5]] * 5)
+    labels = torch.tensor([0, 1] + [2] * 5 + [3] * 5)
+    squared = compiled_driver_merge(core, x, labels, 1, 2, 0.1, tile_elements)
+    assert squared.tolist() == [0, 1] + [2] * 10
+    plain = compiled_driver_merge(core, x, labels, 1, 3, 0.1, tile_elements)
+    assert plain.tolist() == [0, 0] + [1] * 5 + [2] * 5
+    generator = np.random.default_rng(3)
+    for trial in range(6):
+        x = generator.normal(size=(50, 4)).astype(np.float32)
+        labels = generator.integers(0, 20, 50)
+        num_merges = len(set(labels.tolist())) // 2
+        for code, is_squared in ((2, True), (3, False)):
+            got = compiled_driver_merge(core, torch.from_numpy(x), torch.from_numpy(labels), num_merges, code, 0.05,
+                                        tile_elements)
+            expected = buc_oracle(x, labels, num_merges, 0.05, is_squared)
+            assert np.array_equal(got.numpy(), expected), f"trial {trial}, code {code}: {got.tolist()} vs {expected}"
 
 
 # ============================================================================== evaluation
