@@ -9,14 +9,17 @@ Providers
 * ``cpu``        fastassoc, compiled C++/OpenMP backend (upper-triangle GEMM tiles,
   streaming pair selection, union-find)
 * ``numpy``      a BUC-style step written here, as the public BUC code does it: the full
-  N x N float32 distance matrix (torch GEMM, as BUC's ``calculate_distance``), the
-  linkage on it (size penalty, or TSSL's density term), the lower triangle masked, one
+  N x N float32 squared distance matrix (torch GEMM, as BUC's ``calculate_distance``), the
+  linkage on it (buc: BUC's expression, squared distance + ``ratio_n (|C_i| + |C_j|)``, as
+  fastassoc's ``linkage="buc"``; tssl: the distance plus TSSL's density term), the lower
+  triangle masked, one
   ``np.argsort`` over all N^2 entries, then a Python loop that relabels the two clusters
   of each pair until ``num_merges`` merges. (BUC masks same-cluster pairs with a Python
   double loop; here that mask is vectorised, which only helps the peer.)
 * ``fastcluster`` (buc only) ``fastcluster.linkage(method="single")`` on the condensed
   float64 distance matrix (from the same float32 GEMM), cut at N - 647 clusters. From
-  singletons BUC's frozen linkage is the sample distance plus a constant, so the greedy
+  singletons BUC's frozen linkage is the squared sample distance plus a constant, which
+  orders pairs as the distance does, so the greedy
   walk is Kruskal's algorithm and its first 647 merges are single linkage's: the same
   partition. fastcluster builds the whole hierarchy (N - 1 merges) and has no analogue
   of tssl's density-adjusted, frozen linkage, so it runs for buc only.
@@ -67,11 +70,12 @@ def _distance_matrix(x: torch.Tensor) -> np.ndarray:
 def numpy_merge_step(x: torch.Tensor, labels: np.ndarray, num_merges: int, linkage: str) -> np.ndarray:
     """BUC-style step from singletons: dense linkage matrix, full argsort, Python merge loop."""
     n = x.shape[0]
-    distances = np.sqrt(_distance_matrix(x))
     if linkage == "buc":
+        # BUC's select_merge_data: squared distances + ratio_n * (cnt_i + cnt_j).
         sizes = np.bincount(labels, minlength=n).astype(np.float32)
-        linkages = distances + np.float32(SIZE_PENALTY) * (sizes[labels][:, None] + sizes[labels][None, :])
+        linkages = _distance_matrix(x) + np.float32(SIZE_PENALTY) * (sizes[labels][:, None] + sizes[labels][None, :])
     else:  # tssl: a_i = mean distance to the `neighbours` nearest others
+        distances = np.sqrt(_distance_matrix(x))
         np.fill_diagonal(distances, np.inf)
         density = np.sort(np.partition(distances, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS], axis=1).mean(1)
         linkages = distances + np.exp(2 * distances - (density[:, None] + density[None, :]))
