@@ -11,6 +11,9 @@
 * :func:`shard_range`, :func:`save_row_shards`, :func:`load_row_range`: a row-sharded bank in
   checkpoints that reload under any world size (each file records its global rows).
 * :func:`is_rank_zero`, :func:`on_rank_zero`: rank 0 writes checkpoints, reports and logs.
+* :func:`average_gradients`: DistributedDataParallel's gradient averaging for modules that stay
+  unwrapped (their ``state_dict`` keys then do not change with the world size, so checkpoints
+  resume under any world size).
 """
 from __future__ import annotations
 
@@ -91,6 +94,38 @@ class RankSplitSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batch_sampler:
             yield list(batch)[self.rank::self.world_size]
+
+
+def average_gradients(*modules: torch.nn.Module | None, group=None) -> None:
+    """Replace every parameter gradient of ``modules`` by its mean over the ranks (one flat all-reduce).
+
+    Call after ``loss.backward()`` and before ``optimizer.step()``: with equal per-rank batches
+    the result is the gradient of the global batch's mean loss, as DDP computes it (up to the
+    float summation order). A parameter without a gradient is skipped; one that has a gradient
+    on some ranks only is an error (raised on every rank). Sends ``8 (W - 1) P`` (which of the
+    ``P`` parameters have a gradient) and about ``2 (W - 1) / W`` times the gradients' bytes (ring all-reduce).
+    """
+    rank, world_size = world(group)
+    if world_size == 1:
+        return
+    parameters = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    present = [p.grad is not None for p in parameters]
+    flags = torch.tensor(present, dtype=torch.int64)
+    every = [torch.empty_like(flags) for _ in range(world_size)]
+    dist.all_gather(every, flags, group=group)
+    if any(not torch.equal(e, flags) for e in every):
+        raise RuntimeError("average_gradients: the ranks' parameters differ in which have a gradient; run the same "
+                           "forward on every rank (unused parameters need a zero loss term)")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def all_gather_batch(*tensors: torch.Tensor, group=None) -> tuple[torch.Tensor, ...]:

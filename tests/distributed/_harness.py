@@ -37,8 +37,16 @@ def _count_collectives() -> None:
         _SENT[0] += sum(s for r, s in enumerate(splits) if r != rank) * row
         return original_a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
-    dist.all_gather, dist.all_to_all_single = all_gather, all_to_all_single
-    forbidden = ("all_reduce", "broadcast", "all_gather_into_tensor", "gather", "scatter", "all_to_all",
+    original_reduce = dist.all_reduce
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        # Ring all-reduce: 2 (W - 1) / W of the tensor's bytes.
+        world = dist.get_world_size(group)
+        _SENT[0] += 2 * (world - 1) * tensor.numel() * tensor.element_size() // world
+        return original_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    dist.all_gather, dist.all_to_all_single, dist.all_reduce = all_gather, all_to_all_single, all_reduce
+    forbidden = ("broadcast", "all_gather_into_tensor", "gather", "scatter", "all_to_all",
                  "reduce_scatter", "send", "recv", "all_gather_object", "broadcast_object_list")
     for name in forbidden:
         # Every collective the ops use must be counted: an uncounted one fails the case.

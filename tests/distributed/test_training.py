@@ -68,7 +68,24 @@ def _checkpoint(world_size, rank):
     return (torch.tensor(training.is_rank_zero()),)
 
 
-CASES = [("replicated", _replicated), ("checkpoint", _checkpoint)]
+def _model_and_batch():
+    generator = torch.Generator().manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model, torch.randn(12, 4, generator=generator, dtype=torch.float64).float()
+
+
+def _gradients(world_size, rank):
+    model, batch = _model_and_batch()
+    start, stop = training.shard_range(batch.shape[0], rank, world_size)
+    model(batch[start:stop]).square().mean().backward()
+    training.average_gradients(model, None)
+    return tuple(p.grad for p in model.parameters())
+
+
+CASES = [("replicated", _replicated), ("checkpoint", _checkpoint), ("gradients", _gradients)]
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -103,3 +120,15 @@ def test_row_shards_reload_under_any_world_size(results):
                                full[start:stop])
     with pytest.raises(ValueError, match="rows 3:40"):
         training.load_row_range(directory / f"w{world_size}", "bank", 3, 40)
+
+
+def test_average_gradients_give_the_global_batch_gradient(results):
+    world_size, _, per_rank = results
+    model, batch = _model_and_batch()
+    model(batch).square().mean().backward()
+    expected = [p.grad for p in model.parameters()]
+    for rank_results in per_rank:
+        status, value, _ = rank_results["gradients"]
+        assert status == "ok", value
+        for got, want in zip(value, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
