@@ -90,7 +90,7 @@ def evaluate_ranking(query: torch.Tensor, gallery: torch.Tensor, query_pids: tor
         max_rank = _ops._checks.non_negative_int("max_rank", max_rank, minimum=1)
         query_chunk = _ops._checks.non_negative_int("query_chunk", query_chunk, minimum=1)
         name, _ = _backend.resolve("evaluate_ranking", backend, {"query": query, "gallery": gallery})
-    except (TypeError, ValueError) as caught:
+    except (TypeError, ValueError, RuntimeError) as caught:
         error = caught
     stats = agree(error, None if error else [query.shape[0], gallery.shape[0], query.shape[1]], 3, group,
                   query.device if isinstance(query, torch.Tensor) else None)

@@ -117,8 +117,19 @@ def _bad_exclude(world, rank):
     return ("no error",)
 
 
+def _bad_dimension(world, rank):
+    # One rank's features are one column wider: every rank must refuse, naming the dimension.
+    bank = torch.zeros(3, DIM + (rank == 1))
+    try:
+        fd.mutual_knn(bank, bank, 1)
+    except ValueError as error:
+        return (str(error),)
+    return ("no error",)
+
+
 CASES = [(f"topk_{name}", _sharded_topk(name)) for name in TOPK_SPECS] + \
-        [(name, _sharded_mutual(name)) for name in MUTUAL_SPECS] + [("bad_exclude", _bad_exclude)]
+        [(name, _sharded_mutual(name)) for name in MUTUAL_SPECS] + [("bad_exclude", _bad_exclude),
+                                                                    ("bad_dimension", _bad_dimension)]
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -200,3 +211,15 @@ def test_bad_argument_on_one_rank_raises_everywhere(results):
     messages = [value[0] for value, _ in _ok(per_rank, "bad_exclude")]
     assert "exclude must be in [-1, 8)" in messages[world - 1]
     assert all("refused" in message for message in messages[:world - 1]), messages
+
+
+def test_different_feature_dimensions_raise_on_every_rank(results):
+    _, per_rank = results
+    messages = [value[0] for value, _ in _ok(per_rank, "bad_dimension")]
+    assert all("feature dimension must be the same on every rank" in message for message in messages), messages
+
+
+def test_without_a_process_group_the_error_says_what_to_do():
+    bank = torch.zeros(2, DIM)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fd.topk_anchors(bank, bank, 1)
