@@ -54,6 +54,8 @@ class TrainConfig:
         Channels of :class:`SmallReidNet`'s first stage (output dim = 8 x small_width).
     optimizer : {"sgd", "adam", "rmsprop"}
     lr, momentum, weight_decay : float
+    rmsprop_alpha : float
+        RMSprop's squared-gradient decay (torch's ``alpha``); used with ``optimizer="rmsprop"``.
     backbone_lr_mult : float
         Learning-rate multiplier of the backbone's parameters (pretrained backbones are
         often trained at 0.1x the new layers).
@@ -67,6 +69,10 @@ class TrainConfig:
     frames_per_tracklet : int
     batches_per_epoch : int or None
         None: one pass over the tracklets in expectation.
+    train_flip : float
+        Horizontal-flip probability of the training transform (0: none).
+    train_pad : int or None
+        Pad-crop padding of the training transform; None: ``round(height / 25.6)``, 0: none.
     train_erasing : float
         Random-erasing probability of the training transform.
     train_colour_jitter : float
@@ -120,6 +126,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 3.5e-4
     momentum: float = 0.9
+    rmsprop_alpha: float = 0.99
     weight_decay: float = 5e-4
     backbone_lr_mult: float = 1.0
     scheduler: str = "none"
@@ -130,6 +137,8 @@ class TrainConfig:
     tracklets_per_camera: int = 4
     frames_per_tracklet: int = 4
     batches_per_epoch: int | None = None
+    train_flip: float = 0.5
+    train_pad: int | None = None
     train_erasing: float = 0.5
     train_colour_jitter: float = 0.0
     train_grayscale: float = 0.0

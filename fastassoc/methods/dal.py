@@ -77,9 +77,8 @@ x0.94 every 2 epochs (epochs over the training frames), 2e4 iterations. Backbone
 MobileNet (the paper's best MARS row is MobileNet v1, ``backbone="mobilenet_v1"``; the public
 code's default too; ``mobilenet_v2`` is offered as well), ImageNet weights via ``--weights``. From the
 public code (``train_dal.py``), not the paper: weight decay 4e-5, SGD with Nesterov momentum
-0.9, RMSProp momentum 0.9 and epsilon 1.0, the RMSProp decay counted in epochs of
-``num_samples / batch_size`` batches (frames). Ours: RMSProp's squared-gradient decay is
-torch's ``alpha=0.99`` where the public code uses 0.9 (the trainer core does not expose it).
+0.9, RMSProp decay 0.9 (``rmsprop_alpha``), momentum 0.9 and epsilon 1.0, the RMSProp decay
+counted in epochs of ``num_samples / batch_size`` batches (frames).
 The public code also clips gradients at 2.0 and evaluates an exponential moving average of
 the weights (0.9999); the paper states neither and neither is applied here.
 
@@ -119,8 +118,6 @@ class DALConfig(TrainConfig):
     sampling: str = "tracklets"
     batch_size: int | None = None
     iterations: int | None = None
-    train_flip: float = 0.5
-    train_pad: int | None = None
     eval_pooling: str = "max"
 
 
@@ -141,9 +138,9 @@ class DALTrainer(Trainer):
                       eval_pooling="max"),
     }
     # PRID2011 / iLIDS-VID: "RMSProp ... 2x10^4 iterations, with an initial learning rate of 0.045 and decayed
-    # exponentially by 0.94 every 2 epochs" (epochs over the frames). momentum 0.9 and epsilon 1.0: public code.
+    # exponentially by 0.94 every 2 epochs" (epochs over the frames). alpha 0.9, momentum 0.9 and epsilon 1.0: public code.
     SMALL_DATA = ("prid2011", "ilidsvid")
-    PAPER_SMALL_DATA = dict(optimizer="rmsprop", lr=0.045, momentum=0.9, scheduler="step", step_size=2, gamma=0.94,
+    PAPER_SMALL_DATA = dict(optimizer="rmsprop", lr=0.045, rmsprop_alpha=0.9, momentum=0.9, scheduler="step", step_size=2, gamma=0.94,
                             milestones=(), batches_per_epoch=None, iterations=20000)
 
     @classmethod
@@ -156,9 +153,6 @@ class DALTrainer(Trainer):
                 if key not in overrides:
                     setattr(config, key, value)
         return config
-
-    def train_transform(self):
-        return fdata.config_train_transform(self.config)
 
     def build_loader(self):
         c = self.config

@@ -104,8 +104,6 @@ class EEAConfig(TrainConfig):
     exemplar_std: float = 0.001
     sampling: str = "tracklets"
     batch_size: int | None = None
-    train_flip: float = 0.5
-    train_pad: int | None = None
     eval_normalize: bool = True
 
 
@@ -150,9 +148,6 @@ class EEATrainer(Trainer):
 
     def build_heads(self) -> nn.Module:
         return ClassWeights(len(self.train), self.model.out_dim, self.config.exemplar_std)
-
-    def train_transform(self):
-        return fdata.config_train_transform(self.config)
 
     def build_loader(self):
         return fdata.config_loader(self.config, self.train, self.dataset.load_frame, transform=self.train_transform(),

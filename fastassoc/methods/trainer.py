@@ -235,7 +235,8 @@ class Trainer:
         if c.optimizer == "adam":
             return torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay)
         if c.optimizer == "rmsprop":
-            return torch.optim.RMSprop(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, eps=1.0)
+            return torch.optim.RMSprop(groups, lr=c.lr, alpha=c.rmsprop_alpha, momentum=c.momentum,
+                                       weight_decay=c.weight_decay, eps=1.0)
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
 
     def build_scheduler(self, optimizer):
@@ -251,24 +252,8 @@ class Trainer:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {c.scheduler!r}")
 
     def train_transform(self):
-        c = self.config
-        h, w = c.image_size
-        transform = fdata.train_transform(h, w, erasing=c.train_erasing)
-        colour = []
-        if c.train_colour_jitter > 0:
-            from torchvision import transforms as T
-
-            j = c.train_colour_jitter
-            colour.append(T.ColorJitter(j, j, j, min(j / 4, 0.5)))
-        if c.train_grayscale > 0:
-            from torchvision import transforms as T
-
-            colour.append(T.RandomGrayscale(c.train_grayscale))
-        if colour:
-            from torchvision import transforms as T
-
-            return T.Compose([*colour, transform])
-        return transform
+        """PIL image -> Tensor [3, H, W]: the augmentation the config's ``train_*`` fields ask for."""
+        return fdata.config_train_transform(self.config)
 
     def test_transform(self):
         h, w = self.config.image_size
@@ -637,7 +622,9 @@ class Trainer:
             "device": str(self.device),
             "dataset": {"name": self.dataset.name, "train": len(self.dataset.train), "query": len(self.dataset.query),
                         "gallery": len(self.dataset.gallery), "num_cameras": self.dataset.num_cameras,
-                        "num_train_pids": self.dataset.num_train_pids},
+                        "num_train_pids": self.dataset.num_train_pids,
+                        # MARS: "official" (all test tracklets, same-id-same-camera junk) or "torchreid".
+                        "protocol": getattr(self.dataset, "protocol", None)},
             "history": self.history, "setup_times": getattr(self, "_setup_times", {}),
             "baseline_diagnostics": self.baseline_diagnostics,
         }

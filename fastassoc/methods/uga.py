@@ -163,8 +163,6 @@ class UGAConfig(TrainConfig):
     restart_schedule: bool = True
     sampling: str = "tracklets"
     batch_size: int | None = None
-    train_flip: float = 0.5
-    train_pad: int | None = None
     eval_normalize: bool = True
 
 
@@ -202,9 +200,6 @@ class UGATrainer(Trainer):
 
     def build_heads(self) -> nn.Module:
         return ClassWeights(len(self.train), self.model.out_dim, self.config.classifier_std)
-
-    def train_transform(self):
-        return fdata.config_train_transform(self.config)
 
     def build_loader(self):
         return fdata.config_loader(self.config, self.train, self.dataset.load_frame, transform=self.train_transform(),

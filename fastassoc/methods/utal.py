@@ -125,8 +125,6 @@ class UTALConfig(TrainConfig):
     soft_labels: bool = True
     classifier_bias: bool = True
     classifier_std: float = 0.001
-    train_flip: float = 0.5
-    train_pad: int | None = None
     batch_size: int | None = None
     eval_metric: str = "euclidean"
     eval_normalize: bool = False
@@ -201,9 +199,6 @@ class UTALTrainer(Trainer):
     def build_heads(self) -> nn.Module:
         c = self.config
         return PerCameraClassifier(len(self.train), self.model.out_dim, c.classifier_bias, c.classifier_std)
-
-    def train_transform(self):
-        return fdata.config_train_transform(self.config)
 
     def build_loader(self):
         c = self.config

@@ -173,9 +173,11 @@ def test_paper_preset_small_data_schedule_and_iterations(world):
         small = DALTrainer.make_config("paper", data=name, root="/nowhere")
         assert (small.optimizer, small.lr, small.scheduler, small.step_size, small.gamma, small.iterations,
                 small.batches_per_epoch) == ("rmsprop", 0.045, "step", 2, 0.94, 20000, None)
+        assert small.rmsprop_alpha == 0.9       # DAL's public train_dal.py, not torch's 0.99
     assert DALTrainer.make_config("paper", data="prid2011", root="/x", lr=0.01).lr == 0.01
     # Epochs follow from the iterations once the loader (an epoch over the frames) is known.
-    trainer = _ready(world, sampling="images", batch_size=8, iterations=50)
+    trainer = _ready(world, sampling="images", batch_size=8, iterations=50, optimizer="rmsprop", rmsprop_alpha=0.9)
+    assert trainer.optimizer.param_groups[0]["alpha"] == 0.9
     per_epoch = len(trainer.loader)
     assert trainer.config.epochs == -(-50 // per_epoch)
 
