@@ -204,6 +204,26 @@ def test_mutual_knn_equals_single_process(results, name):
     assert expected[0].numel() > 0
     for part, label in enumerate(("ia", "ib", "distances")):
         _assert_equal(f"{name} {label}", torch.cat([value[part] for value, _ in outputs]), expected[part])
+    # Bytes sent, as the docstring states them: the check, both searches (query chunks of 3 rows),
+    # the counts and the reverse pairs whose a-row lives on another rank.
+    world = len(per_rank)
+    sizes_a, sizes_b = split_sizes(na, world, MUTUAL_SPECS[name][2]), split_sizes(nb, world, MUTUAL_SPECS[name][3])
+    owner_a = torch.repeat_interleave(torch.arange(world), torch.tensor(sizes_a))
+    owner_b = torch.repeat_interleave(torch.arange(world), torch.tensor(sizes_b))
+    back = fastassoc.topk_anchors(b, a, k)[1]
+
+    def search_bytes(sizes, rank):
+        chunk = min(3, max(sizes))
+        steps = -(-max(sizes) // chunk)
+        returned = sum(sizes[r] for r in range(world) if r != rank) * k * 12
+        return steps * (world - 1) * chunk * (DIM * 4 + 16) + returned
+
+    for rank, (_, sent) in enumerate(outputs):
+        mine = back[owner_b == rank]
+        remote = int(((mine >= 0) & (owner_a[mine.clamp_min(0)] != rank)).sum())
+        formula = 32 * (world - 1) + search_bytes(sizes_a, rank) + search_bytes(sizes_b, rank) + \
+            8 * (world - 1) + 16 * remote
+        assert sent == formula, (rank, sent, formula)
 
 
 def test_bad_argument_on_one_rank_raises_everywhere(results):
