@@ -206,10 +206,13 @@ def test_pure_install_runs_the_reference_backend_and_says_what_is_missing(pure_w
 
 # ----------------------------------------------------------------------------- python -m fastassoc
 
-def test_python_m_fastassoc_reports_versions_core_and_backends():
+# The subprocesses run outside the checkout: from its root, `python -m fastassoc` would import
+# the source tree instead of an installed wheel (cibuildwheel's test step).
+
+def test_python_m_fastassoc_reports_versions_core_and_backends(tmp_path):
     import torch
     result = subprocess.run([sys.executable, "-m", "fastassoc", "--json"], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
+                            timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads(result.stdout)
     assert info["versions"]["torch"] == torch.__version__
@@ -219,20 +222,20 @@ def test_python_m_fastassoc_reports_versions_core_and_backends():
     assert set(info["backends"]) == set(_backend.FAMILIES)
     assert all(entry["reference"] is True for entry in info["backends"].values())
     text = subprocess.run([sys.executable, "-m", "fastassoc"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+                          cwd=tmp_path)
     assert text.returncode == 0 and f"torch {torch.__version__}" in text.stdout
     assert ("compiled core: yes" if core is not None else "compiled core: no") in text.stdout
     for op in _backend.FAMILIES:
         assert op in text.stdout
 
 
-def test_python_m_fastassoc_require():
+def test_python_m_fastassoc_require(tmp_path):
     core = _backend.compiled_core()
     result = subprocess.run([sys.executable, "-m", "fastassoc", "--require", "cpu"], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+                            text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == (0 if core is not None else 1), result.stderr
     bad = subprocess.run([sys.executable, "-m", "fastassoc", "--require", "gpu"], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+                         text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "--require must name one of" in bad.stderr
 
 
