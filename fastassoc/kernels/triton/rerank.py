@@ -2,8 +2,8 @@
 ``cluster_centres_triton``.
 
 Must equal :mod:`fastassoc.kernels.reference.rerank` (``jaccard_distance_reference``,
-``dbscan_reference``, ``cluster_centres_reference``): CSR structure and labels exactly, values
-within float32 summation-order rounding (see Limits).
+``dbscan_reference``, ``cluster_centres_reference``): nearest lists, CSR structure and labels
+exactly, values to float32 summation-order rounding on a GPU (see Limits).
 
 Algorithm
 ---------
@@ -11,15 +11,20 @@ Nothing is copied to the host: every step runs on the features' device.
 
 ``jaccard_distance``:
 
-1. *k1-nearest lists* from the fused distance + top-k kernel of the kNN family
-   (:func:`fastassoc.kernels.triton.knn.topk_anchors_triton`) as a self-join that excludes
-   each row's own column and asks for ``K`` neighbours (``K - 1`` would lose the ``K``-th
-   copy of a row that has ``K`` earlier copies); the row itself is then inserted
-   at distance exactly 0 behind the neighbours that are at distance 0 *and* have a smaller
-   index, which is the reference's (distance, index) order with its zeroed diagonal. The
-   distance tiles stay in registers; ``weighting="zhong"`` also needs every row's largest
-   distance to all rows, taken as the row maximum of bounded distance tiles
-   (``_common.distance_tiles``, at most ``tile_elements()`` entries, own column masked).
+1. *k1-nearest lists*, as the reference defines them: every row's ``K`` nearest rows by
+   (exact distance, index), itself included (exact distances of ``_tiles.exact_distances``
+   with the fixed-order squared norms of ``reference.rerank.exact_squared_norms``, so a row
+   and its copies are at exactly 0). The fused distance + top-k kernel of the kNN family
+   (``_common.fused_topk``, distance tiles in registers; ``_common.distance_tiles`` and a
+   sort of bounded tiles past ``K_MAX`` proposals) proposes ``K + 8`` rows per row from its
+   float32 distances ``t``, whose error against the exact ones ``_tiles.band`` bounds by
+   ``B``. When a row's last proposal lies more than ``2 B`` (and the reference's square-root
+   margin) beyond its ``K``-th, every row not proposed is strictly farther in exact distance
+   than the exact ``K``-th, so ranking the proposals by (exact distance, index) on the device
+   is the reference's list; the rows where it is not (near ties across the proposal edge) are
+   redone by the reference's exact path (``knn.smallest_k_exact``). ``weighting="zhong"``
+   also needs every row's largest exact distance, found the same way from bounded Triton
+   distance tiles (entries within ``2 B`` of a row's largest are rescored exactly).
 2. *Reciprocal sets, expansion, weights, query expansion and the Jaccard sums* are the
    reference's device-side steps (sort, ``searchsorted``, ``index_add_`` segment sums,
    ``scatter_reduce_`` segment maxima over sparse triples in pieces of ``tile_elements() / 16``,
@@ -48,20 +53,18 @@ the count: the reference's ``index_add_`` order, deterministic on the GPU (no at
 
 Host syncs
 ----------
-``jaccard_distance``: the launch planning of the kNN kernel, the sizes of the sparse pieces
-(one per piece and per row block) and the number of stored pairs. ``dbscan``: one per
-connected-components round (``O(log N)`` rounds on the usual graphs). ``cluster_centres``:
-none beyond the launch.
+``jaccard_distance``: the launch planning of the kNN kernel, the number of rows to redo, the
+sizes of the sparse pieces (one per piece and per row block) and the number of stored pairs.
+``dbscan``: one per connected-components round (``O(log N)`` rounds on the usual graphs).
+``cluster_centres``: none beyond the launch.
 
 Limits
 ------
-The nearest lists come from the Triton kernel's own distances, which may differ from the
-reference's torch GEMM in the last bits: neighbours at exactly equal distances (duplicated
-rows, exactly representable data) are ordered as the reference orders them, but two rows whose
-distances to a query differ only by rounding may swap places. The sums of step 2 on a GPU go
-through atomic ``index_add_``, whose order is not fixed: values agree with the reference to
-float32 rounding (tests use ``atol = 1e-6``), and a pair whose Jaccard distance lies within
-rounding of ``max_distance`` or of 1 may be kept by one backend and dropped by the other.
+The lists and the farthest distances are the reference's exactly (bounds, not rounding luck).
+The sums of step 2 on a GPU go through atomic ``index_add_``, whose order is not fixed:
+values agree with the reference to float32 rounding, and a pair whose Jaccard distance lies
+within rounding of ``max_distance`` or of 1 may be kept by one backend and dropped by the
+other. On the CPU (interpreter) every step is the reference's, so the matrices are identical.
 Memory as the reference: the ``N x K`` lists, ``V``, one dense tile of ``tile_elements()``
 entries and the stored pairs; never an ``N x N`` array.
 """
@@ -73,51 +76,120 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference._tiles import compute_dtype, prepare
+from ... import _backend
+from ..reference._tiles import band, compute_dtype, exact_distances, prepare, row_chunks
 from ..reference.graph import to_csr
+from ..reference.knn import smallest_k_exact
 from ..reference.rerank import (_both_orders, _crow, _expanded_sets, _jaccard_pairs, _query_expansion, _weights,
-                                _zhong_weights)
+                                _zhong_weights, exact_squared_norms)
 from . import _common
-from .knn import topk_anchors_triton
+from ._common import RowGroup
 
 # ----------------------------------------------------------------------------- jaccard_distance
 
 
-def _nearest_lists(x: torch.Tensor, width: int, metric: str) -> torch.Tensor:
-    """Every row's ``width`` nearest rows, itself at distance 0 ([N, width] int64, device of ``x``).
+# Candidates the Triton pass proposes beyond the list width: rows whose candidates do not
+# prove the exact order (two rescoring bounds apart) are redone by the reference's exact path.
+_EXTRA_CANDIDATES = 8
+# float32 roundings of sqrt are far below this relative separation (the reference's margin).
+_SQRT_MARGIN = 2.0 ** -20
 
-    Ties by the smaller index, the row itself counted at distance exactly 0.
+
+def _operand(x: torch.Tensor, metric: str, norms: torch.Tensor | None) -> _common.Operand:
+    """The kernel's operand with the reference's exact squared norms (Euclidean metrics rank in
+    squared space), so Triton and exact distances differ only by the inner product's rounding."""
+    if metric == "cosine":
+        return _common.Operand(x.contiguous(), x.new_empty(1), _common.METRIC_CODES["cosine"])
+    return _common.Operand(x.contiguous(), norms, _common.METRIC_CODES["sqeuclidean"])
+
+
+def _proposals(operand: _common.Operand, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's ``count`` smallest Triton distances to all rows (itself included), sorted by
+    (value, column): (values [N, count] compute dtype, columns [N, count] int64)."""
+    num_rows = operand.features.shape[0]
+    everyone = torch.arange(num_rows, device=operand.features.device)
+    if count <= _common.K_MAX:
+        result = _common.fused_topk(operand, operand, count, [RowGroup(0, num_rows, [(0, num_rows, 0)])], 1,
+                                    row_ids=everyone, precision="highest", op="jaccard_distance")
+        return _common.select_smallest(result.values[:, 0], result.indices[:, 0], count)
+    values = torch.empty((num_rows, count), dtype=compute_dtype(operand.features), device=everyone.device)
+    columns = torch.empty((num_rows, count), dtype=torch.int64, device=everyone.device)
+    for start, stop, tile in _common.distance_tiles(operand, operand, everyone, precision="highest",
+                                                    op="jaccard_distance"):
+        chunk_columns = torch.argsort(tile, dim=1, stable=True)[:, :count]
+        values[start:stop], columns[start:stop] = tile.gather(1, chunk_columns), chunk_columns
+    return values, columns
+
+
+def _nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor | None) -> torch.Tensor:
+    """Every row's ``width`` nearest rows by (exact distance, index), itself included: [N, width] int64.
+
+    Equals :func:`fastassoc.kernels.reference.rerank.nearest_lists`. The Triton pass proposes
+    ``width + extra`` candidates with its float32 distances ``t``; ``_tiles.band`` bounds
+    ``|t - exact|`` by ``B``. When a row's last proposal exceeds its ``width``-th by more than
+    ``2 B`` (with the reference's square-root margin), every unproposed row is strictly farther
+    in exact distance than the exact ``width``-th, so ranking the proposals by (exact distance,
+    index) gives the reference's list; other rows are redone by the reference's exact path.
     """
     num_rows, device = x.shape[0], x.device
-    own = torch.arange(num_rows, device=device)
-    # One neighbour more than the list keeps: when more than ``width - 1`` copies of a row
-    # precede it (distance 0, smaller index) the row itself drops out of its own list.
-    others = min(width, num_rows - 1)
-    if others == 0:
-        return own.unsqueeze(1)
-    distances, neighbours = topk_anchors_triton(
-        x, x, others, metric, torch.tensor([0, num_rows], device=device),
-        torch.zeros(num_rows, dtype=torch.int64, device=device), own, "highest")
-    # Lists are (distance, index) sorted and distances are >= 0, so the entries that precede
-    # the row itself (distance 0, smaller index) form a prefix.
-    before_self = ((distances == 0) & (neighbours < own.unsqueeze(1))).sum(1, keepdim=True)
-    slots = torch.arange(others + 1, device=device).unsqueeze(0)
-    source = torch.where(slots < before_self, slots, slots - 1).clamp_min_(0)
-    merged = torch.where(slots == before_self, own.unsqueeze(1), torch.gather(neighbours, 1, source))
-    return merged[:, :width]
+    ranking = "sqeuclidean" if metric == "euclidean" else metric
+    count = min(num_rows, width + _EXTRA_CANDIDATES)
+    proposed_values, proposed = _proposals(_operand(x, metric, norms), count)
+    lists = torch.empty((num_rows, width), dtype=torch.int64, device=device)
+    if count == num_rows:
+        uncertain = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    else:
+        magnitudes = norms if norms is not None else exact_squared_norms(x)
+        bound = band(x, x, ranking, magnitudes, magnitudes)
+        reach = (proposed_values[:, width - 1].to(torch.float64) + 2 * bound) * (1 + _SQRT_MARGIN) + 1e-300
+        uncertain = proposed_values[:, -1].to(torch.float64) <= reach
+    # Exact distances of the proposals, rows gathered in chunks of about tile_elements() values.
+    exact = torch.empty((num_rows, count), dtype=x.dtype, device=device)
+    step = max(1, _backend.tile_elements() // max(x.shape[1] * count, 1))
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        rows = torch.arange(start, stop, device=device).repeat_interleave(count)
+        cols = proposed[start:stop].reshape(-1)
+        exact[start:stop] = exact_distances(x[rows], x[cols], metric, norms[rows] if norms is not None else None,
+                                            norms[cols] if norms is not None else None).view(stop - start, count)
+    lists[:] = _common.select_smallest(exact, proposed, width)[1]
+    redo = uncertain.nonzero().squeeze(1)
+    if redo.numel():   # one host sync, sized by the (rare) rows whose proposals prove nothing
+        for start, stop in row_chunks(redo.numel(), num_rows):
+            rows = redo[start:stop]
+            lists[rows] = smallest_k_exact(x[rows], x, metric, width, None,
+                                           norms[rows] if norms is not None else None, norms)[1]
+    return lists
 
 
-def _farthest(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """[N] every row's largest distance to all rows (its own counted as 0), compute dtype."""
+def _farthest(x: torch.Tensor, metric: str, norms: torch.Tensor | None) -> torch.Tensor:
+    """[N] every row's largest exact distance to all rows, compute dtype; equals
+    :func:`fastassoc.kernels.reference.rerank.farthest_distances`.
+
+    Triton distance tiles of at most ``tile_elements()`` entries propose: with ``t`` a row's
+    largest tile value, entries below ``t - 2 B`` cannot hold the exact maximum; the others are
+    rescored exactly (squared space for Euclidean, square root at the end).
+    """
+    ranking = "sqeuclidean" if metric == "euclidean" else metric
     num_rows, device = x.shape[0], x.device
-    own = torch.arange(num_rows, device=device)
-    operand = _common.prepare(x, metric)
-    farthest = torch.empty(num_rows, dtype=compute_dtype(x), device=device)
-    for start, stop, tile in _common.distance_tiles(operand, operand, own, precision="highest", exclude=own,
+    everyone = torch.arange(num_rows, device=device)
+    farthest = torch.empty(num_rows, dtype=x.dtype, device=device)
+    # Bounds need the rows' magnitudes only (cosine too): no [N, D] temporary per tile.
+    magnitudes = norms if norms is not None else exact_squared_norms(x)
+    bound = band(x, x, ranking, magnitudes, magnitudes)
+    operand = _operand(x, metric, norms)
+    for start, stop, tile in _common.distance_tiles(operand, operand, everyone, precision="highest",
                                                     op="jaccard_distance"):
-        # The own column comes back as +inf; distances are >= 0, so 0 stands in for it.
-        farthest[start:stop] = tile.masked_fill_(torch.isinf(tile), 0.0).amax(1)
-    return farthest
+        block_norms = norms[start:stop] if norms is not None else None
+        top = tile.amax(1).to(torch.float64)
+        floor = (top - 2 * bound[start:stop]) * (1 - _SQRT_MARGIN) - 1e-300
+        rows, cols = (tile.to(torch.float64) >= floor.unsqueeze(1)).nonzero(as_tuple=True)
+        del tile
+        exact = exact_distances(x[start + rows], x[cols], ranking, block_norms[rows] if norms is not None else None,
+                                norms[cols] if norms is not None else None)
+        high = torch.full((stop - start,), -torch.inf, dtype=x.dtype, device=device)
+        farthest[start:stop] = high.scatter_reduce_(0, rows, exact, reduce="amax")
+    return farthest.sqrt_() if metric == "euclidean" else farthest
 
 
 def jaccard_distance_triton(features: torch.Tensor, k1: int, k2: int, weighting: str,
@@ -146,13 +218,14 @@ def jaccard_distance_triton(features: torch.Tensor, k1: int, k2: int, weighting:
     if num_rows == 0:
         return to_csr(diagonal, diagonal, torch.empty(0, dtype=torch.float32, device=device), 0)
     x = prepare(features, metric)
+    norms = exact_squared_norms(x) if metric != "cosine" else None
     width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
-    ranks = _nearest_lists(x, width, metric)
+    ranks = _nearest_lists(x, width, metric, norms)
     rows, cols = _expanded_sets(ranks, k1)
     if weighting == "spcl":
         values = _weights(x, rows, cols)
     else:
-        values = _zhong_weights(x, rows, cols, metric, _farthest(x, metric))
+        values = _zhong_weights(x, rows, cols, metric, _farthest(x, metric, norms))
     if k2 != 1:
         rows, cols, values = _query_expansion(_crow(rows, num_rows), cols, values, ranks, k2)
     low, high, distances = _jaccard_pairs(_both_orders(rows, cols, values, num_rows), max_distance)
