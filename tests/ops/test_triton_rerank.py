@@ -272,7 +272,7 @@ def test_cluster_centres_bits_equal_the_reference_and_all_noise():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-def test_gpu_jaccard_at_a_few_thousand_rows_equals_the_reference():
+def test_cuda_jaccard_at_a_few_thousand_rows_equals_the_reference():
     x = reid_like(np.random.default_rng(10), 3000, dim=64, identities=150)
     got, expected = both(x, 20, 6)
     assert_same_matrix(got, expected, "N=3000 on the GPU")
