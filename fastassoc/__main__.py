@@ -104,9 +104,9 @@ def report() -> dict:
         core_info["path"] = core.__file__
         core_info["cuda"] = bool(core.has_cuda())
         core_info["build"] = core_build_info(core)
-        has_openmp = getattr(core, "has_openmp", None)     # the binary's own answer, where it has one
-        if has_openmp is not None and core_info["build"] is not None:
-            core_info["build"]["openmp"] = bool(has_openmp())
+        has_openmp = getattr(core, "has_openmp", None)
+        core_info["openmp"] = (core_info["build"]["openmp"] if core_info["build"] is not None
+                               else bool(has_openmp()) if has_openmp is not None else None)
     elif load_error:
         core_info["error"] = load_error
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
@@ -148,6 +148,8 @@ def format_report(info: dict) -> str:
                     if build["cuda"] else "no")
             lines.append(f"  CUDA kernels: {cuda}")
         if build is None:
+            openmp = {True: "yes", False: "no (kernels run on one thread)", None: "unknown"}[core["openmp"]]
+            lines.append(f"  OpenMP: {openmp}")
             lines.append(f"  CUDA kernels: {'yes' if core['cuda'] else 'no'}")
     backend_names = list(next(iter(info["backends"].values()), {}))   # BACKENDS order
     width = max(len(op) for op in info["backends"])
