@@ -286,16 +286,24 @@ def test_squared_norms_are_a_few_torch_passes():
     assert bool((norms == 256.0).all())
 
 
-def test_cross_camera_graph_bounds_read_row_statistics_once():
-    # Ten cameras, 45 camera pairs: the error bounds' row norms and squared norms are computed
-    # once per call, not per pair and side (180 reductions before).
+def test_cross_camera_graph_work_is_gathered_per_camera(monkeypatch):
+    # Ten cameras, 45 camera pairs. The error bounds' row norms and squared norms are computed
+    # once per call (not per pair and side: 180 reductions before), camera t meets all later
+    # cameras in one GEMM (not one per pair) and the candidates of all of t's pairs are
+    # rescored in one exact-distance call (not two per pair).
     generator = torch.Generator().manual_seed(24)
     x = torch.randn(1500, 16, generator=generator)
     cameras = torch.randint(0, 10, (1500,), generator=generator)
+    rescorings = []
+    exact_distances = graph._screen.exact_distances
+    monkeypatch.setattr(graph._screen, "exact_distances",
+                        lambda *args, **kwargs: rescorings.append(1) or exact_distances(*args, **kwargs))
     with TorchCalls() as calls:
         result = graph.cross_camera_graph_cpu(x, cameras, 10, 3, None, False, "pairwise", "full")
     assert calls.counts["linalg_vector_norm"] <= 2, dict(calls.counts)
     assert calls.counts["sum"] <= 4, dict(calls.counts)
+    assert calls.counts["mm"] <= 9, dict(calls.counts)
+    assert len(rescorings) <= 9, f"{len(rescorings)} exact-distance calls for 10 cameras"
     expected = fastassoc.cross_camera_graph(x, cameras, k=3, self_loops=False, mode="pairwise",
                                             backend="reference")
     assert torch.equal(result.crow_indices(), expected.crow_indices())

@@ -11,7 +11,9 @@ per row.
   rescores them with the fixed-order inner product and certifies the lists). pairwise: every unordered camera pair (t, m) is one block
   ``x_t @ x_m.T`` whose tiles update the rows' lists (k nearest in m) and the
   columns' lists (k nearest in t) in the same pass, so the GEMM work is half of the
-  ordered pairs'. pooled: the same blocks (t < m) feed one list per tracklet over all
+  ordered pairs'. Camera t's blocks with all later cameras come from one GEMM panel and
+  their candidates are rescored in one call (:func:`_pairwise_lists`): few parallel
+  regions per call, which is what a shared CPU punishes (issue 11). pooled: the same blocks (t < m) feed one list per tracklet over all
   other cameras (row side for t, column side for m). Mutual pairs come from
   ``knn_mutual_pairs``; the edge weight is the float32 dot product of the normalised
   rows ``min(i, j)`` and ``max(i, j)`` (once per unordered pair, so exactly symmetric)
@@ -31,8 +33,8 @@ import warnings
 
 import torch
 
-from . import _core
-from .knn import (block_topk, exact_block_lists, mutual_pairs, new_lists, proposal_width, refine_lists,
+from . import _core, _screen
+from .knn import (Refinement, block_proposals, block_topk, mutual_pairs, new_lists, proposal_width, refine_lists,
                   topk_self_join)
 
 
@@ -76,6 +78,72 @@ def _pair_dots(xn: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch
     return out
 
 
+def _pairwise_lists(xs: torch.Tensor, offsets: list[int], pairs: list[tuple[int, int]], k: int):
+    """Yields ``(t0, m0, row_lists, col_lists)`` for every camera pair ``(t, m)``, ``t < m``.
+
+    The lists are :func:`knn.exact_block_lists` of the block ``xs[t0:t1] x xs[m0:m1]`` (each
+    row's k nearest columns, ids ``m0 + j``; each column's k nearest rows, ids ``t0 + i``;
+    by exact distance, then id), but the work of all of camera t's pairs is done in a few
+    kernel calls instead of a few per pair, because every call opens parallel regions and
+    on a shared CPU each region can stall for a time slice (issue 11): one GEMM panel
+    ``xs[t0:t1] @ xs[m_first:m_last].T`` (tiled by rows within the tile limit) whose column
+    blocks feed each pair's proposal lists, one exact-distance call for the candidates of
+    all of t's refinements (:class:`knn.Refinement`), and error bounds read from one
+    :class:`_core.RowStats`. GEMM values only propose, so the lists are the same exact ones.
+    """
+    dtype = xs.dtype
+    stats = _core.RowStats(xs)
+    update = _core.kernel("knn_tile_update")
+    code = _core.METRIC_CODES["cosine"]
+    double = _core.is_double(xs)
+    element = xs.element_size()
+    panels = []
+    for t in sorted({t for t, _ in pairs}):
+        later = [m for first, m in pairs if first == t]
+        panels.append((t, later, offsets[later[0]], offsets[later[-1] + 1]))
+    tiles = _core.DotTiles.for_blocks([(offsets[t + 1] - offsets[t], c1 - c0) for t, _, c0, c1 in panels], dtype)
+    for t, later, c0, c1 in panels:
+        t0, t1 = offsets[t], offsets[t + 1]
+        blocks = {m: (offsets[m], offsets[m + 1]) for m in later}
+        proposals = {m: (new_lists(t1 - t0, proposal_width(k, m1 - m0), dtype),
+                         new_lists(m1 - m0, proposal_width(k, t1 - t0), dtype)) for m, (m0, m1) in blocks.items()}
+        row_step, col_step = _core.tile_shape(t1 - t0, c1 - c0)
+        # Pairs whose two sides keep lists of one width share the panel's tiles; the others
+        # (a camera with fewer than k + FLOAT_SLACK rows) take exact_block_lists' own passes,
+        # as does every pair when one row of the panel exceeds the tile limit.
+        shared = [m for m in later if col_step == c1 - c0
+                  and proposals[m][0][0].shape[1] == proposals[m][1][0].shape[1]]
+        for r0 in range(t0, t1, row_step) if shared else ():
+            r1 = min(r0 + row_step, t1)
+            dots = tiles.mm(xs[r0:r1], xs[c0:c1])
+            for m in shared:
+                m0, m1 = blocks[m]
+                (row_values, row_indices), (col_values, col_indices) = proposals[m]
+                update(dots.data_ptr() + (m0 - c0) * element, double, r1 - r0, m1 - m0, c1 - c0, code, 0, 0, r0, m0,
+                       0, 0, 0, row_values.shape[1], _core.ptr(row_values[r0 - t0:r1 - t0]),
+                       _core.ptr(row_indices[r0 - t0:r1 - t0]), _core.ptr(col_values), _core.ptr(col_indices))
+        for m in later:
+            if m not in shared:
+                m0, m1 = blocks[m]
+                proposals[m] = block_proposals(xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0)
+        sides = []
+        for m, (m0, m1) in blocks.items():
+            row_proposals, col_proposals = proposals[m]
+            sides.append((Refinement(xs[t0:t1], xs[m0:m1], "cosine", k, row_proposals, col_base=m0,
+                                     row_stats=stats[t0:t1], col_stats=stats[m0:m1]), t0, m0))
+            sides.append((Refinement(xs[m0:m1], xs[t0:t1], "cosine", k, col_proposals, col_base=t0,
+                                     row_stats=stats[m0:m1], col_stats=stats[t0:t1]), m0, t0))
+        distances = _screen.exact_distances(xs, xs, torch.cat([side.row_index + base for side, base, _ in sides]),
+                                            torch.cat([side.col_index + base for side, _, base in sides]), "cosine")
+        found = []
+        for (side, _, _), part in zip(sides, torch.split(distances, [side.row_index.numel() for side, _, _ in sides])):
+            lists = new_lists(side.rows.shape[0], k, dtype)
+            side.finish(lists, part, available=side.cols.shape[0])
+            found.append(lists)
+        for index, (m, (m0, _)) in enumerate(blocks.items()):
+            yield t0, m0, found[2 * index], found[2 * index + 1]
+
+
 def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int, k: int,
                            min_similarity: float | None, self_loops: bool, mode: str,
                            precision: str) -> torch.Tensor:
@@ -95,14 +163,9 @@ def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
     tiles = _core.DotTiles.for_blocks(
         [(offsets[t + 1] - offsets[t], offsets[m + 1] - offsets[m]) for t, m in pairs], dtype)
     if mode == "pairwise":
+        del tiles
         edges = [(empty_index, empty_index)]
-        # Row statistics of the error bounds once for all blocks, not once per camera pair
-        # (six parallel regions per block otherwise: stalls on a shared CPU, issue 11).
-        stats = _core.RowStats(xs)
-        for t, m in pairs:
-            t0, t1, m0, m1 = offsets[t], offsets[t + 1], offsets[m], offsets[m + 1]
-            row_lists, col_lists = exact_block_lists(xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0,
-                                                     row_stats=stats[t0:t1], col_stats=stats[m0:m1])
+        for t0, m0, row_lists, col_lists in _pairwise_lists(xs, offsets, pairs, k):
             edges.append(mutual_pairs(row_lists, col_lists, row_base=t0, col_base=m0)[:2])
         # A block's lists only meet one camera, whose grouped order is its original order,
         # so positions rank ties like original indices; map them back once at the end.
@@ -132,7 +195,7 @@ def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: 
         sources, targets, _ = mutual_pairs((values, indices), (values, indices))
         upper = sources < targets
         sources, targets = sources[upper], targets[upper]
-    del tiles
+        del tiles
     low, high = torch.minimum(sources, targets), torch.maximum(sources, targets)
     weights = _pair_dots(xn, low, high)
     if min_similarity is not None:

@@ -279,37 +279,71 @@ def refine_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
         when the caller has them (slices of one op-wide computation); the error bounds then
         read them instead of recomputing them (same values, fewer parallel regions)
     """
-    approx_values, candidates = proposals
-    values, indices = lists
     if rows.shape[0] == 0:
         return
-    sort_lists(approx_values, candidates)
-    # Only candidates within two error bounds of the k-th GEMM value can be among the exact
-    # k nearest (the first k are within one bound of their exact values); the rest rank
-    # behind them and stay inf.
-    bound = _tiles.band(rows, cols, metric, row_norms if row_norms is not None or row_stats is None else row_stats.sq,
-                        col_norms if col_norms is not None or col_stats is None else col_stats.sq)
-    reach = (approx_values[:, k - 1].to(torch.float64) + 2 * bound) * (1 + 2.0 ** -20)
-    row_index, slot = ((approx_values.to(torch.float64) <= reach.unsqueeze(1)) & (candidates >= 0)).nonzero(
-        as_tuple=True)
-    exact = torch.full_like(approx_values, float("inf"))
-    exact[row_index, slot] = _screen.exact_distances(rows, cols, row_index, candidates[row_index, slot] - col_base,
-                                                     metric, row_norms=row_norms, col_norms=col_norms)
-    sort_lists(exact, candidates)
-    values.copy_(exact[:, :k])
-    indices.copy_(torch.where(torch.isinf(exact[:, :k]), -1, candidates[:, :k]))
-    row_bounds = _screen.FRows(rows, row_norms, row_stats.length if row_stats is not None else None)
-    col_bounds = row_bounds if cols is rows else _screen.FRows(cols, col_norms,
-                                                               col_stats.length if col_stats is not None else None)
-    lower = _screen.lower_outside(row_bounds, col_bounds, metric, approx_values[:, -1], row_norms, col_norms)
-    uncertain = torch.nonzero(~_screen.certify(approx_values, exact[:, k - 1], lower, available)).flatten()
-    if uncertain.numel() and allowed is None and approx_values.shape[1] < k + _screen.SLACK:
-        # Wider lists for these rows from a float32 GEMM of them alone, then exact rows.
-        _fall_back(rows, cols, metric, k, lists, uncertain, row_norms=row_norms, col_norms=col_norms,
-                   col_base=col_base, exclude=exclude)
-        return
-    _exact_rows(rows, cols, metric, k, lists, uncertain, row_norms=row_norms, col_norms=col_norms,
-                col_base=col_base, exclude=exclude, allowed=allowed)
+    refinement = Refinement(rows, cols, metric, k, proposals, row_norms=row_norms, col_norms=col_norms,
+                            col_base=col_base, row_stats=row_stats, col_stats=col_stats)
+    distances = _screen.exact_distances(rows, cols, refinement.row_index, refinement.col_index, metric,
+                                        row_norms=row_norms, col_norms=col_norms)
+    refinement.finish(lists, distances, exclude=exclude, available=available, allowed=allowed)
+
+
+class Refinement:
+    """:func:`refine_lists` in two steps around its exact rescoring.
+
+    Construction sorts the proposals and selects the candidates to rescore: pairs
+    ``(rows[row_index[e]], cols[col_index[e]])``; :meth:`finish` takes their exact distances
+    (``_screen.exact_distances``, in that order) and writes the lists. A caller refining
+    many blocks of one tensor (cross_camera_graph's camera pairs) rescores the pairs of all
+    blocks in one kernel call, one parallel region instead of one per block (issue 11).
+    Arguments as :func:`refine_lists`; ``rows`` must have at least one row.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
+                 proposals: tuple[torch.Tensor, torch.Tensor], *, row_norms: torch.Tensor | None = None,
+                 col_norms: torch.Tensor | None = None, col_base: int = 0,
+                 row_stats: _core.RowStats | None = None, col_stats: _core.RowStats | None = None):
+        self.rows, self.cols, self.metric, self.k = rows, cols, metric, k
+        self.proposals, self.row_norms, self.col_norms, self.col_base = proposals, row_norms, col_norms, col_base
+        self.row_stats, self.col_stats = row_stats, col_stats
+        approx_values, candidates = proposals
+        sort_lists(approx_values, candidates)
+        # Only candidates within two error bounds of the k-th GEMM value can be among the exact
+        # k nearest (the first k are within one bound of their exact values); the rest rank
+        # behind them and stay inf.
+        bound = _tiles.band(rows, cols, metric,
+                            row_norms if row_norms is not None or row_stats is None else row_stats.sq,
+                            col_norms if col_norms is not None or col_stats is None else col_stats.sq)
+        reach = (approx_values[:, k - 1].to(torch.float64) + 2 * bound) * (1 + 2.0 ** -20)
+        self.row_index, self.slot = ((approx_values.to(torch.float64) <= reach.unsqueeze(1)) & (candidates >= 0)
+                                     ).nonzero(as_tuple=True)
+        self.col_index = candidates[self.row_index, self.slot] - col_base
+
+    def finish(self, lists: tuple[torch.Tensor, torch.Tensor], distances: torch.Tensor, *,
+               exclude: torch.Tensor | None = None, available: torch.Tensor | int, allowed=None) -> None:
+        """Write the exact lists from ``distances`` [E] of the selected pairs (see the class)."""
+        rows, cols, metric, k = self.rows, self.cols, self.metric, self.k
+        row_norms, col_norms, col_base = self.row_norms, self.col_norms, self.col_base
+        row_stats, col_stats = self.row_stats, self.col_stats
+        approx_values, candidates = self.proposals
+        values, indices = lists
+        exact = torch.full_like(approx_values, float("inf"))
+        exact[self.row_index, self.slot] = distances
+        sort_lists(exact, candidates)
+        values.copy_(exact[:, :k])
+        indices.copy_(torch.where(torch.isinf(exact[:, :k]), -1, candidates[:, :k]))
+        row_bounds = _screen.FRows(rows, row_norms, row_stats.length if row_stats is not None else None)
+        col_bounds = row_bounds if cols is rows else _screen.FRows(
+            cols, col_norms, col_stats.length if col_stats is not None else None)
+        lower = _screen.lower_outside(row_bounds, col_bounds, metric, approx_values[:, -1], row_norms, col_norms)
+        uncertain = torch.nonzero(~_screen.certify(approx_values, exact[:, k - 1], lower, available)).flatten()
+        if uncertain.numel() and allowed is None and approx_values.shape[1] < k + _screen.SLACK:
+            # Wider lists for these rows from a float32 GEMM of them alone, then exact rows.
+            _fall_back(rows, cols, metric, k, lists, uncertain, row_norms=row_norms, col_norms=col_norms,
+                       col_base=col_base, exclude=exclude)
+            return
+        _exact_rows(rows, cols, metric, k, lists, uncertain, row_norms=row_norms, col_norms=col_norms,
+                    col_base=col_base, exclude=exclude, allowed=allowed)
 
 
 def _exact_rows(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor],
@@ -463,6 +497,27 @@ def exact_block_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: in
     """
     dtype = rows.dtype
     num_rows, num_cols = rows.shape[0], cols.shape[0]
+    row_proposals, col_proposals = block_proposals(rows, cols, metric, k, row_norms, col_norms, row_base=row_base,
+                                                   col_base=col_base, tiles=tiles)
+    row_lists, col_lists = new_lists(num_rows, k, dtype), new_lists(num_cols, k, dtype)
+    refine_lists(rows, cols, metric, k, row_proposals, row_lists, row_norms=row_norms, col_norms=col_norms,
+                 col_base=col_base, available=num_cols, row_stats=row_stats, col_stats=col_stats)
+    refine_lists(cols, rows, metric, k, col_proposals, col_lists, row_norms=col_norms, col_norms=row_norms,
+                 col_base=row_base, available=num_rows, row_stats=col_stats, col_stats=row_stats)
+    return row_lists, col_lists
+
+
+def block_proposals(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: int,
+                    row_norms: torch.Tensor | None = None, col_norms: torch.Tensor | None = None, *,
+                    row_base: int = 0, col_base: int = 0, tiles: _core.DotTiles | None = None
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The GEMM proposal lists of both sides of one block (the first half of :func:`exact_block_lists`).
+
+    Row lists ``proposal_width(k, C)`` wide, column lists ``proposal_width(k, R)`` wide; one
+    GEMM pass feeds both when the widths agree, else the column side gets its own pass.
+    """
+    dtype = rows.dtype
+    num_rows, num_cols = rows.shape[0], cols.shape[0]
     row_proposals = new_lists(num_rows, proposal_width(k, num_cols), dtype)
     col_proposals = new_lists(num_cols, proposal_width(k, num_rows), dtype)
     if tiles is None:
@@ -477,12 +532,7 @@ def exact_block_lists(rows: torch.Tensor, cols: torch.Tensor, metric: str, k: in
                    row_base=row_base, col_base=col_base, row_lists=row_proposals)
         block_topk(tiles, cols, rows, metric, col_proposals[0].shape[1], row_norms=col_norms, col_norms=row_norms,
                    row_base=col_base, col_base=row_base, row_lists=col_proposals)
-    row_lists, col_lists = new_lists(num_rows, k, dtype), new_lists(num_cols, k, dtype)
-    refine_lists(rows, cols, metric, k, row_proposals, row_lists, row_norms=row_norms, col_norms=col_norms,
-                 col_base=col_base, available=num_cols, row_stats=row_stats, col_stats=col_stats)
-    refine_lists(cols, rows, metric, k, col_proposals, col_lists, row_norms=col_norms, col_norms=row_norms,
-                 col_base=row_base, available=num_rows, row_stats=col_stats, col_stats=row_stats)
-    return row_lists, col_lists
+    return row_proposals, col_proposals
 
 
 def mutual_knn_cpu(a: torch.Tensor, b: torch.Tensor, k: int, metric: str, max_distance: float | None,
