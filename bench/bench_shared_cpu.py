@@ -26,8 +26,15 @@ loaded timings; ``extra_info`` holds quiet/loaded medians, both slowdowns and
 ``slowdown_vs_mm`` (op slowdown / mm slowdown; target <= 1.5). Nothing is asserted about
 time: on a shared box the figures are noisy, so they are recorded, not enforced.
 
+Before timing, each fastassoc provider's result is checked equal to the reference's (a
+benchmark of a wrong answer is worthless). The table also gives the parallel regions the
+compiled core forked per call (``fastassoc._C.parallel_regions``; torch's own regions
+are not counted) and the load average before and after, so a run on a busy box shows
+itself as one.
+
 Run: ``pytest bench/bench_shared_cpu.py --benchmark-only`` or, for a plain table,
-``python bench/bench_shared_cpu.py [--providers cpu,faiss] [case ...]``.
+``python bench/bench_shared_cpu.py [--providers cpu,faiss] [--markdown] [case ...]``
+(``--markdown``: rows for bench/README.md's *Shared CPU* table).
 """
 from __future__ import annotations
 
@@ -183,6 +190,43 @@ def runner(case: str, provider: str):
     raise KeyError(case)
 
 
+def _leaves(value) -> list:
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_csr:
+            return [value.crow_indices(), value.col_indices(), value.values()]
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if hasattr(value, "__dataclass_fields__"):
+        return [leaf for name in value.__dataclass_fields__ for leaf in _leaves(getattr(value, name))]
+    return [torch.as_tensor(value)]
+
+
+def check_agrees(case: str, provider: str) -> None:
+    """Raises unless ``provider``'s result equals the reference's (fastassoc providers only)."""
+    if provider in ("reference", "faiss"):
+        return
+    got, expected = _leaves(runner(case, provider)()), _leaves(runner(case, "reference")())
+    if len(got) != len(expected):
+        raise AssertionError(f"{case}: {provider} returned {len(got)} tensors, the reference {len(expected)}")
+    for position, (a, b) in enumerate(zip(got, expected)):
+        if a.shape != b.shape or not bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point()
+                                           else (a == b)).all()):
+            raise AssertionError(f"{case}: {provider} differs from the reference in output {position}")
+
+
+def core_regions(run) -> int | None:
+    """Parallel regions the compiled core forks during one ``run()`` (None without the counter)."""
+    from fastassoc import _backend
+    core = _backend.compiled_core()
+    counter = getattr(core, "parallel_regions", None)
+    if counter is None:
+        return None
+    before = counter()
+    run()
+    return counter() - before
+
+
 def gemm_runner(case: str):
     """The bare ``torch.mm`` of the case's main shape, into a preallocated output."""
     m, n, d = _data(case)["gemm"]
@@ -207,8 +251,11 @@ def measure(case: str, provider: str, rounds: int = ROUNDS, repeats: int = REPEA
     and must time ``run`` itself (pytest-benchmark's pedantic timing); its result is not
     part of the medians returned here.
     """
+    check_agrees(case, provider)
     run, gemm = runner(case, provider), gemm_runner(case)
     run(), gemm()          # warm-up: thread pools, scratch buffers, page faults
+    regions = core_regions(run) if provider == "cpu" else None
+    load_before = os.getloadavg()[0]
     times = {(what, state): [] for what in ("op", "mm") for state in ("quiet", "loaded")}
     with Competitor() as competitor:
         for _ in range(rounds):
@@ -228,7 +275,9 @@ def measure(case: str, provider: str, rounds: int = ROUNDS, repeats: int = REPEA
     return dict(medians, op_slowdown=op_slowdown, mm_slowdown=mm_slowdown,
                 slowdown_vs_mm=op_slowdown / mm_slowdown, target=TARGET,
                 meets_target=bool(op_slowdown <= TARGET * mm_slowdown), gemm_shape="x".join(map(str, _data(case)["gemm"])),
-                torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""))
+                torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+                gomp_spincount=os.environ.get("GOMP_SPINCOUNT", ""), core_regions_per_call=regions,
+                load_before=load_before, load_after=os.getloadavg()[0])
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
@@ -257,24 +306,44 @@ def test_shared_cpu_slowdown(benchmark, report, case, provider):
 
 # ----------------------------------------------------------------------------- plain table
 
+SHAPES = {"topk_anchors": "64 x 8,298, D 1024", "mutual_knn": "2,048 x 2,048, D 256",
+          "cross_camera_graph": "2,048, D 256", "knn_soft_labels": "2,048, D 256",
+          "agglomerative_merge": "2,048, D 256", "evaluate_ranking": "512 x 4,096, D 256"}
+
+
 def main(argv: list[str]) -> None:
-    """``python bench/bench_shared_cpu.py [--providers cpu,faiss] [case ...]``: a plain table."""
+    """``python bench/bench_shared_cpu.py [--providers cpu,faiss] [--markdown] [case ...]``: a table."""
     only = None
+    markdown = "--markdown" in argv
+    argv = [a for a in argv if a != "--markdown"]
     if argv[:1] == ["--providers"]:
         only, argv = set(argv[1].split(",")), argv[2:]
     cases = argv or list(CASES)
     print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
-          f"scale {SCALE}, {ROUNDS} rounds x {REPEATS} calls per state")
-    print(f"{'case':<20} {'provider':<10} {'quiet ms':>9} {'loaded ms':>10} {'slowdown':>9} "
-          f"{'mm quiet':>9} {'mm loaded':>10} {'mm slow':>8} {'vs mm':>6}")
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '')!r}, scale {SCALE}, "
+          f"{ROUNDS} rounds x {REPEATS} calls per state, load average {os.getloadavg()[0]:.2f}")
+    if markdown:
+        print("| case | provider | quiet ms | loaded ms | slowdown | torch.mm slowdown | vs mm | core regions/call |")
+        print("|---|---|---|---|---|---|---|---|")
+    else:
+        print(f"{'case':<20} {'provider':<10} {'quiet ms':>9} {'loaded ms':>10} {'slowdown':>9} "
+              f"{'mm quiet':>9} {'mm loaded':>10} {'mm slow':>8} {'vs mm':>6} {'regions':>8} {'load':>10}")
     for case in cases:
         for provider in ("cpu", "reference") + PEERS.get(case, ()):
             if only is not None and provider not in only:
                 continue
             f = measure(case, provider)
+            regions = "-" if f["core_regions_per_call"] is None else str(f["core_regions_per_call"])
+            if markdown:
+                mark = "" if f["meets_target"] else "**"
+                print(f"| {case} {SHAPES.get(case, '')} | {provider} | {f['op_quiet_s'] * 1e3:.1f} | "
+                      f"{f['op_loaded_s'] * 1e3:.1f} | {f['op_slowdown']:.2f} | {f['mm_slowdown']:.2f} | "
+                      f"{mark}{f['slowdown_vs_mm']:.2f}{mark} | {regions} |", flush=True)
+                continue
             print(f"{case:<20} {provider:<10} {f['op_quiet_s'] * 1e3:9.2f} {f['op_loaded_s'] * 1e3:10.2f} "
                   f"{f['op_slowdown']:9.2f} {f['mm_quiet_s'] * 1e3:9.2f} {f['mm_loaded_s'] * 1e3:10.2f} "
-                  f"{f['mm_slowdown']:8.2f} {f['slowdown_vs_mm']:6.2f}", flush=True)
+                  f"{f['mm_slowdown']:8.2f} {f['slowdown_vs_mm']:6.2f} {regions:>8} "
+                  f"{f['load_before']:4.1f}-{f['load_after']:4.1f}", flush=True)
 
 
 if __name__ == "__main__":
