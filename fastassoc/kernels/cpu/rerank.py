@@ -53,7 +53,7 @@ import torch
 
 from ... import _backend
 from ..reference.rerank import exact_squared_norms as _reference_norms
-from ..reference.rerank import farthest_distances
+from ..reference.rerank import evaluate_reranked_reference, farthest_distances
 from . import _core, _screen
 from . import knn as _knn
 
@@ -105,6 +105,43 @@ def _nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor
     return indices
 
 
+def _encode(x: torch.Tensor, k1: int, k2: int, weighting: str, metric: str):
+    """Steps 1-5 on prepared rows: ``V`` as CSR NumPy arrays (offsets [N+1] int64, columns
+    int64, values compute dtype) and, for Zhong's weights, the farthest distances ([N] tensor;
+    else None)."""
+    num_rows = x.shape[0]
+    width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
+    half = min(round(k1 / 2) + 1, width)
+    norms = exact_squared_norms(x) if metric != "cosine" else None
+    ranks = _nearest_lists(x, width, metric, norms)
+    # The knn search caches its tile buffers for the next call (up to ~140 MB at D = 2048): held
+    # through the Jaccard pass they would add to its peak, beside the returned matrix.
+    _core.release_scratch()
+    # Only Zhong's weights read the farthest distances (the reference's exact ones).
+    farthest = farthest_distances(x, metric, norms) if weighting == "zhong" else None
+    crow, cols, values = _core.kernel("rerank_encode")(
+        _core.ptr(ranks), num_rows, width, half, 0 if k2 == 1 else min(k2, width), _core.ptr(x),
+        _core.is_double(x), x.shape[1], _core.ptr(norms), _core.ptr(farthest), _WEIGHTINGS[weighting],
+        _PAIR_METRICS[metric])
+    return crow, cols, values, farthest
+
+
+def _encoding_tensors(x: torch.Tensor, k1: int, k2: int, weighting: str, metric: str):
+    """:func:`_encode` in the reference's ``_encoding`` form: (rows, cols, values, farthest) tensors."""
+    crow, cols, values, farthest = _encode(x, k1, k2, weighting, metric)
+    crow = torch.from_numpy(crow)
+    rows = torch.repeat_interleave(torch.arange(x.shape[0]), crow[1:] - crow[:-1])
+    return rows, torch.from_numpy(cols), torch.from_numpy(values), farthest
+
+
+def evaluate_reranked_cpu(*args, **kwargs):
+    """``evaluate_ranking(..., rerank=...)`` on the CPU: the reference's
+    :func:`~fastassoc.kernels.reference.rerank.evaluate_reranked_reference` (same arguments and
+    result) with steps 1-5 compiled: the exact lists from the knn self-join and ``V`` from
+    ``_C.rerank_encode`` (the reference's lists; weights within rounding)."""
+    return evaluate_reranked_reference(*args, encode=_encoding_tensors, **kwargs)
+
+
 def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: str, max_distance: float | None,
                          metric: str) -> torch.Tensor:
     """See :func:`fastassoc.jaccard_distance` (and ``jaccard_distance_reference``, which this equals).
@@ -126,20 +163,7 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
         return _csr(torch.zeros(1, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
                     torch.empty(0, dtype=torch.float32), 0)
     x = _core.prepare(features, metric)
-    width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
-    half = min(round(k1 / 2) + 1, width)
-    norms = exact_squared_norms(x) if metric != "cosine" else None
-    ranks = _nearest_lists(x, width, metric, norms)
-    # The knn search caches its tile buffers for the next call (up to ~140 MB at D = 2048): held
-    # through the Jaccard pass they would add to its peak, beside the returned matrix.
-    _core.release_scratch()
-    # Only Zhong's weights read the farthest distances (the reference's exact ones).
-    farthest = farthest_distances(x, metric, norms) if weighting == "zhong" else None
-    crow, cols, values = _core.kernel("rerank_encode")(
-        _core.ptr(ranks), num_rows, width, half, 0 if k2 == 1 else min(k2, width), _core.ptr(x),
-        _core.is_double(x), x.shape[1], _core.ptr(norms), _core.ptr(farthest), _WEIGHTINGS[weighting],
-        _PAIR_METRICS[metric])
-    del ranks, farthest, norms
+    crow, cols, values, _ = _encode(x, k1, k2, weighting, metric)
     crow, cols, values = _core.kernel("rerank_jaccard")(
         crow.ctypes.data, cols.ctypes.data, values.ctypes.data, _core.is_double(x), num_rows,
         max_distance is not None, 0.0 if max_distance is None else float(max_distance),
@@ -210,4 +234,4 @@ def _core_has_kernels() -> bool:
 if not _core_has_kernels():
     # A core built before csrc/cpu/rerank.cpp: report the ops as not implemented here, so
     # backend="auto" keeps using the reference instead of failing until the core is rebuilt.
-    del jaccard_distance_cpu, dbscan_cpu, cluster_centres_cpu
+    del jaccard_distance_cpu, dbscan_cpu, cluster_centres_cpu, evaluate_reranked_cpu

@@ -442,7 +442,7 @@ _WORKSPACE_FACTOR = 4
 def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch.Tensor,
                                 gallery_pids: torch.Tensor, query_cameras: torch.Tensor,
                                 gallery_cameras: torch.Tensor, metric: str, max_rank: int, k1: int, k2: int,
-                                lambda_value: float) -> RankingResult:
+                                lambda_value: float, *, encode=None) -> RankingResult:
     """CMC, mAP and mINP of ranking the gallery by torchreid's ``re_ranking`` final distance.
 
     Rows ``x = [query; gallery]`` (L2-normalised for ``"cosine"``); ``d`` is the squared
@@ -466,11 +466,13 @@ def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, quer
     column lists, the ranking workspace); never a ``(Q + G)^2`` or ``Q x G`` array beyond the
     tile bound, nor the sparse Jaccard matrix of all pairs.
 
-    Limits: distances come from float32 GEMM tiles (as the nearest lists of
-    :func:`jaccard_distance_reference` do), whose rounding of a pair can depend on its position
-    in the tile; exact copies of one gallery row may then differ in the last bit, and their
-    tie is not guaranteed to go to the smaller index (it is whenever the GEMM is exact, e.g.
-    small-integer rows). Final distances that are equal only mathematically (equal ``J`` from
+    Limits: the lists, weights and farthest distances are exact (as in
+    :func:`jaccard_distance_reference`), but the ``lambda_value`` term's distances come from
+    float32 GEMM tiles (rescoring every query-gallery pair exactly would cost a float64 pass
+    over all of them), whose rounding of a pair can depend on its position in the tile; exact
+    copies of one gallery row may then differ in the last bit, and their tie is not
+    guaranteed to go to the smaller index (it is whenever the GEMM is exact, e.g. small-integer
+    rows). Final distances that are equal only mathematically (equal ``J`` from
     different float32 sums, e.g. ``J = 0`` of duplicated rows with ``lambda_value = 0``) are
     ordered by their rounding, as in torchreid.
 
@@ -482,6 +484,8 @@ def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, quer
     metric : {"euclidean", "sqeuclidean", "cosine"}
     max_rank : int >= 1
     k1 : int >= 1; k2 : int in [1, k1]; lambda_value : float in [0, 1]
+    encode : callable, optional
+        A backend's steps 1-5 with ``_encoding``'s signature and result (default: ``_encoding``).
 
     Returns
     -------
@@ -494,7 +498,7 @@ def evaluate_reranked_reference(query: torch.Tensor, gallery: torch.Tensor, quer
     distance = "cosine" if metric == "cosine" else "sqeuclidean"
     x = prepare(torch.cat([query, gallery]), distance)
     num_rows = x.shape[0]
-    rows, cols, values, farthest = _encoding(x, k1, k2, "zhong", distance)
+    rows, cols, values, farthest = (encode or _encoding)(x, k1, k2, "zhong", distance)
     encoding = _both_orders(rows, cols, values, num_rows)
     del rows, cols, values
     # max_r d^2 == (max_r d)^2: squaring is monotone, also after rounding.
