@@ -301,9 +301,21 @@ class TrackletFrames(Dataset):
         return frames, int(index), tracklet.camera
 
 
+def _split(sampler, rank_split: tuple[int, int] | None):
+    """``sampler``, or for ``rank_split=(rank, world_size)`` this rank's share of it
+    (:class:`~fastassoc.distributed.training.RankSplitSampler`)."""
+    if rank_split is None:
+        return sampler
+    from ..distributed.training import RankSplitSampler
+
+    rank, world_size = rank_split
+    return RankSplitSampler(sampler, rank, world_size)
+
+
 def train_loader(tracklets: Sequence[Tracklet], load_frame: Callable[[str], object], *, tracklets_per_camera: int,
                  frames_per_tracklet: int = 4, transform: Callable | None = None, num_batches: int | None = None,
-                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
+                 rank_split: tuple[int, int] | None = None) -> DataLoader:
     """A DataLoader of camera-balanced batches of tracklet frames.
 
     Parameters
@@ -315,22 +327,30 @@ def train_loader(tracklets: Sequence[Tracklet], load_frame: Callable[[str], obje
     num_workers : int
         DataLoader worker processes (kept alive across epochs when > 0).
     pin_memory : bool
+    rank_split : (rank, world_size), optional
+        Multi-process training: every rank draws the same global batches and keeps its strided
+        share (:class:`~fastassoc.distributed.training.RankSplitSampler`), ``tracklets_per_camera
+        / world_size`` tracklets of every camera; ``tracklets_per_camera`` must be a multiple of
+        ``world_size`` (ValueError otherwise).
 
     Returns
     -------
     DataLoader
         Yields ``(frames [B, n, 3, H, W] float32, tracklet indices [B] int64, cameras [B] int64)``
-        with ``B = tracklets_per_camera * num_cameras``; its ``batch_sampler`` is the
-        :class:`CameraBalancedSampler`.
+        with ``B = tracklets_per_camera * num_cameras`` (divided by the world size with
+        ``rank_split``); its ``batch_sampler`` is the :class:`CameraBalancedSampler` (wrapped
+        in a RankSplitSampler with ``rank_split``).
     """
-    sampler = CameraBalancedSampler(tracklets, tracklets_per_camera, num_batches=num_batches, seed=seed)
+    sampler = _split(CameraBalancedSampler(tracklets, tracklets_per_camera, num_batches=num_batches, seed=seed),
+                     rank_split)
     return DataLoader(TrackletFrames(tracklets, load_frame, frames_per_tracklet, transform), batch_sampler=sampler,
                       num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
 
 
 def frame_loader(tracklets: Sequence[Tracklet], load_frame: Callable[[str], object], *, batch_size: int,
                  camera_balanced: bool = True, transform: Callable | None = None, num_batches: int | None = None,
-                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
+                 rank_split: tuple[int, int] | None = None) -> DataLoader:
     """A DataLoader of single-frame batches (:class:`FrameSampler`), an epoch a pass over the frames.
 
     Parameters
@@ -341,34 +361,43 @@ def frame_loader(tracklets: Sequence[Tracklet], load_frame: Callable[[str], obje
         As :class:`FrameSampler`.
     num_workers, pin_memory
         As :func:`train_loader`.
+    rank_split : (rank, world_size), optional
+        As :func:`train_loader`: rank ``r`` keeps frames ``r, r + W, ...`` of every global batch
+        (a batch lists its frames camera by camera, so every rank's share holds about
+        ``batch_size / (W C)`` frames of every camera); ``batch_size`` must be a multiple of
+        ``world_size`` (ValueError otherwise).
 
     Returns
     -------
     DataLoader
         Yields ``(frames [B, 1, 3, H, W] float32, tracklet indices [B] int64, cameras [B] int64)``
-        with ``B = batch_size`` (a tracklet may appear several times); its ``batch_sampler`` is
-        the :class:`FrameSampler`.
+        with ``B = batch_size`` (divided by the world size with ``rank_split``; a tracklet may
+        appear several times); its ``batch_sampler`` is the :class:`FrameSampler` (wrapped in a
+        RankSplitSampler with ``rank_split``).
     """
-    sampler = FrameSampler(tracklets, batch_size, camera_balanced=camera_balanced, num_batches=num_batches, seed=seed)
+    sampler = _split(FrameSampler(tracklets, batch_size, camera_balanced=camera_balanced, num_batches=num_batches,
+                                  seed=seed), rank_split)
     return DataLoader(TrackletFrames(tracklets, load_frame, 1, transform), batch_sampler=sampler,
                       num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
 
 
 def config_loader(config, tracklets: Sequence[Tracklet], load_frame: Callable[[str], object], *,
-                  transform: Callable | None = None, pin_memory: bool = False) -> DataLoader:
+                  transform: Callable | None = None, pin_memory: bool = False,
+                  rank_split: tuple[int, int] | None = None) -> DataLoader:
     """The training loader a trainer config asks for, by its ``sampling`` field.
 
     ``"tracklets"`` (default when the config has no ``sampling``): :func:`train_loader`,
     ``tracklets_per_camera`` x ``frames_per_tracklet`` frames of every camera per batch.
     ``"camera_images"``: :func:`frame_loader` with ``camera_balanced=True`` and
     ``"images"``: with ``camera_balanced=False``, ``batch_size`` frames per batch, an epoch a
-    pass over the training frames. ``batches_per_epoch``, ``num_workers`` and ``seed`` as named.
+    pass over the training frames. ``batches_per_epoch``, ``num_workers`` and ``seed`` as named;
+    ``rank_split`` as in :func:`train_loader` (multi-process training).
     """
     sampling = getattr(config, "sampling", "tracklets")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     common = dict(transform=transform, num_batches=config.batches_per_epoch, num_workers=config.num_workers,
-                  seed=config.seed, pin_memory=pin_memory)
+                  seed=config.seed, pin_memory=pin_memory, rank_split=rank_split)
     if sampling == "tracklets":
         return train_loader(tracklets, load_frame, tracklets_per_camera=config.tracklets_per_camera,
                             frames_per_tracklet=config.frames_per_tracklet, **common)

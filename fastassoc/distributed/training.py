@@ -3,6 +3,7 @@
 * :class:`RankSplitSampler`: every rank draws the same global camera-balanced batch (same seed
   and epoch) and keeps its strided share, so each rank's part is camera-balanced too and the
   union over ranks is the one-process batch.
+* :func:`gather_global_batch`: the split batch rebuilt on every rank in its one-process order.
 * :func:`all_gather_batch` / :func:`replicated_ema_update_`: a replicated memory bank (the
   methods' tracklet memories are small: 8,298 x 2,048 float32 is 68 MB) updated with every
   rank's batch in rank order, hence equal on all ranks and to the one-process update of the
@@ -13,7 +14,7 @@
 * :func:`is_rank_zero`, :func:`on_rank_zero`: rank 0 writes checkpoints, reports and logs.
 * :func:`average_gradients`: DistributedDataParallel's gradient averaging for modules that stay
   unwrapped (their ``state_dict`` keys then do not change with the world size, so checkpoints
-  resume under any world size).
+  resume under any world size); :func:`average_buffers` keeps their BatchNorm statistics equal.
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ class RankSplitSampler(Sampler[list[int]]):
         if per_camera is not None and per_camera % self.world_size:
             raise ValueError(f"tracklets_per_camera ({per_camera}) must be a multiple of the world size "
                              f"({self.world_size}) so that every rank's share is camera-balanced")
+        # Equal shares make the mean of the ranks' mean losses the global batch's mean loss.
+        size = getattr(batch_sampler, "batch_size", None)
+        if per_camera is None and size is not None and size % self.world_size:
+            raise ValueError(f"batch_size ({size}) must be a multiple of the world size ({self.world_size}) "
+                             f"so that every rank gets the same number of frames")
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)
@@ -128,6 +134,31 @@ def average_gradients(*modules: torch.nn.Module | None, group=None) -> None:
         offset += g.numel()
 
 
+def average_buffers(*modules: torch.nn.Module | None, group=None) -> None:
+    """Replace every floating-point buffer of ``modules`` (BatchNorm running statistics) by its mean over the ranks.
+
+    DistributedDataParallel broadcasts rank 0's buffers instead; the mean keeps every rank's
+    batches: a running mean is linear in the batch means, so with equal per-rank batches the
+    averaged ``running_mean`` is the one the global batch would give, and ``running_var`` the
+    mean of the ranks' variances (without the spread of the ranks' means). Integer buffers
+    (``num_batches_tracked``) are equal on all ranks already. Call after every optimiser step,
+    so that the ranks' models stay identical; sends about ``2 (W - 1) / W`` times the buffers' bytes.
+    """
+    if world(group)[1] == 1:
+        return
+    world_size = world(group)[1]
+    buffers = [b for m in modules if m is not None for b in m.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat, group=group)
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 def all_gather_batch(*tensors: torch.Tensor, group=None) -> tuple[torch.Tensor, ...]:
     """Every rank's rows of each tensor (same first dimension on one rank), concatenated in rank order.
 
@@ -137,6 +168,38 @@ def all_gather_batch(*tensors: torch.Tensor, group=None) -> tuple[torch.Tensor, 
         return tensors
     sizes = [row[0] for row in exchange_counts([tensors[0].shape[0]], group, tensors[0].device)]
     return tuple(torch.cat(all_gather_padded(t, sizes, group)) for t in tensors)
+
+
+def gather_global_batch(*tensors: torch.Tensor, rows_per_item: int = 1, group=None) -> tuple[torch.Tensor, ...]:
+    """The global batch that :class:`RankSplitSampler` split, rebuilt in its one-process order on every rank.
+
+    Rank ``r`` holds items ``r, r + W, r + 2W, ...`` of the global batch, each item being
+    ``rows_per_item`` consecutive rows of every tensor (e.g. the frames of one tracklet).
+    Order matters to order-dependent updates (``ema_update_(..., reduce="sequential")``) and to
+    float sums; with this order a replicated bank's update equals the one-process update
+    exactly. Every rank must hold the same number of items (RankSplitSampler's divisibility
+    checks make it so); otherwise ValueError on every rank. Sends what :func:`all_gather_batch` does.
+
+    Parameters
+    ----------
+    *tensors : Tensor [b * rows_per_item, ...]
+        This rank's rows; the same first dimension for all.
+    rows_per_item : int >= 1
+    """
+    world_size = world(group)[1]
+    if world_size == 1:
+        return tensors
+    if rows_per_item < 1 or tensors[0].shape[0] % rows_per_item:
+        raise ValueError(f"rows_per_item must be >= 1 and divide the rank's {tensors[0].shape[0]} rows, "
+                         f"got {rows_per_item}")
+    sizes = [row[0] for row in exchange_counts([tensors[0].shape[0]], group, tensors[0].device)]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"gather_global_batch needs the same number of rows on every rank, got {sizes}")
+    items = sizes[0] // rows_per_item
+    gathered = all_gather_batch(*tensors, group=group)
+    # [W, items, rows_per_item, ...] -> [items, W, rows_per_item, ...]: item j of rank r is global item j W + r.
+    return tuple(t.reshape(world_size, items, rows_per_item, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+                 for t in gathered)
 
 
 def replicated_ema_update_(bank: torch.Tensor, index: torch.Tensor, values: torch.Tensor, momentum: float, *,
