@@ -96,6 +96,7 @@ from torch.nn import functional as F
 
 from .. import data as fdata
 from .. import ema_update_, topk_anchors
+from ..distributed.training import all_gather_batch, gather_global_batch
 from .base import Trainer, TrainConfig
 
 DISTANCES = ("euclidean", "sqeuclidean")
@@ -157,7 +158,7 @@ class DALTrainer(Trainer):
     def build_loader(self):
         c = self.config
         loader = fdata.config_loader(c, self.train, self.dataset.load_frame, transform=self.train_transform(),
-                                     pin_memory=self.device.type == "cuda")
+                                     pin_memory=self.device.type == "cuda", rank_split=self.rank_split)
         if c.iterations is not None:
             if c.iterations < 1:
                 raise ValueError(f"iterations must be >= 1 or None, got {c.iterations}")
@@ -248,8 +249,14 @@ class DALTrainer(Trainer):
         num_cameras = self.layout.num_cameras
         bar_input = d_rank1 if c.bar_gradient else d_rank1.detach()
         sums = torch.zeros(num_cameras, device=self.device, dtype=feats.dtype).index_add(0, frame_cameras, bar_input)
-        counts = torch.bincount(frame_cameras, minlength=num_cameras).clamp_min(1).to(feats.dtype)
-        d_bar = (sums / counts)[frame_cameras]
+        counts = torch.bincount(frame_cameras, minlength=num_cameras)
+        if self.rank_split is not None:
+            # The global batch's per-camera means; the other ranks' sums carry no gradient (with
+            # bar_gradient their share of it is lost: the one difference to the one-process step).
+            every_sums, every_counts = all_gather_batch(sums.detach()[None], counts[None])
+            sums = sums + (every_sums.sum(0) - sums.detach())
+            counts = every_counts.sum(0)
+        d_bar = (sums / counts.clamp_min(1).to(feats.dtype))[frame_cameras]
         hit = rank1 == rows
         negative = torch.where(hit, d_bar, d_rank1)
         loss_intra = F.relu(d_source - negative + c.margin).mean()                  # Eq. 3
@@ -257,8 +264,13 @@ class DALTrainer(Trainer):
         loss = loss_intra + c.lambda_cross * loss_cross                             # Eq. 7
 
         with torch.no_grad():
+            if self.rank_split is not None:
+                # Replicated banks take the global batch, in its one-process order, on every rank.
+                rows, hit, update = gather_global_batch(rows, hit.long(), feats.detach(), rows_per_item=count)
+            else:
+                update = feats.detach()
             # Eq. 1: EMA of the source anchors (momentum 1 - eta keeps the old anchor's share).
-            ema_update_(self.intra, rows, feats.detach(), 1.0 - c.eta, normalize=True, reduce=c.anchor_reduce,
+            ema_update_(self.intra, rows, update, 1.0 - c.eta, normalize=True, reduce=c.anchor_reduce,
                         backend=self.backend)
             # Eqs. 4-5: cross-camera anchors of the batch's tracklets from the updated intra anchors.
             unique_rows = torch.unique(rows)

@@ -151,7 +151,7 @@ class EEATrainer(Trainer):
 
     def build_loader(self):
         return fdata.config_loader(self.config, self.train, self.dataset.load_frame, transform=self.train_transform(),
-                                   pin_memory=self.device.type == "cuda")
+                                   pin_memory=self.device.type == "cuda", rank_split=self.rank_split)
 
     def setup(self) -> None:
         c = self.config

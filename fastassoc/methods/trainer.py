@@ -29,6 +29,35 @@ hooks; the base class owns everything else:
   ``Trainer.resume(out_dir)`` continues a run to the same result as an uninterrupted one, and
   refuses other settings unless ``override=True``.
 
+Multi-process training (``torchrun --nproc_per_node N -m fastassoc.cli train ...``, or any
+code that calls :func:`torch.distributed.init_process_group` before building the trainer) is
+data parallel with the model left unwrapped, so that ``state_dict`` keys and checkpoints do not
+depend on the world size and a run resumes under any world size:
+
+- every rank draws the same global batches and trains on its strided share
+  (:class:`~fastassoc.distributed.training.RankSplitSampler`, through ``rank_split``), so the
+  batch sizes of a preset are global (they must divide by the world size);
+- after ``loss.backward()`` the gradients are averaged over the ranks (DDP's all-reduce,
+  :func:`~fastassoc.distributed.training.average_gradients`) and after the optimiser step the
+  BatchNorm running statistics too (:func:`~fastassoc.distributed.training.average_buffers`),
+  so the ranks' models stay identical;
+- the methods' banks (memories, anchors, exemplars, cluster memories: at most ``T x D``, 68 MB
+  for MARS' 8,298 tracklets at D = 2,048) are small next to the network, so every rank keeps
+  a full replica: batch updates gather every rank's rows first
+  (:func:`~fastassoc.distributed.training.replicated_ema_update_`), hence equal the
+  one-process update of the global batch, and every association step (kNN, graphs, soft
+  labels, merging) runs on every rank on identical inputs, so needs no communication;
+- features of all tracklets (:meth:`Trainer.train_features`, :meth:`Trainer.evaluate`) are
+  extracted for this rank's block of tracklets (:func:`~fastassoc.distributed.training.shard_range`)
+  and all-gathered, so every rank holds the same bank;
+- rank 0 alone writes ``checkpoint.pt``, ``report.json``, the plots and the log.
+
+What differs from a one-process run of the same seed: the training batches' frames and
+augmentations are drawn by each rank's own torch generator for its share; BatchNorm
+normalises with the statistics of the rank's share; in-batch terms (TSSL's negatives, DAL's
+per-camera mean rank-1 distance when ``bar_gradient`` is set) see the rank's share only.
+The logged losses are the means over the ranks.
+
 Configs and presets live in :mod:`fastassoc.methods.config`, backbones in
 :mod:`fastassoc.methods.backbones`, diagnostics in :mod:`fastassoc.methods.diagnostics`,
 plots in :mod:`fastassoc.methods.plots`.
@@ -79,6 +108,8 @@ from torch import nn
 
 from .. import data as fdata
 from .. import evaluate_ranking
+from ..distributed.training import (RankSplitSampler, all_gather_batch, average_buffers, average_gradients,
+                                    is_rank_zero, on_rank_zero, shard_range, world)
 from ..segments import CameraLayout
 from .backbones import ReidModel, build_backbone
 from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_write_text, read_checkpoint, remove_stale_temporaries,
@@ -197,7 +228,17 @@ class Trainer:
         self.scheduler = self.build_scheduler(self.optimizer)
         self.loader = self.build_loader()
         self.sampler = self.loader.batch_sampler
+        if self.rank_split is not None and not isinstance(self.sampler, RankSplitSampler):
+            raise TypeError(f"{type(self).__name__}.build_loader must split its batches over the ranks in a "
+                            f"multi-process run: pass rank_split=self.rank_split to the fastassoc.data loader "
+                            f"builders, or wrap the batch sampler in fastassoc.distributed.training.RankSplitSampler")
         self.prepared = True
+
+    @property
+    def rank_split(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` of the initialised process group when it has several ranks, else None."""
+        rank, world_size = world()
+        return (rank, world_size) if world_size > 1 else None
 
     def build_backbone(self) -> nn.Module:
         c = self.config
@@ -264,13 +305,14 @@ class Trainer:
     def build_loader(self) -> torch.utils.data.DataLoader:
         """Camera-balanced batches ``(frames [B, n, 3, H, W], tracklet index [B], camera [B])``.
 
-        Override for other batches; the loader's ``batch_sampler`` must have ``set_epoch``.
+        Override for other batches; the loader's ``batch_sampler`` must have ``set_epoch``, and
+        in a multi-process run be split over the ranks (``rank_split=self.rank_split``).
         """
         c = self.config
         return fdata.train_loader(self.train, self.dataset.load_frame, tracklets_per_camera=c.tracklets_per_camera,
                                   frames_per_tracklet=c.frames_per_tracklet, transform=self.train_transform(),
                                   num_batches=c.batches_per_epoch, num_workers=c.num_workers, seed=c.seed,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", rank_split=self.rank_split)
 
     # ---- hooks -------------------------------------------------------------------------------------
 
@@ -317,13 +359,33 @@ class Trainer:
                        model: Callable | None = None) -> torch.Tensor:
         """Features of every training tracklet (test transform), [T, D] float32 on ``device``,
         rows in ``self.train`` order."""
+        feats = self.extract_features(self.train, pooling, desc=desc, model=model)
+        return nn.functional.normalize(feats, dim=1) if normalize else feats
+
+    def extract_features(self, tracklets, pooling: str = "mean", *, desc: str = "features",
+                         model: Callable | None = None) -> torch.Tensor:
+        """Pooled features of ``tracklets`` (test transform), [len, D] float32 on ``device``.
+
+        In a multi-process run each rank extracts its contiguous block of the tracklets
+        (:func:`~fastassoc.distributed.training.shard_range`) and the blocks are all-gathered in
+        rank order, so every rank holds the same tensor. A tracklet's feature does not depend on
+        the others (eval mode), so this is the one-process result up to the floating-point
+        rounding of the frame batches' other sizes.
+        """
         c = self.config
-        feats = fdata.extract_features(model or self.model, self.train, self.dataset.load_frame,
+        tracklets = list(tracklets)
+        start, stop = shard_range(len(tracklets)) if self.rank_split is not None else (0, len(tracklets))
+        feats = fdata.extract_features(model or self.model, tracklets[start:stop], self.dataset.load_frame,
                                        transform=self.test_transform(), pooling=pooling,
                                        max_frames=c.eval_max_frames, batch_size=c.eval_batch_size,
                                        device=self.device, progress=self.show_progress, desc=desc)
-        feats = feats.to(self.device)
-        return nn.functional.normalize(feats, dim=1) if normalize else feats
+        feats = feats.to(self.device).float()
+        if stop == start and self.rank_split is not None:
+            # An empty block comes back as [0, 0]; the gather needs the feature width.
+            feats = feats.new_zeros(0, getattr(model or self.model, "out_dim"))
+        if self.rank_split is not None:
+            feats, = all_gather_batch(feats.contiguous())
+        return feats
 
     @contextlib.contextmanager
     def association(self, desc: str, total: int | None = None) -> Iterator[Any]:
@@ -366,6 +428,9 @@ class Trainer:
         return bool((self.train_pids >= 0).any())
 
     def log(self, line: str) -> None:
+        """Write one log line (rank 0 only in a multi-process run)."""
+        if not is_rank_zero():
+            return
         if self._log is not None:
             self._log(line)
             return
@@ -392,6 +457,8 @@ class Trainer:
                 bar.update(1)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
+        # Cumulative means of equal shares: their mean is the global batches' mean.
+        average_buffers(self.model)
 
     # ---- evaluation ------------------------------------------------------------------------------
 
@@ -409,10 +476,8 @@ class Trainer:
         model = model or self.model
         feats = {}
         for split in ("query", "gallery"):
-            feats[split] = fdata.extract_features(
-                model, self.dataset.split(split), self.dataset.load_frame, transform=self.test_transform(),
-                pooling=c.eval_pooling, max_frames=c.eval_max_frames, batch_size=c.eval_batch_size,
-                device=self.device, progress=self.show_progress, desc=f"{desc} {split}")
+            feats[split] = self.extract_features(self.dataset.split(split), c.eval_pooling, desc=f"{desc} {split}",
+                                                 model=model)
             if c.eval_normalize:
                 feats[split] = nn.functional.normalize(feats[split], dim=1)
         qp, qc = fdata.tracklet_labels(self.dataset.query)
@@ -444,7 +509,7 @@ class Trainer:
 
         c = self.config
         started = time.perf_counter()
-        if self.out_dir is not None:
+        if self.out_dir is not None and is_rank_zero():
             for stale in remove_stale_temporaries(self.out_dir):
                 self.log(f"[{self.name}] removed {stale.name}, left by an interrupted write")
         self.prepare()
@@ -472,7 +537,8 @@ class Trainer:
             self.log(self.format_record(record))
             self.start_epoch = epoch + 1
             if c.checkpoint and self.out_dir is not None:
-                self.save_checkpoint()
+                # Rank 0 writes; the others wait, so no rank runs ahead of a checkpoint being written.
+                on_rank_zero(self.save_checkpoint)
             if stop_after is not None and self.start_epoch >= stop_after and self.start_epoch < c.epochs:
                 epochs.close()
                 timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - started
@@ -480,20 +546,38 @@ class Trainer:
         epochs.close()
         with self._timed("final_eval_seconds"):
             self.final = self.evaluate(desc="final")
-        if self.out_dir is not None and c.plots:
+        if self.out_dir is not None and c.plots and is_rank_zero():
             with self._timed("plots_seconds"):
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self.plot()
         seconds = time.perf_counter() - started
         timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + seconds
         report = self.report(seconds)
-        if self.out_dir is not None:
+        if self.out_dir is not None and is_rank_zero():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(jsonable(report), indent=2), self.out_dir / "report.json")
         base = f"baseline rank-1 {100 * self.baseline['rank1']:.1f} mAP {100 * self.baseline['mAP']:.1f} -> " \
             if self.baseline else ""
         self.log(f"[{self.name}] {base}final rank-1 {100 * self.final['rank1']:.1f} mAP {100 * self.final['mAP']:.1f}")
         return report
+
+    def step(self, frames: torch.Tensor, index: torch.Tensor, cameras: torch.Tensor, epoch: int) -> dict:
+        """One optimisation step on a batch (this rank's share in a multi-process run).
+
+        :meth:`train_step`, back-propagation of ``"loss"``, the gradients averaged over the
+        ranks, the optimiser step, the BatchNorm statistics averaged over the ranks, then
+        :meth:`after_step`. Returns :meth:`train_step`'s losses (this rank's).
+        """
+        losses = self.train_step(frames, index, cameras, epoch)
+        loss = losses["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            average_gradients(self.model, self.heads)
+            self.optimizer.step()
+        average_buffers(self.model, self.heads)
+        self.after_step(frames, index, cameras, epoch)
+        return losses
 
     def run_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
@@ -516,18 +600,18 @@ class Trainer:
             frames = frames.to(self.device, non_blocking=True)
             index = index.to(self.device)
             cameras = cameras.to(self.device)
-            losses = self.train_step(frames, index, cameras, epoch)
-            loss = losses["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                self.optimizer.step()
-            self.after_step(frames, index, cameras, epoch)
+            losses = self.step(frames, index, cameras, epoch)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach() if isinstance(value, torch.Tensor) else value)
             steps += 1
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
         bar.close()
+        if self.rank_split is not None and sums:
+            # Every rank's share has the same size: the mean of the ranks' means is the global mean.
+            keys = sorted(sums)
+            gathered, = all_gather_batch(torch.tensor([[sums[k] for k in keys]], dtype=torch.float64,
+                                                      device=self.device))
+            sums = dict(zip(keys, (gathered.mean(0)).tolist()))
         # Association steps a method runs inside its batches are association time, not training.
         training_seconds = time.perf_counter() - loop_start - (self._assoc_total - loop_assoc_start)
         lr = self.optimizer.param_groups[-1]["lr"]

@@ -125,6 +125,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .. import _backend, agglomerative_merge, ema_update_, segmented_cross_entropy, topk_anchors
+from ..distributed.training import RankSplitSampler, gather_global_batch
 from .. import data as fdata
 from .base import Trainer, TrainConfig, one_hot_csr
 
@@ -314,6 +315,8 @@ class TSSLTrainer(Trainer):
         sampler = fdata.CameraBalancedSampler(torch.zeros(len(self.train), dtype=torch.int64),
                                               min(c.tracklets_per_batch, len(self.train)),
                                               num_batches=c.batches_per_epoch, seed=c.seed)
+        if self.rank_split is not None:
+            sampler = RankSplitSampler(sampler, *self.rank_split)
         dataset = _SurrogateFrames(self.train, self.dataset.load_frame, c.frames_per_tracklet,
                                    self.train_transform(), self.surrogate_transform())
         return DataLoader(dataset, batch_sampler=sampler, num_workers=c.num_workers,
@@ -399,8 +402,9 @@ class TSSLTrainer(Trainer):
         loss_f = (F.relu(c.alpha + d_pos - d_neg) * valid).sum() / valid.sum().clamp_min(1)     # Eq. 4
 
         with torch.no_grad():
-            ema_update_(self.memory, index, v_original.detach(), c.eta, normalize=True,
-                        backend=self.backend)                                                   # Eq. 6
+            # Replicated memory: every rank applies the global batch, in its one-process order.
+            rows, update = gather_global_batch(index, v_original.detach())
+            ema_update_(self.memory, rows, update, c.eta, normalize=True, backend=self.backend)  # Eq. 6
             _, neighbour = topk_anchors(v.detach(), self.memory, 1, metric="euclidean", exclude=index,
                                         backend=self.backend)
         neighbour = neighbour[:, 0]
@@ -418,7 +422,7 @@ class TSSLTrainer(Trainer):
                 "loss_cluster": loss_c.detach()}
 
     def after_step(self, frames, index, cameras, epoch):
-        index, v = self._last
+        index, v = gather_global_batch(*self._last)
         del self._last
         # Cluster memory follows Eq. 6 too; updated after the backward pass that read it.
         ema_update_(self.cluster_memory, self.labels[index], v, self.config.eta, normalize=True,

@@ -203,7 +203,7 @@ class UGATrainer(Trainer):
 
     def build_loader(self):
         return fdata.config_loader(self.config, self.train, self.dataset.load_frame, transform=self.train_transform(),
-                                   pin_memory=self.device.type == "cuda")
+                                   pin_memory=self.device.type == "cuda", rank_split=self.rank_split)
 
     def build_scheduler(self, optimizer):
         c = self.config

@@ -103,6 +103,7 @@ from torch.nn import functional as F
 
 from .. import data as fdata
 from .. import ema_update_, knn_soft_labels, mutual_knn, segmented_cross_entropy, topk_anchors
+from ..distributed.training import gather_global_batch
 from .base import ReidModel, Trainer, TrainConfig, csr_rows, one_hot_csr
 
 CCTA_SEARCHES = ("pooled", "per_camera")
@@ -312,7 +313,9 @@ class UTALTrainer(Trainer):
             loss = loss + c.lambda_ccta * loss_ccta                           # Eq. 11
             losses["loss_ccta"] = loss_ccta.detach()
         with torch.no_grad():
-            ema_update_(self.memory, rows, flat.detach().float(), 1.0 / (1.0 + c.alpha), normalize=False,
+            # Replicated memory: every rank applies the global batch, in its one-process order.
+            rows, update = gather_global_batch(rows, flat.detach().float(), rows_per_item=count)
+            ema_update_(self.memory, rows, update, 1.0 / (1.0 + c.alpha), normalize=False,
                         reduce="mean", backend=self.backend)                  # Eq. 3
         losses["loss"] = loss
         return losses
