@@ -81,6 +81,31 @@ def test_cuda_entry_points_validate_arguments_without_a_gpu(core):
     core.cuda_ema_update(0, 0, 0, 0, 0, 8, 0.5, True, "mean", "float32", 0, 0)
 
 
+def test_visible_gpus_are_covered_by_the_cuda_architectures(core):
+    """Every visible GPU runs the CUDA kernels: the module has SASS for its major version at or
+    below its minor (sm_80 code runs on sm_86), or PTX at or below it that the driver can
+    JIT-compile (per the build record CMakeLists.txt writes)."""
+    from fastassoc.__main__ import core_build_info
+    if not core.has_cuda() or not torch.cuda.is_available():
+        pytest.skip("needs a core built with CUDA and a visible GPU")
+    build = core_build_info(core)
+    if build is None:
+        pytest.skip("the core has no _build_info.json (built before it was recorded)")
+    sass, ptx = set(), set()
+    for entry in build["cuda_architectures"].split():
+        number, _, kind = entry.partition("-")
+        if kind in ("", "real"):
+            sass.add(int(number))
+        if kind in ("", "virtual"):
+            ptx.add(int(number))
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        capability = 10 * major + minor
+        assert any(s // 10 == major and s <= capability for s in sass) or any(p <= capability for p in ptx), (
+            f"GPU {index} ({torch.cuda.get_device_name(index)}, sm_{capability}) is not covered by "
+            f"{build['cuda_architectures']!r}")
+
+
 # --------------------------------------------------------------------------- bench/gpu_check.sh
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
