@@ -12,9 +12,9 @@ of the pair order, the reference's union-find walk. When the proof does not give
 merges, and for buc with clusters of several samples, the reference's exact two-phase
 walk runs (:func:`fastassoc.kernels.reference.cluster.exact_merged_roots`: a float32 GEMM
 walk bounds the last linkage, then every pair whose GEMM lower bound is below it is
-rescored). buc ranks squared distances, buc_l2 their square roots. The compiled driver (csrc/cpu/cluster.cpp) is not used: it ranks float32 GEMM
-linkages, whose bits depend on a pair's position in its tile, so copies of one vector
-could tie-break by position.
+rescored). buc ranks squared distances, buc_l2 their square roots. The compiled driver
+(csrc/cpu/cluster.cpp) is not used: it ranks float32 GEMM linkages, whose bits depend on a
+pair's position in its tile, so copies of one vector could tie-break by position.
 
 Must equal :func:`fastassoc.kernels.reference.cluster.agglomerative_merge_reference`:
 identical labels (pairs ordered by ``(linkage, i, j)``).
