@@ -15,6 +15,12 @@
 ``fastassoc ops-tour``
     Runs every op on random data on every available backend.
 
+``torchrun --nproc_per_node N -m fastassoc.cli train ...``
+    Multi-process (data-parallel) training: with ``WORLD_SIZE > 1`` in the environment every
+    process joins one process group (NCCL on CUDA, each process on ``cuda:$LOCAL_RANK``; gloo
+    on CPUs), trains on its share of every batch, and rank 0 alone writes the outputs and prints
+    (see :mod:`fastassoc.methods.trainer`). A checkpoint resumes under any number of processes.
+
 Every argument (``--set`` values included) is checked before any work; an error prints one
 line, ``fastassoc: error: ...``, and exits with status 2 (1 for a failure during the work);
 ``--debug`` shows the traceback instead.
@@ -36,6 +42,8 @@ from pathlib import Path
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 METRIC_NAMES = ("euclidean", "sqeuclidean", "cosine")
+# fastassoc.data.layouts.MARS_PROTOCOLS, spelled here so that --help needs no torch import.
+MARS_PROTOCOL_NAMES = ("official", "torchreid")
 # Config fields the command line sets itself (the trainer's registry name and the preset).
 _RESERVED_FIELDS = {"method": "--method", "preset": "--preset"}
 
@@ -338,6 +346,78 @@ def _check_config(config) -> None:
         _check_file(config.weights, "weights")
 
 
+# ---- multi-process runs --------------------------------------------------------------------------
+
+_STARTED_GROUP = [False]
+
+
+def _launched_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when absent)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(text)
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE must be an integer (torchrun sets it), got {text!r}") from None
+    if size < 1:
+        raise UsageError(f"WORLD_SIZE must be >= 1, got {size}")
+    return size
+
+
+def _start_process_group(device: str | None) -> str | None:
+    """Join torchrun's process group when WORLD_SIZE > 1 (and none is initialised yet).
+
+    Returns the device this process trains on (``cuda:$LOCAL_RANK`` or ``cpu``), or None for a
+    one-process run (and when the caller initialised the group: its device setting stands).
+    """
+    if _launched_world_size() == 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return None
+    if device not in (None, "auto", "cuda", "cpu"):
+        raise UsageError(f"--device {device}: under torchrun each process trains on cuda:$LOCAL_RANK; pass --device "
+                         f"cuda, cpu or nothing")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise UsageError("--device cuda: no CUDA device is available")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not 0 <= local < torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK={local}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    _STARTED_GROUP[0] = True
+    return f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+
+
+def _stop_process_group() -> None:
+    """Leave the process group :func:`_start_process_group` joined (one the caller made stays)."""
+    if not _STARTED_GROUP[0]:
+        return
+    import torch.distributed as dist
+
+    _STARTED_GROUP[0] = False
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _is_rank_zero() -> bool:
+    from .distributed.training import is_rank_zero
+
+    return is_rank_zero()
+
+
+def _mars_protocol(args, data: str | None) -> dict:
+    """``data_options`` setting ``--mars-protocol`` (empty without it); refused for other data."""
+    if args.mars_protocol is None:
+        return {}
+    if data != "mars":
+        raise UsageError(f"--mars-protocol applies to the MARS dataset; this run uses data={data or 'synthetic'}")
+    return {"protocol": args.mars_protocol}
+
+
 # ---- commands ------------------------------------------------------------------------------------
 
 def _train(args) -> int:
@@ -355,6 +435,16 @@ def _train(args) -> int:
         raise UsageError("--dataset needs --root (the folder holding the dataset)")
     _check_folder(args.root, "--root")
     overrides = config_overrides(args.set, trainer_class.Config)
+    if args.mars_protocol is not None:
+        if args.resume:
+            raise UsageError("--mars-protocol applies to a new run (a resumed run keeps its protocol; "
+                             "fastassoc eval --checkpoint --mars-protocol evaluates under the other)")
+        protocol = _mars_protocol(args, args.dataset or overrides.get("data"))
+        options = dict(overrides.get("data_options") or {})
+        if options.get("protocol", protocol["protocol"]) != protocol["protocol"]:
+            raise UsageError(f"the MARS protocol is given twice: --mars-protocol {args.mars_protocol} and --set "
+                             f"data_options.protocol={json.dumps(options['protocol'])}")
+        overrides["data_options"] = {**options, **protocol}
     flags = {"epochs": args.epochs, "seed": args.seed, "backend": args.backend, "weights": args.weights}
     if args.dataset:
         flags["data"] = args.dataset
@@ -366,6 +456,8 @@ def _train(args) -> int:
     _check_ranges(overrides, "--set")
     if args.override and not args.resume:
         raise UsageError("--override applies to --resume (it resumes a run whose settings differ)")
+    if _launched_world_size() > 1 and (args.splits > 1 or args.split_file):
+        raise UsageError("--splits / --split-file run in one process; launch them without torchrun")
     if args.resume:
         if args.splits > 1 or args.split_file:
             raise UsageError("--resume continues one run; --splits / --split-file runs cannot be resumed this way")
@@ -387,11 +479,15 @@ def _train(args) -> int:
         _check_out(out)
         _require_train_extras("training")
         _set_threads(args.threads)
+        rank_device = _start_process_group(runtime.get("device"))
+        if rank_device is not None:
+            runtime["device"] = rank_device
         try:
             trainer = trainer_class.resume(out, requested=requested, override=args.override, **runtime)
         except ValueError as error:
             raise UsageError(" ".join(str(error).split())) from error
-        print(f"resuming {args.method} from epoch {trainer.start_epoch} in {out}")
+        if _is_rank_zero():
+            print(f"resuming {args.method} from epoch {trainer.start_epoch} in {out}")
         report = trainer.fit()
     else:
         config = _make_config(trainer_class, args.preset or "smoke", {**overrides, **runtime})
@@ -417,9 +513,13 @@ def _train(args) -> int:
             print(json.dumps({k: v for k, v in report.items() if isinstance(v, (int, float, str))}))
             return 0
         else:
+            rank_device = _start_process_group(config.device)
+            if rank_device is not None:
+                config.device = rank_device
             report = trainer_class(config, out).fit()
-    print(json.dumps({k: report[k] for k in ("rank1", "mAP", "mINP", "baseline_rank1", "baseline_mAP")
-                      if k in report}))
+    if _is_rank_zero():
+        print(json.dumps({k: report[k] for k in ("rank1", "mAP", "mINP", "baseline_rank1", "baseline_mAP")
+                          if k in report}))
     return 0
 
 
@@ -428,6 +528,7 @@ def _eval_options_fit(args) -> None:
     source = "--checkpoint" if args.checkpoint else "--features" if args.features else "--distances"
     misplaced = {
         "--root": (args.root, ("--checkpoint",)),
+        "--mars-protocol": (args.mars_protocol, ("--checkpoint",)),
         "--labels": (args.labels, ("--distances",)),
         "--rerank": (args.rerank or None, ("--features",)),
         "--k1": (args.k1, ("--features",)),
@@ -507,9 +608,12 @@ def _eval_checkpoint(args) -> dict:
         if config.get("data", "synthetic") == "synthetic":
             raise UsageError(f"--root: {path} was trained on the synthetic world, which has no dataset folder")
         overrides["root"] = args.root
+    protocol = _mars_protocol(args, config.get("data", "synthetic"))
+    requested = {"data_options": {**dict(config.get("data_options") or {}), **protocol}} if protocol else None
     trainer_class = get_trainer(method)
     del state
-    trainer = trainer_class.from_checkpoint(path, **overrides)
+    # The evaluation protocol is not a training setting: the requested one applies without --override.
+    trainer = trainer_class.from_checkpoint(path, requested=requested, override=requested is not None, **overrides)
     result = trainer.evaluate(desc="eval")
     return feval.summarise(result["cmc"], mAP=result["mAP"], mINP=result["mINP"],
                            num_valid_queries=result["num_valid_queries"], source="checkpoint",
@@ -691,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--split-file", help="a file of fixed splits (the paper protocol's; see methods.protocols)")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="config overrides, values as JSON (e.g. margin=0.5 data_options.num_cameras=3)")
+    train.add_argument("--mars-protocol", choices=MARS_PROTOCOL_NAMES,
+                       help="with --dataset mars: official (default; the gallery holds every test tracklet) or "
+                            "torchreid (the gallery excludes the query tracklets)")
     common(train)
     train.set_defaults(run=_train)
 
@@ -710,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "--labels)")
     evaluate.add_argument("--labels", metavar="FILE", help="with --distances: a file holding the four label keys")
     evaluate.add_argument("--root", metavar="DIR", help="with --checkpoint: the dataset's folder on this machine")
+    evaluate.add_argument("--mars-protocol", choices=MARS_PROTOCOL_NAMES,
+                          help="with --checkpoint of a MARS run: official (default) or torchreid gallery")
     evaluate.add_argument("--out", default="runs/eval", metavar="DIR",
                           help="output folder for eval.json and cmc.png (default runs/eval)")
     evaluate.add_argument("--metric", choices=METRIC_NAMES, help="with --features (default euclidean)")
@@ -750,7 +859,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        try:
+            return args.run(args)
+        finally:
+            _stop_process_group()
     except UsageError as error:
         if debug:
             raise

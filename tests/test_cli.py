@@ -284,3 +284,74 @@ def test_demo_runs_methods_and_writes_summary(tmp_path, capsys, monkeypatch):
     assert [row["method"] for row in summary["methods"]] == ["dal"]
     assert "| dal |" in (tmp_path / "summary.md").read_text()
     assert "| dal |" in capsys.readouterr().out
+
+
+def test_mars_protocol_reaches_the_dataset_options(tmp_path, capsys, monkeypatch, no_training):
+    configs = []
+
+    def fit(self):
+        configs.append(self.config)
+        return {"rank1": 0.5, "mAP": 0.25}
+
+    monkeypatch.setattr(DALTrainer, "fit", fit)
+    mars = ["train", "--method", "dal", "--dataset", "mars", "--root", str(tmp_path), "--no-progress"]
+    assert cli.main([*mars, "--out", str(tmp_path / "a"), "--mars-protocol", "torchreid"]) == 0
+    assert cli.main([*mars, "--out", str(tmp_path / "b")]) == 0
+    assert cli.main([*mars, "--out", str(tmp_path / "c"), "--mars-protocol", "official",
+                     "--set", "data_options.keep_junk=true"]) == 0
+    assert configs[0].data == "mars" and configs[0].data_options["protocol"] == "torchreid"
+    # Without the flag the loader's default (official) applies.
+    assert "protocol" not in configs[1].data_options
+    assert configs[2].data_options["protocol"] == "official" and configs[2].data_options["keep_junk"] is True
+    # Refusals come before any training (fit would record another config).
+    _refused(capsys, ["train", "--method", "dal", "--out", str(tmp_path / "d"), "--mars-protocol", "torchreid"],
+             "--mars-protocol applies to the MARS dataset; this run uses data=synthetic")
+    _refused(capsys, ["train", "--method", "dal", "--dataset", "ilidsvid", "--root", str(tmp_path), "--out",
+                      str(tmp_path / "d"), "--mars-protocol", "official"], "this run uses data=ilidsvid")
+    _refused(capsys, [*mars, "--out", str(tmp_path / "d"), "--mars-protocol", "torchreid", "--set",
+                      'data_options.protocol="official"'], "the MARS protocol is given twice")
+    _refused(capsys, [*mars, "--out", str(tmp_path / "d"), "--mars-protocol", "gallery"],
+             "argument --mars-protocol: invalid choice: 'gallery'")
+    (tmp_path / "a" / "checkpoint.pt").parent.mkdir(exist_ok=True)
+    (tmp_path / "a" / "checkpoint.pt").write_bytes(b"")
+    _refused(capsys, ["train", "--method", "dal", "--out", str(tmp_path / "a"), "--resume", "--mars-protocol",
+                      "torchreid"], "--mars-protocol applies to a new run")
+    assert len(configs) == 3
+
+
+def test_eval_checkpoint_mars_protocol(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import fastassoc.methods
+
+    saved = DALTrainer.make_config("smoke", data="mars", root=str(tmp_path), data_options={"keep_junk": True})
+    synthetic = DALTrainer.make_config("smoke")
+    states = {"mars": {"method": "dal", "config": dataclasses.asdict(saved)},
+              "synthetic": {"method": "dal", "config": dataclasses.asdict(synthetic)}}
+    seen = []
+
+    def from_checkpoint(cls, path, out_dir=None, *, requested=None, override=False, **runtime):
+        # The trainer's own settings check, on the saved config: the protocol must pass it.
+        config = cls.config_from_checkpoint(states[path.stem], path, requested=requested, override=override,
+                                            **runtime)
+        seen.append(config)
+        result = {"cmc": [0.5] * 50, "mAP": 0.4, "mINP": 0.1, "num_valid_queries": 3}
+        return types.SimpleNamespace(config=config, start_epoch=2, evaluate=lambda desc: result)
+
+    monkeypatch.setattr(fastassoc.methods, "read_checkpoint", lambda path: states[path.stem])
+    monkeypatch.setattr(DALTrainer, "from_checkpoint", classmethod(from_checkpoint))
+    for name in states:
+        (tmp_path / f"{name}.pt").write_bytes(b"")
+    out = str(tmp_path / "eval")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "mars.pt"), "--out", out, "--mars-protocol",
+                     "torchreid", "--no-progress"]) == 0
+    assert seen[-1].data_options == {**saved.data_options, "protocol": "torchreid"}
+    assert seen[-1].data_options["keep_junk"] is True and seen[-1].epochs == saved.epochs
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "mars.pt"), "--out", out, "--no-progress"]) == 0
+    assert seen[-1].data_options == saved.data_options
+    _refused(capsys, ["eval", "--checkpoint", str(tmp_path / "synthetic.pt"), "--out", out, "--mars-protocol",
+                      "official"], "--mars-protocol applies to the MARS dataset; this run uses data=synthetic")
+    features = tmp_path / "features.pt"
+    features.write_bytes(b"")
+    _refused(capsys, ["eval", "--features", str(features), "--out", out, "--mars-protocol", "official"],
+             "--mars-protocol applies to --checkpoint, not --features")
