@@ -704,6 +704,8 @@ class Trainer:
         report = {
             "method": self.name, "environment": run_environment(self.device), "config": self.config.to_dict(),
             "device": str(self.device),
+            # Processes that trained it (data parallel; rank 0's device above), 1 without a process group.
+            "world_size": world()[1],
             "dataset": {"name": self.dataset.name, "train": len(self.dataset.train), "query": len(self.dataset.query),
                         "gallery": len(self.dataset.gallery), "num_cameras": self.dataset.num_cameras,
                         "num_train_pids": self.dataset.num_train_pids,

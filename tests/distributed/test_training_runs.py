@@ -153,7 +153,7 @@ def test_two_process_run_finishes_with_identical_replicas(two_ranks, method):
         assert torch.equal(banks0[key], banks1[key]), f"bank {key!r} differs between the ranks"
     out = _SHARED["out"] / method
     written = json.loads((out / "report.json").read_text())
-    assert [r["epoch"] for r in written["history"]] == [1, 2]
+    assert [r["epoch"] for r in written["history"]] == [1, 2] and written["world_size"] == 2
     assert written["rank1"] == pytest.approx(report0["rank1"]) and report0["rank1"] == report1["rank1"]
     assert (out / "checkpoint.pt").is_file()
     # Rank 0 writes alone: no temporary or per-rank file is left next to its outputs.
