@@ -32,7 +32,10 @@ hooks; the base class owns everything else:
 Multi-process training (``torchrun --nproc_per_node N -m fastassoc.cli train ...``, or any
 code that calls :func:`torch.distributed.init_process_group` before building the trainer) is
 data parallel with the model left unwrapped, so that ``state_dict`` keys and checkpoints do not
-depend on the world size and a run resumes under any world size:
+depend on the world size and a run resumes under any world size (DistributedDataParallel would
+overlap the all-reduce with the backward pass, but renames the keys ``module.*`` and expects a
+backward after every train-mode forward, which the methods' bank extractions and BatchNorm
+warm-up are not):
 
 - every rank draws the same global batches and trains on its strided share
   (:class:`~fastassoc.distributed.training.RankSplitSampler`, through ``rank_split``), so the
@@ -53,7 +56,7 @@ depend on the world size and a run resumes under any world size:
 - rank 0 alone writes ``checkpoint.pt``, ``report.json``, the plots and the log.
 
 What differs from a one-process run of the same seed: the training batches' frames and
-augmentations are drawn by each rank's own torch generator for its share; BatchNorm
+augmentations are drawn by each rank's own torch generator (seeded alike) for its share; BatchNorm
 normalises with the statistics of the rank's share; in-batch terms (TSSL's negatives, DAL's
 per-camera mean rank-1 distance when ``bar_gradient`` is set) see the rank's share only.
 The logged losses are the means over the ranks.

@@ -124,6 +124,17 @@ CASES += [(f"step_{m}", lambda w, r, m=m: _steps(m, w, r)) for m in STEP_METHODS
 CASES += [("resume_first_epoch", _resume_first_epoch)]
 
 
+def _frame_batches(world_size: int, rank: int):
+    # DAL's paper sampling: batches of single frames in a random order (FrameSampler), split over the ranks.
+    trainer_class, config = _config("dal", sampling="images", batch_size=8, batches_per_epoch=3, epochs=1)
+    trainer = trainer_class(config, log=lambda line: None)
+    report = trainer.fit()
+    return _parameters(trainer), _banks(trainer), len(trainer.sampler), report["history"][-1]["steps"]
+
+
+CASES += [("frame_batches_dal", _frame_batches)]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     _SHARED["out"] = tmp_path_factory.mktemp("two_ranks")
@@ -206,6 +217,14 @@ def test_two_process_checkpoint_resumes_in_one_process(two_ranks):
     report = trainer.fit()
     assert [r["epoch"] for r in report["history"]] == [1, 2]
     assert json.loads((out / "report.json").read_text())["history"][1]["epoch"] == 2
+
+
+def test_frame_batches_train_on_two_processes(two_ranks):
+    (params0, banks0, batches0, steps0), (params1, banks1, batches1, steps1) = two_ranks["frame_batches_dal"]
+    assert batches0 == batches1 == steps0 == steps1 == 3
+    assert torch.equal(params0, params1)
+    for key in banks0:
+        assert torch.equal(banks0[key], banks1[key]), key
 
 
 def test_frame_sampler_split_keeps_cameras_balanced():
