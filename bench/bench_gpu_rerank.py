@@ -149,7 +149,7 @@ def test_gpu_jaccard(benchmark, case):
         check_agreement(run(), expected, case_id(case))
     floor = median_seconds(gemm_floor())
     benchmark.group = f"W-jaccard-gpu max_distance={max_distance}"
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark(run)
     benchmark.extra_info.update(gpu=torch.cuda.get_device_name(), workload="W-jaccard-gpu", provider=provider,
                                 n=workload().shape[0], d=workload().shape[1], k1=K1, k2=K2,
                                 max_distance="none" if max_distance is None else max_distance,

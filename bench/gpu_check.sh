@@ -93,9 +93,11 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     export FASTASSOC_TRITON_AUTOTUNE=0
     stage tests "$TEST_S" tests.log "$PY" -m pytest -v -p no:cacheprovider \
-        tests/ops/test_triton_kernels.py tests/ops/test_triton_loss_memory.py tests/test_cuda_build.py
+        tests/ops/test_triton_kernels.py tests/ops/test_triton_loss_memory.py tests/ops/test_triton_rerank.py \
+        tests/test_cuda_build.py
     stage tests-cuda "$TEST_S" tests-cuda.log "$PY" -m pytest -v -p no:cacheprovider tests -k cuda \
         --deselect tests/ops/test_triton_kernels.py --deselect tests/ops/test_triton_loss_memory.py \
+        --deselect tests/ops/test_triton_rerank.py \
         --deselect tests/test_cuda_build.py
     unset FASTASSOC_TRITON_AUTOTUNE
 fi
@@ -117,6 +119,7 @@ else
         done
         if [ "$first" = 1 ]; then bench W-ce bench/bench_gpu_loss.py "triton or gemm or torch"; first=0; fi
     done
+    bench W-jaccard-gpu bench/bench_gpu_rerank.py "all"
 fi
 
 # 5. one summary.

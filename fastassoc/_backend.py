@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -99,7 +100,15 @@ def compiled_core():
         return module
     try:
         return importlib.import_module("fastassoc._C")
-    except ImportError:
+    except ImportError as error:
+        # Once per process (this function is cached): a pure-Python install, made where no
+        # C++ compiler worked, or a core that no longer loads. `auto` then runs the slow
+        # reference on CPU tensors, which a user should not find out from the timings.
+        warnings.warn(
+            f"fastassoc: the compiled core fastassoc._C is not available ({error}); only the reference and "
+            "triton backends run, so backend='auto' on CPU tensors uses the slow reference. Install CMake >= 3.18 "
+            "and a C++17 compiler, then `pip install --force-reinstall --no-deps --no-cache-dir fastassoc` "
+            "(`python -m fastassoc` shows what is built).", RuntimeWarning, stacklevel=2)
         return None
 
 

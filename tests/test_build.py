@@ -193,9 +193,12 @@ def test_pure_install_runs_the_reference_backend_and_says_what_is_missing(pure_w
         import fastassoc
         assert fastassoc.__file__.startswith(sys.argv[1]), fastassoc.__file__
         x = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
-        with warnings.catch_warnings(record=True):
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             distances, indices = fastassoc.topk_anchors(x, x, 3)
+            fastassoc.topk_anchors(x, x, 3)
+        messages = [str(w.message) for w in caught if "fastassoc._C" in str(w.message)]
+        assert len(messages) == 1 and "C++17 compiler" in messages[0], messages
         order = torch.cdist(x, x).argsort(dim=1, stable=True)[:, :3]
         assert torch.equal(indices, order), (indices, order)
         print(json.dumps(fastassoc.available_backends("topk_anchors")["topk_anchors"]))
