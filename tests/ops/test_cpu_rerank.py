@@ -158,3 +158,17 @@ def test_kept_pairs_and_recomputed_rows_write_the_same_matrix(monkeypatch, weigh
         assert_same_matrix(recomputed, kept, f"budget {budget}")
     assert_same_matrix(kept, jaccard_distance(x, 20, 6, weighting=weighting, max_distance=max_distance,
                                               backend="reference"), "vs reference", bits=False)
+
+
+def test_bounded_and_unbounded_matrices_agree_whichever_lists_propose():
+    # Without max_distance the lists may be proposed by the bf16 screen (forced here), with it
+    # by float32 GEMM tiles: the exact lists, hence the stored values, must not change.
+    from fastassoc.kernels.cpu import _screen
+    x = torch.from_numpy(reid_like(np.random.default_rng(15), 400, dim=64, identities=25))
+    with _screen.forced("always"):
+        full = jaccard_distance(x, 20, 6, backend="cpu")
+    values, mask = stored(full, 400)
+    limit = float(np.quantile(values[mask & (values > 0)], 0.3))
+    limited, limited_mask = stored(jaccard_distance(x, 20, 6, max_distance=limit, backend="cpu"), 400)
+    assert (limited_mask == (mask & (values <= limit))).all()
+    assert (limited[limited_mask] == values[limited_mask]).all()

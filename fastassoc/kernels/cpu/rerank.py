@@ -47,6 +47,7 @@ buffers, the shape numba's ``prange`` would take. The decision was argued, not m
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -87,16 +88,23 @@ def exact_squared_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor | None) -> torch.Tensor:
+def _nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor | None,
+                   screen: bool = True) -> torch.Tensor:
     """Every row's ``width`` nearest rows ([N, width] int64, by (exact distance, index)): the
     reference's :func:`~fastassoc.kernels.reference.rerank.nearest_lists`.
 
     The knn family's exact self-join (:func:`.knn.topk_self_join`: upper-triangle GEMM
-    proposals, bf16-screened where the CPU has bf16 dot products, rescored exactly) with the
-    family's squared norms ``norms`` (:func:`exact_squared_norms`; None for cosine).
+    proposals, rescored exactly) with the family's squared norms ``norms``
+    (:func:`exact_squared_norms`; None for cosine). ``screen``: let it propose with a bf16
+    GEMM where the CPU has bf16 dot products (faster; its bf16 copy and GEMM buffers peak at
+    about 8 bytes per feature element, 210 MB at W-jaccard, against ~55 MB for float32
+    proposals); False forces the float32 proposals. Same lists either way.
     """
     values, indices = _knn.new_lists(x.shape[0], width, x.dtype)
-    _knn.topk_self_join(x, _knn.ranking_metric(metric), width, (values, indices), norms=norms)
+    with contextlib.ExitStack() as stack:
+        if not screen:
+            stack.enter_context(_screen.forced("off"))
+        _knn.topk_self_join(x, _knn.ranking_metric(metric), width, (values, indices), norms=norms)
     _knn.finish_lists(values, indices, metric)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= x.shape[0]):
         # Only non-finite distances (squared norms that overflow the compute dtype) get here.
@@ -105,15 +113,15 @@ def _nearest_lists(x: torch.Tensor, width: int, metric: str, norms: torch.Tensor
     return indices
 
 
-def _encode(x: torch.Tensor, k1: int, k2: int, weighting: str, metric: str):
+def _encode(x: torch.Tensor, k1: int, k2: int, weighting: str, metric: str, screen: bool = True):
     """Steps 1-5 on prepared rows: ``V`` as CSR NumPy arrays (offsets [N+1] int64, columns
     int64, values compute dtype) and, for Zhong's weights, the farthest distances ([N] tensor;
-    else None)."""
+    else None). ``screen`` as :func:`_nearest_lists`."""
     num_rows = x.shape[0]
     width = min(k1 if weighting == "spcl" else k1 + 1, num_rows)
     half = min(round(k1 / 2) + 1, width)
     norms = exact_squared_norms(x) if metric != "cosine" else None
-    ranks = _nearest_lists(x, width, metric, norms)
+    ranks = _nearest_lists(x, width, metric, norms, screen)
     # The knn search caches its tile buffers for the next call (up to ~140 MB at D = 2048): held
     # through the Jaccard pass they would add to its peak, beside the returned matrix.
     _core.release_scratch()
@@ -163,7 +171,10 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
         return _csr(torch.zeros(1, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
                     torch.empty(0, dtype=torch.float32), 0)
     x = _core.prepare(features, metric)
-    crow, cols, values, _ = _encode(x, k1, k2, weighting, metric)
+    # With max_distance the returned matrix is small and the lists' buffers set the peak: the
+    # float32 proposals keep it at ~1/10 of SpCL's (issue 12). Without, the result dwarfs
+    # them and the faster bf16 screen may run.
+    crow, cols, values, _ = _encode(x, k1, k2, weighting, metric, screen=max_distance is None)
     crow, cols, values = _core.kernel("rerank_jaccard")(
         crow.ctypes.data, cols.ctypes.data, values.ctypes.data, _core.is_double(x), num_rows,
         max_distance is not None, 0.0 if max_distance is None else float(max_distance),
