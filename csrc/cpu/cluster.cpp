@@ -23,6 +23,7 @@
 //   buc       D2 + size_penalty * (|C_i| + |C_j|)   (squared, as BUC's code ranks pairs)
 //   buc_l2    D + size_penalty * (|C_i| + |C_j|)
 //   tssl      D + exp(2 D - (a_i + a_j)),  a_i = (ascending sum of the k smallest D_il) / k
+//   tssl_typeset  (D + exp(2 D)) - (a_i + a_j)   (Eq. 8 as typeset; same a_i)
 //
 // Streaming selection. Each scan keeps the `capacity` smallest pairs strictly after
 // the last pair walked: per-thread buffers grow to 2 x capacity, then nth_element cuts
@@ -32,14 +33,15 @@
 // capacity doubled (at most max(tile_elements, capacity)), exactly as the reference.
 // The selected set depends only on the total order, never on threads or tiles.
 //
-// tssl needs every a_i before any linkage is known. Its first GEMM pass therefore
+// tssl and tssl_typeset need every a_i before any linkage is known. Its first GEMM pass therefore
 // offers no pairs: it collects each cluster's `depth` (>= neighbours) nearest clusters
 // by (D, index) (one list per cluster: a row pass feeds row i's list, then a column
 // pass over the same tile, threads owning blocks of columns, feeds the lists of j > i),
 // from which a_i follows. The pairs in those lists are the candidates.
 // A pair in no list has D_ij >= thr_i and >= thr_j (the lists' last distances), and
-// fl(D + exp(fl(2D - fl(a_i + a_j)))) is monotone in D and in -a_j, so its linkage is at
-// least lb_i = thr_i + exp(2 thr_i - (a_i + max a)), and at least the second smallest
+// fl(D + exp(fl(2D - fl(a_i + a_j)))) (and tssl_typeset's fl(fl(D + exp(2D)) - fl(a_i + a_j)))
+// is monotone in D and in -a_j, so its linkage is at least lb_i, the linkage at
+// D = thr_i with a_j = max a, and at least the second smallest
 // lb over all clusters. Candidates below that bound are exactly the start of the global
 // order and are walked at once; only when they do not give num_merges merges does a
 // second pass (a streaming scan by linkage, after the last pair walked) run.
@@ -61,7 +63,10 @@
 namespace fastassoc {
 namespace {
 
-enum Linkage : int { kCentroid = 0, kTssl = 1, kBuc = 2, kBucL2 = 3 };
+enum Linkage : int { kCentroid = 0, kTssl = 1, kBuc = 2, kBucL2 = 3, kTsslTypeset = 4 };
+
+// The two readings of TSSL Eq. 8: both need the neighbour densities a_i first.
+inline bool is_tssl(int linkage) { return linkage == kTssl || linkage == kTsslTypeset; }
 
 // Below this many tile entries a parallel region costs more than it saves (and on a
 // loaded machine a descheduled worker can stall it for a time slice).
@@ -234,18 +239,30 @@ class Merger {
   }
 
   int64_t depth() const { return depth_; }
+  int linkage() const { return p_.linkage; }
   const NearestLists<T>& nearest() const { return nearest_; }
   const std::vector<T>& density() const { return density_; }
 
-  // TSSL Eq. 8 for a batch: key D in, D + exp(2 D - (a_i + a_j)) out (the sum a_i + a_j
-  // rounds first, as in the reference; the exp is torch's, through the callback).
+  // TSSL Eq. 8 for a batch: key D in, D + exp(2 D - (a_i + a_j)) out (tssl_typeset:
+  // (D + exp(2 D)) - (a_i + a_j)); the sum a_i + a_j rounds first, as in the reference,
+  // and the exp is torch's, through the callback.
   void tssl_linkages(std::vector<Pair<T>>& pairs) {
     std::vector<T> exponent(pairs.size());
-    for (size_t p = 0; p < pairs.size(); ++p) {
-      exponent[p] = T(2) * pairs[p].key - (density_[pairs[p].i] + density_[pairs[p].j]);
-    }
+    for (size_t p = 0; p < pairs.size(); ++p) exponent[p] = tssl_exponent(pairs[p].key, pairs[p].i, pairs[p].j);
     take_exp(exponent.data(), static_cast<int64_t>(exponent.size()));
-    for (size_t p = 0; p < pairs.size(); ++p) pairs[p].key = pairs[p].key + exponent[p];
+    for (size_t p = 0; p < pairs.size(); ++p) {
+      pairs[p].key = tssl_linkage(pairs[p].key, exponent[p], pairs[p].i, pairs[p].j);
+    }
+  }
+
+  // The argument of the exponential, and the linkage from D and that exponential.
+  inline T tssl_exponent(T distance, int64_t i, int64_t j) const {
+    if (p_.linkage == kTsslTypeset) return T(2) * distance;
+    return T(2) * distance - (density_[i] + density_[j]);
+  }
+  inline T tssl_linkage(T distance, T exponential, int64_t i, int64_t j) const {
+    if (p_.linkage == kTsslTypeset) return (distance + exponential) - (density_[i] + density_[j]);
+    return distance + exponential;
   }
 
   // Applies the launcher's torch sqrt / exp in place: torch's float sqrt and exp are not
@@ -335,7 +352,7 @@ class Merger {
       }
     }
     if (p_.linkage != kBuc) take_sqrt(block, (last - first) * block_columns);
-    if (offer_pairs_ && p_.linkage == kTssl) tssl_block(block, block_columns, first, last);
+    if (offer_pairs_ && is_tssl(p_.linkage)) tssl_block(block, block_columns, first, last);
 #pragma omp parallel num_threads(threads_) if (work >= kMinParallelWork)
     {
       PairBuffer<T>& buffer = buffers_[omp_get_thread_num()];
@@ -355,7 +372,7 @@ class Merger {
     if (collect_nearest_) column_pass(block, block_columns, first, last);
   }
 
-  // tssl linkages of a block of distances, in place (one exp callback for the block).
+  // tssl / tssl_typeset linkages of a block of distances, in place (one exp callback for the block).
   void tssl_block(T* block, int64_t block_columns, int64_t first, int64_t last) {
     const int64_t num_clusters = p_.num_clusters;
     exponent_.resize((last - first) * block_columns);
@@ -364,16 +381,14 @@ class Merger {
     for (int64_t i = first; i < last; ++i) {
       const T* distances = block + (i - first) * block_columns - first;
       T* exponent = exponent_.data() + (i - first) * block_columns - first;
-      for (int64_t j = i + 1; j < num_clusters; ++j) {
-        exponent[j] = T(2) * distances[j] - (density_[i] + density_[j]);
-      }
+      for (int64_t j = i + 1; j < num_clusters; ++j) exponent[j] = tssl_exponent(distances[j], i, j);
     }
     take_exp(exponent_.data(), work);
 #pragma omp parallel for num_threads(threads_) schedule(static) if (work >= kMinParallelWork)
     for (int64_t i = first; i < last; ++i) {
       T* distances = block + (i - first) * block_columns - first;
       const T* exponent = exponent_.data() + (i - first) * block_columns - first;
-      for (int64_t j = i + 1; j < num_clusters; ++j) distances[j] = distances[j] + exponent[j];
+      for (int64_t j = i + 1; j < num_clusters; ++j) distances[j] = tssl_linkage(distances[j], exponent[j], i, j);
     }
   }
 
@@ -475,7 +490,7 @@ class Merger {
   std::vector<T> density_;
 };
 
-// tssl: every pair found in some cluster's nearest list, with its linkage, sorted.
+// tssl, tssl_typeset: every pair found in some cluster's nearest list, with its linkage, sorted.
 template <typename T>
 std::vector<Pair<T>> tssl_candidates(Merger<T>& merger) {
   const NearestLists<T>& lists = merger.nearest();
@@ -502,12 +517,14 @@ std::vector<Pair<T>> tssl_candidates(Merger<T>& merger) {
   return pairs;
 }
 
-// tssl: a lower bound on the linkage of every pair that is in no nearest list. Such a
-// pair (i, j) has D_ij >= thr_i and D_ij >= thr_j (the lists' last distances), so with
-// a_j <= max a, and fl(D + exp(fl(2D - fl(a_i + a_j)))) monotone in D and in -a,
+// tssl, tssl_typeset: a lower bound on the linkage of every pair that is in no nearest
+// list. Such a pair (i, j) has D_ij >= thr_i and D_ij >= thr_j (the lists' last
+// distances), so with a_j <= max a, and both linkages monotone in D and in -a (as
+// rounded: fl(D + exp(fl(2D - fl(a_i + a_j)))), fl(fl(D + exp(2D)) - fl(a_i + a_j))),
 // its linkage is >= lb_i and >= lb_j; over pairs of distinct clusters, >= the second
 // smallest lb. +inf when the lists hold every pair. The bound is lowered by a few ulps
-// so that it holds even if torch's exp were off monotonicity by an ulp somewhere.
+// of its terms so that it holds even if torch's exp were off monotonicity by an ulp
+// somewhere (tssl_typeset's bound can be negative, and its terms cancel).
 template <typename T>
 T tssl_unseen_bound(Merger<T>& merger) {
   const NearestLists<T>& lists = merger.nearest();
@@ -518,14 +535,23 @@ T tssl_unseen_bound(Merger<T>& merger) {
   if (depth >= num_clusters - 1) return infinity;
   const T density_max = *std::max_element(density.begin(), density.end());
   std::vector<T> exponent(num_clusters);
+  const bool typeset = merger.linkage() == kTsslTypeset;
   for (int64_t c = 0; c < num_clusters; ++c) {
-    exponent[c] = T(2) * lists.distance[c * depth + depth - 1] - (density[c] + density_max);
+    const T threshold = lists.distance[c * depth + depth - 1];
+    exponent[c] = typeset ? T(2) * threshold : T(2) * threshold - (density[c] + density_max);
   }
   merger.take_exp(exponent.data(), num_clusters);
+  const T slack = T(8) * std::numeric_limits<T>::epsilon();
   T smallest = infinity, second = infinity;
   for (int64_t c = 0; c < num_clusters; ++c) {
     const T threshold = lists.distance[c * depth + depth - 1];
-    const T bound = (threshold + exponent[c]) * (T(1) - T(8) * std::numeric_limits<T>::epsilon());
+    T bound = (threshold + exponent[c]) * (T(1) - slack);
+    if (typeset) {
+      const T density_sum = density[c] + density_max;
+      bound = (threshold + exponent[c]) - density_sum;
+      // An overflowed exp stays +inf (inf - slack * inf would be NaN).
+      if (bound < infinity) bound -= slack * ((threshold + exponent[c]) + density_sum);
+    }
     if (bound < smallest) {
       second = smallest;
       smallest = bound;
@@ -556,7 +582,7 @@ int64_t merge(const Problem& problem, const T* sq_norms, const T* sizes, int64_t
         has_after = true;
       }
     };
-    if (problem.linkage == kTssl) {
+    if (is_tssl(problem.linkage)) {
       merger.scan_nearest(depth);
       ++scans;
       std::vector<Pair<T>> pairs = tssl_candidates(merger);
@@ -597,7 +623,8 @@ void bind_merge(py::module_& m, const char* name) {
          int64_t num_samples, std::uintptr_t labels_out, py::function dots, py::function sqrt,
          py::function exp) {
         require(num_points >= 0 && num_clusters >= 0 && num_samples >= 0, "agglomerative_merge: negative size");
-        require(linkage >= kCentroid && linkage <= kBucL2, "agglomerative_merge: linkage code must be 0, 1, 2 or 3");
+        require(linkage >= kCentroid && linkage <= kTsslTypeset,
+                "agglomerative_merge: linkage code must be 0, 1, 2, 3 or 4");
         require(neighbours >= 1, "agglomerative_merge: neighbours must be >= 1");
         require(num_merges >= 0 && num_merges <= std::max<int64_t>(num_clusters - 1, 0),
                 "agglomerative_merge: num_merges must lie in [0, num_clusters - 1]");
@@ -629,7 +656,8 @@ void bind_merge(py::module_& m, const char* name) {
       "the square root of count values in place and exp(address, count) their exponential (torch's, for the "
       "reference's bits). Writes int64 labels renumbered "
       "by first appearance of sample_cluster [num_samples]; returns the number of GEMM passes. "
-      "linkage: 0 centroid, 1 tssl, 2 buc (squared minimum distance), 3 buc_l2 (minimum distance).");
+      "linkage: 0 centroid, 1 tssl, 2 buc (squared minimum distance), 3 buc_l2 (minimum distance), "
+      "4 tssl_typeset ((D + exp(2 D)) - (a_i + a_j)).");
 }
 
 }  // namespace
