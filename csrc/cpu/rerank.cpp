@@ -1,41 +1,37 @@
 // CPU kernels of the re-ranking family (fastassoc/kernels/cpu/rerank.py): k-reciprocal
 // Jaccard distance, DBSCAN on a sparse distance matrix, cluster centres.
 //
-// Algorithm. jaccard_distance runs in three calls:
-// 1. rerank_tile_lists: one row chunk of the k1-nearest search. Python computes the
-//    chunk's inner products with torch's GEMM (the reference's very call, so the same
-//    bits); here each dot becomes the reference's distance, (|q|^2 + |a|^2) - 2 q.a
-//    clamped at 0 (sqeuclidean) or 1 - q.a (cosine), or the tile already holds distances
-//    (euclidean: torch's square root, as the reference); the diagonal is 0; each row keeps
-//    its `width` smallest (distance, column) pairs and its largest distance.
-// 2. rerank_encode: per row, with the lists: reciprocal sets R(i, K) and R(i, h), the 2/3
+// Algorithm. jaccard_distance runs in two calls, after Python has the k1-nearest lists (the
+// exact lists of the knn family's self-join, fastassoc/kernels/cpu/rerank.py):
+// 1. rerank_encode: per row, with the lists: reciprocal sets R(i, K) and R(i, h), the 2/3
 //    expansion E(i), the weights over E(i) (SpCL softmax of -(2 - 2 x_i.x_m), or Zhong's
 //    exp(-d^2 / max d^2) normalised), and query expansion (mean of the V rows of the k2
 //    nearest, summed in list order in a dense per-thread row buffer). Returns V as CSR.
-// 3. rerank_jaccard: V's column lists (transpose), then two passes over the rows, each row
+// 2. rerank_jaccard: V's column lists (transpose), then two passes over the rows, each row
 //    accumulating m_ij = sum_k min(V_ik, V_jk) of its partners j (ascending k, as the
 //    reference sums) in a dense per-thread row buffer with a bitmap of touched columns,
 //    whose scan yields the partners in column order; J = 1 - m / (2 - m) clamped at 0 is
 //    kept when float32 J < 1 (and <= max_distance). Pass one walks the upper triangle
-//    (j > i) and only counts (row i's own pairs and one for each mirrored j), so the returned
-//    arrays can be allocated at their final size; pass two recomputes every full row
-//    (j != i) and writes it in place, the diagonal zero included. m_ij has the same bits
-//    from both ends of a pair (same terms, same order), so the matrix is exactly symmetric
-//    and nothing but the output is ever held per pair.
+//    (j > i), counts every row's pairs (its own and one for each mirrored j) and keeps the
+//    pairs (8 bytes each) up to kept_budget, so the returned arrays can be allocated at their
+//    final size and written from the kept pairs; past the budget pass two recomputes every
+//    full row (j != i) and writes it in place, the diagonal zero included. m_ij has the same
+//    bits from both ends of a pair (same terms, same order), so the matrix is exactly
+//    symmetric either way.
 // dbscan: neighbour counts, union-find over core-core edges, clusters numbered by their
 // smallest core point, border points take the smallest cluster number among their core
 // neighbours (the reference's and scikit-learn's numbering). cluster_centres: rows of
 // each cluster summed in row order (the reference's index_add_ order), then divided.
 //
-// Tie-breaking. Lists order by (distance, column) lexicographically: equal distances go
-// to the smaller index. Results do not depend on the thread count: every sum has a fixed
-// order and every parallel loop writes disjoint outputs.
+// Determinism. Results do not depend on the thread count: every sum has a fixed order and
+// every parallel loop writes disjoint outputs.
 //
 // Limits. Float32 (float64 inputs: float64) arithmetic, output values float32. Memory of
-// rerank_jaccard beyond its output: V twice (rows and columns), one dense row buffer of N
-// values plus N bits and N counts per thread. Must
-// equal fastassoc/kernels/reference/rerank.py given the same GEMM tiles; weights use a
-// fixed-order float64 dot (screen_dot), within rounding of the reference's torch sums.
+// rerank_jaccard beyond its output: V twice (rows and columns), the kept pairs, one dense
+// row buffer of N values plus N bits and N counts per thread. Must equal
+// fastassoc/kernels/reference/rerank.py given the same lists; weights use the fixed-order
+// float64 dot (screen_dot, the reference's _tiles.exact_dots bits for float32), the
+// softmax within rounding of the reference's torch one.
 #include <omp.h>
 
 #include <algorithm>
@@ -60,24 +56,16 @@ namespace fastassoc {
 
 namespace {
 
-// Tile metrics (rerank_tile_lists): kGiven means the tile already holds distances. Pair
-// metrics (rerank_encode, Zhong weights): kEuclidean is the square root of kSqEuclidean.
-enum Metric : int { kSqEuclidean = 0, kCosine = 1, kGiven = 2, kEuclidean = 2 };
+// Pair metrics (rerank_encode, Zhong weights): kEuclidean is the square root of kSqEuclidean.
+enum Metric : int { kSqEuclidean = 0, kCosine = 1, kEuclidean = 2 };
 enum Weighting : int { kSpcl = 0, kZhong = 1 };
 
 // Work below this many elementary steps runs on one thread: the fork/join costs more.
 constexpr int64_t kParallelMin = 1 << 15;
-// Lists up to this width use sorted insertion; wider ones a heap sorted at the end.
-constexpr int64_t kSortedListMax = 64;
 // Rows per dynamically scheduled piece of the Jaccard pass (rows differ a lot in work).
 constexpr int64_t kJaccardBlock = 16;
 
 inline int64_t flat_index(int64_t row, int64_t stride, int64_t col) { return row * stride + col; }
-
-template <typename T>
-inline bool lex_less(T value_a, int64_t index_a, T value_b, int64_t index_b) {
-  return value_a < value_b || (value_a == value_b && index_a < index_b);
-}
 
 int threads_for(int64_t work) { return work >= kParallelMin ? kernel_threads() : 1; }
 
@@ -111,116 +99,6 @@ class RegionErrors {
  private:
   std::exception_ptr error_;
 };
-
-// ------------------------------------------------------------------ 1. nearest lists
-
-#define FASTASSOC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
-// Distances of one tile row into out[0, cols) (vectorised per ISA clone).
-template <typename T>
-[[gnu::always_inline]] inline void row_distances(const T* tile_row, int64_t cols, int metric, T row_norm,
-                                                 const T* col_norms, T* out) {
-  if (metric == kSqEuclidean) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const T v = (row_norm + col_norms[j]) - T(2) * tile_row[j];
-      out[j] = v > T(0) ? v : T(0);
-    }
-  } else if (metric == kCosine) {
-    for (int64_t j = 0; j < cols; ++j) out[j] = T(1) - tile_row[j];
-  } else {
-    std::memcpy(out, tile_row, sizeof(T) * cols);
-  }
-}
-FASTASSOC_ISA_CLONES void row_distances_dispatch(const float* tile_row, int64_t cols, int metric, float row_norm,
-                                                 const float* col_norms, float* out) {
-  row_distances(tile_row, cols, metric, row_norm, col_norms, out);
-}
-FASTASSOC_ISA_CLONES void row_distances_dispatch(const double* tile_row, int64_t cols, int metric, double row_norm,
-                                                 const double* col_norms, double* out) {
-  row_distances(tile_row, cols, metric, row_norm, col_norms, out);
-}
-
-// The `width` smallest (value, column) pairs of values[0, cols), ascending, into columns.
-template <typename T>
-void smallest_row(const T* values, int64_t cols, int64_t width, int64_t* columns,
-                  std::vector<std::pair<T, int64_t>>& scratch) {
-  const T inf = std::numeric_limits<T>::infinity();
-  if (width <= kSortedListMax) {
-    T list_values[kSortedListMax];
-    int64_t list_index[kSortedListMax];
-    for (int64_t s = 0; s < width; ++s) {
-      list_values[s] = inf;
-      list_index[s] = std::numeric_limits<int64_t>::max();
-    }
-    T gate = inf;
-    constexpr int64_t kBlock = 16;
-    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-      const int64_t j1 = std::min(j0 + kBlock, cols);
-      int hit = 0;
-      for (int64_t j = j0; j < j1; ++j) hit |= values[j] <= gate;
-      if (!hit) continue;
-      for (int64_t j = j0; j < j1; ++j) {
-        const T v = values[j];
-        if (!lex_less(v, j, list_values[width - 1], list_index[width - 1])) continue;
-        int64_t pos = width - 1;
-        while (pos > 0 && lex_less(v, j, list_values[pos - 1], list_index[pos - 1])) {
-          list_values[pos] = list_values[pos - 1];
-          list_index[pos] = list_index[pos - 1];
-          --pos;
-        }
-        list_values[pos] = v;
-        list_index[pos] = j;
-        gate = list_values[width - 1];
-      }
-    }
-    for (int64_t s = 0; s < width; ++s) columns[s] = list_index[s];
-    return;
-  }
-  auto less = [](const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
-    return lex_less(a.first, a.second, b.first, b.second);
-  };
-  scratch.clear();
-  for (int64_t j = 0; j < cols; ++j) {
-    if (static_cast<int64_t>(scratch.size()) < width) {
-      scratch.emplace_back(values[j], j);
-      std::push_heap(scratch.begin(), scratch.end(), less);
-    } else if (lex_less(values[j], j, scratch.front().first, scratch.front().second)) {
-      std::pop_heap(scratch.begin(), scratch.end(), less);
-      scratch.back() = {values[j], j};
-      std::push_heap(scratch.begin(), scratch.end(), less);
-    }
-  }
-  std::sort_heap(scratch.begin(), scratch.end(), less);
-  for (int64_t s = 0; s < width; ++s) columns[s] = scratch[s].second;
-}
-
-template <typename T>
-void tile_lists(const T* tile, int64_t rows, int64_t cols, int metric, const T* row_norms, const T* col_norms,
-                int64_t row_base, int64_t width, int64_t* ranks, T* farthest) {
-  RegionErrors errors;
-#pragma omp parallel num_threads(threads_for(rows * cols))
-  {
-    std::vector<T> values;
-    std::vector<std::pair<T, int64_t>> scratch;
-    errors.run([&] { values.resize(cols); });
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) errors.run([&] {
-      if (static_cast<int64_t>(values.size()) != cols) return;
-      row_distances_dispatch(tile + flat_index(r, cols, 0), cols, metric,
-                             metric == kSqEuclidean ? row_norms[r] : T(0), col_norms, values.data());
-      // The formula may leave a rounding residue on the diagonal; the distance to itself is 0.
-      const int64_t self = row_base + r;
-      if (self >= 0 && self < cols) values[self] = T(0);
-      if (farthest) {
-        T high = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < cols; ++j) high = values[j] > high ? values[j] : high;
-        farthest[r] = high;
-      }
-      smallest_row(values.data(), cols, width, ranks + flat_index(r, width, 0), scratch);
-    });
-  }
-  errors.rethrow();
-}
 
 // ------------------------------------------------------------------ 2. encoding
 
@@ -792,31 +670,6 @@ void centres(const T* x, int64_t n, int64_t dim, const int64_t* labels, int64_t 
 }  // namespace
 
 void register_cpu_rerank(py::module_& m) {
-  m.def(
-      "rerank_tile_lists",
-      [](std::uintptr_t tile, bool is_double, int64_t rows, int64_t cols, int metric, std::uintptr_t row_norms,
-         std::uintptr_t col_norms, int64_t row_base, int64_t width, std::uintptr_t ranks, std::uintptr_t farthest) {
-        require(rows >= 0 && cols >= 1 && width >= 1 && width <= cols, "rerank_tile_lists: bad sizes");
-        require(metric == kSqEuclidean || metric == kCosine || metric == kGiven, "rerank_tile_lists: unknown metric");
-        require(metric != kSqEuclidean || (row_norms && col_norms), "rerank_tile_lists: sqeuclidean needs norms");
-        py::gil_scoped_release release;
-        if (is_double)
-          tile_lists(as_ptr<const double>(tile), rows, cols, metric, as_ptr<const double>(row_norms),
-                     as_ptr<const double>(col_norms), row_base, width, as_ptr<int64_t>(ranks),
-                     as_ptr<double>(farthest));
-        else
-          tile_lists(as_ptr<const float>(tile), rows, cols, metric, as_ptr<const float>(row_norms),
-                     as_ptr<const float>(col_norms), row_base, width, as_ptr<int64_t>(ranks),
-                     as_ptr<float>(farthest));
-      },
-      py::arg("tile"), py::arg("is_double"), py::arg("rows"), py::arg("cols"), py::arg("metric"),
-      py::arg("row_norms"), py::arg("col_norms"), py::arg("row_base"), py::arg("width"), py::arg("ranks"),
-      py::arg("farthest"),
-      "One row chunk [rows, cols] of the k1-nearest search (contiguous): tile holds dot products\n"
-      "(metric 0 sqeuclidean with squared norms: max((|q|^2 + |a|^2) - 2 dot, 0); 1 cosine: 1 - dot)\n"
-      "or distances (metric 2). The diagonal (column row_base + r) counts as 0. Writes each row's\n"
-      "width smallest columns by (distance, column) into ranks [rows, width] (int64) and, when\n"
-      "farthest != 0, its largest distance into farthest [rows].");
   m.def(
       "rerank_encode",
       [](std::uintptr_t ranks, int64_t n, int64_t width, int64_t half, int64_t expansion_width, std::uintptr_t x,
