@@ -29,8 +29,9 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
 
     The semantics of SpCL's ``compute_jaccard_distance`` (Zhong et al., CVPR 2017, Eqs. 7-12
     with SpCL's weights) on the rows given (pass L2-normalised features, as SpCL's callers
-    do): every row's ``k1`` nearest rows (itself included at distance 0, ties to the smaller
-    index); k-reciprocal sets :math:`R(i, k_1)` and :math:`R(i, \mathrm{round}(k_1/2))`
+    do): every row's ``k1`` nearest rows by exact distance (a function of the two rows alone, so
+    copies and rows at one exact distance tie wherever they sit; itself included at distance
+    0, ties to the smaller index); k-reciprocal sets :math:`R(i, k_1)` and :math:`R(i, \mathrm{round}(k_1/2))`
     (the latter over ``round(k1/2) + 1`` neighbours, as SpCL slices); each
     :math:`R(c, \mathrm{round}(k_1/2))` with more than 2/3 of its members in
     :math:`R(i, k_1)` is added to :math:`R(i, k_1)`; weights
