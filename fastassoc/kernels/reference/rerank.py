@@ -183,7 +183,9 @@ def farthest_distances(x: torch.Tensor, metric: str, norms: torch.Tensor | None 
         tile = distance_tile(x[start:stop], x, ranking, norms)
         top = tile.amax(1).to(torch.float64)
         floor = (top - 2 * band(x[start:stop], x, ranking, block_norms, norms)) * (1 - 2.0 ** -20) - 1e-300
-        rows, cols = (tile.to(torch.float64) >= floor.unsqueeze(1)).nonzero(as_tuple=True)
+        # Rounded down into the tile's dtype (a superset of the candidates, no float64 tile).
+        floor = torch.nextafter(floor.to(tile.dtype), torch.tensor(-torch.inf, dtype=tile.dtype, device=x.device))
+        rows, cols = (tile >= floor.unsqueeze(1)).nonzero(as_tuple=True)
         del tile
         exact = exact_distances(x[start + rows], x[cols], ranking,
                                 block_norms[rows] if norms is not None else None,
