@@ -83,13 +83,15 @@ def prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
     return x.contiguous()
 
 
-# Elements per chunk of the row-wise passes (squared norms, lengths, pair dots): the x * x
-# temporary (16 MiB of float32) stays in the last-level cache instead of page-faulting a
-# fresh N x D buffer, and the chunks are few. Each chunk costs torch two parallel regions,
-# and every region waits for its slowest thread: on a CPU shared with other busy processes
-# that is a descheduled thread's time slice per region (issue 11), so chunks are bounded
-# by elements, not rows. Row results do not depend on the chunking.
-ROW_CHUNK_ELEMENTS = 1 << 22
+# Elements per chunk of the row-wise passes (squared norms, lengths, pair dots). Each chunk
+# costs torch one parallel region per operator, and every region waits for its slowest
+# thread: on a CPU shared with other busy processes that can be a descheduled thread's
+# time slice per region (issue 11), so chunks are bounded by elements, not rows (1,024
+# rows of D = 256 made a region per 1 MiB). The temporaries live in per-thread buffers
+# (row_scratch): a fresh multi-MiB temporary per chunk is page-faulted whenever the
+# allocator hands the memory back, which cost 4-8x the pass itself. 8 MiB of float32:
+# in the last-level cache. Row results do not depend on the chunking.
+ROW_CHUNK_ELEMENTS = 1 << 21
 
 
 def chunk_rows(dim: int) -> int:
@@ -97,13 +99,33 @@ def chunk_rows(dim: int) -> int:
     return max(1, ROW_CHUNK_ELEMENTS // max(dim, 1))
 
 
+def row_scratch(slot: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``shape`` view of this thread's row-pass buffer ``slot`` (0-2), kept between calls.
+
+    Separate from the tile buffers (:func:`scratch_buffer`), so a row pass never overwrites
+    a tile in use. Freed by :func:`release_scratch`.
+    """
+    buffers = getattr(_scratch, "rows", None)
+    if buffers is None:
+        buffers = _scratch.rows = {}
+    numel = shape[0] * shape[1]
+    buffer = buffers.get((slot, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(max(1, numel), dtype=dtype)
+        if numel <= ROW_CHUNK_ELEMENTS:
+            buffers[(slot, dtype)] = buffer
+    return buffer[:numel].view(shape)
+
+
 def row_sq_sums(x: torch.Tensor) -> torch.Tensor:
-    """``(x * x).sum(1)`` in ``x``'s dtype, bit for bit, in bounded chunks."""
+    """``(x * x).sum(1)`` of 2-D ``x`` in its dtype, bit for bit, in bounded chunks."""
     out = torch.empty(x.shape[0], dtype=x.dtype)
-    step = chunk_rows(x.shape[1] if x.dim() == 2 else 1)
+    step = chunk_rows(x.shape[1])
     for start in range(0, x.shape[0], step):
         chunk = x[start:start + step]
-        torch.sum(chunk * chunk, 1, out=out[start:start + step])
+        product = row_scratch(0, tuple(chunk.shape), x.dtype)
+        torch.mul(chunk, chunk, out=product)
+        torch.sum(product, 1, out=out[start:start + step])
     return out
 
 
@@ -115,9 +137,9 @@ def squared_norms(x: torch.Tensor, metric: str) -> torch.Tensor | None:
 
 
 def row_lengths(x: torch.Tensor) -> torch.Tensor:
-    """``x.norm(dim=1)`` (torch's vector norm, bit for bit), in bounded chunks."""
+    """``x.norm(dim=1)`` of 2-D ``x`` (torch's vector norm, bit for bit), in bounded chunks."""
     out = torch.empty(x.shape[0], dtype=x.dtype)
-    step = chunk_rows(x.shape[1] if x.dim() == 2 else 1)
+    step = chunk_rows(x.shape[1])
     for start in range(0, x.shape[0], step):
         torch.linalg.vector_norm(x[start:start + step], dim=1, out=out[start:start + step])
     return out
@@ -191,8 +213,9 @@ def scratch_buffer(num_elements: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def release_scratch() -> None:
-    """Drop this thread's cached tile buffers."""
+    """Drop this thread's cached tile and row-pass buffers."""
     _scratch.buffers = {}
+    _scratch.rows = {}
 
 
 class DotTiles:

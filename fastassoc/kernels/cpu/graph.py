@@ -64,17 +64,20 @@ def _csr(num_nodes: int, sources: torch.Tensor, targets: torch.Tensor, weights: 
 def _pair_dots(xn: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """``(xn[low] * xn[high]).sum(1)``, the reference's edge weights bit for bit, in chunks.
 
-    Chunks of a quarter of ``_core.chunk_rows`` edges (three temporaries of that many
-    rows, 12 MiB of float32 in all): the gathered rows stay in cache instead of
-    page-faulting two fresh E x D buffers, and the four parallel regions a chunk costs
+    Chunks of ``_core.chunk_rows`` edges gathered into this thread's row-pass buffers:
+    no fresh E x D temporaries to page-fault, and the four parallel regions a chunk costs
     (two gathers, product, sum) are paid a few times per call, not once per 512 edges
-    (each region is a stall on a shared CPU; each row's sum is the same either way).
+    (each region can stall on a shared CPU; each row's sum is the same either way).
     """
     out = torch.empty(low.shape[0], dtype=xn.dtype)
-    step = max(1, _core.chunk_rows(xn.shape[1]) // 4)
+    step = _core.chunk_rows(xn.shape[1])
     for start in range(0, low.shape[0], step):
-        stop = start + step
-        torch.sum(xn[low[start:stop]] * xn[high[start:stop]], 1, out=out[start:stop])
+        stop = min(start + step, low.shape[0])
+        shape = (stop - start, xn.shape[1])
+        left = torch.index_select(xn, 0, low[start:stop], out=_core.row_scratch(0, shape, xn.dtype))
+        right = torch.index_select(xn, 0, high[start:stop], out=_core.row_scratch(1, shape, xn.dtype))
+        product = torch.mul(left, right, out=_core.row_scratch(2, shape, xn.dtype))
+        torch.sum(product, 1, out=out[start:stop])
     return out
 
 
