@@ -489,6 +489,10 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
           if (keep && kept.fetch_add(upper, std::memory_order_relaxed) + upper > budget)
             keeping.store(false, std::memory_order_relaxed);
         }
+        // Growth leaves up to twice the pairs' bytes reserved (resident where the heap reuses
+        // freed pages); the kept pairs then sit beside the whole result, so trim them.
+        block.cols.shrink_to_fit();
+        block.values.shrink_to_fit();
       });
     }
     errors.rethrow();
