@@ -32,6 +32,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import median_seconds  # noqa: E402
 from conftest import dim, identity_features, rows  # noqa: E402
 
 import fastassoc  # noqa: E402
@@ -43,7 +44,6 @@ pytestmark = [pytest.mark.gpu,
 K1, K2 = 30, 6
 EPS, MIN_SAMPLES = 0.6, 4
 VALUE_TOLERANCE = 1e-5
-ROUNDS = 3
 NUM_ROWS, NUM_IDENTITIES, SEED = 12936, 751, 21     # bench_rerank.WORKLOADS["W-jaccard"]
 
 
@@ -92,14 +92,6 @@ def gemm_floor():
     return synchronised(run)
 
 
-def median_seconds(function, repeats: int = ROUNDS) -> float:
-    function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
 
 
 @functools.lru_cache(maxsize=None)

@@ -217,6 +217,18 @@ def _checked_rerank(k1, k2, lambda_value) -> tuple[int, int, float]:
     return k1, k2, lambda_value
 
 
+def _checked_labels(query_pids, gallery_pids, query_cameras, gallery_cameras, num_query: int, num_gallery: int,
+                    device):
+    """Identities and cameras of both sides: int64 vectors of the right lengths on ``device``.
+    Gallery identity -1 marks distractors; cameras are non-negative."""
+    big = 2**62
+    return (_checks.index_vector("query_pids", query_pids, length=num_query, low=-big, high=big, device=device),
+            _checks.index_vector("gallery_pids", gallery_pids, length=num_gallery, low=-1, high=big, device=device),
+            _checks.index_vector("query_cameras", query_cameras, length=num_query, low=0, high=big, device=device),
+            _checks.index_vector("gallery_cameras", gallery_cameras, length=num_gallery, low=0, high=big,
+                                 device=device))
+
+
 def _checked_inputs(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank,
                     precision):
     """What both evaluation ops validate: features, identities, cameras, options."""
@@ -225,20 +237,12 @@ def _checked_inputs(query, gallery, query_pids, gallery_pids, query_cameras, gal
     _checks.same_device(query=query, gallery=gallery)
     _checks.same_dtype(query=query, gallery=gallery)
     _checks.same_feature_dim(query=query, gallery=gallery)
-    num_query, num_gallery = query.shape[0], gallery.shape[0]
-    device = query.device
-    big = 2**62
-    query_pids = _checks.index_vector("query_pids", query_pids, length=num_query, low=-big, high=big, device=device)
-    gallery_pids = _checks.index_vector("gallery_pids", gallery_pids, length=num_gallery, low=-1, high=big,
-                                        device=device)
-    query_cameras = _checks.index_vector("query_cameras", query_cameras, length=num_query, low=0, high=big,
-                                         device=device)
-    gallery_cameras = _checks.index_vector("gallery_cameras", gallery_cameras, length=num_gallery, low=0,
-                                           high=big, device=device)
+    query_pids, gallery_pids, query_cameras, gallery_cameras = _checked_labels(
+        query_pids, gallery_pids, query_cameras, gallery_cameras, query.shape[0], gallery.shape[0], query.device)
     metric = _checks.choice("metric", metric, _checks.METRICS)
     max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
     precision = _checks.choice("precision", precision, _checks.PRECISIONS)
-    _checks.allocation("max_rank", max_rank, 8, device=device, what="a float64 CMC curve")
+    _checks.allocation("max_rank", max_rank, 8, device=query.device, what="a float64 CMC curve")
     return query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank, precision
 
 
@@ -335,16 +339,9 @@ def _evaluate_ranking_distances_op(distances: Tensor, query_pids: Tensor, galler
     from ..kernels.reference.evaluation import evaluate_distances_reference
 
     distances = _checked_distances(distances)
-    num_query, num_gallery = distances.shape
     device = distances.device
-    big = 2**62
-    query_pids = _checks.index_vector("query_pids", query_pids, length=num_query, low=-big, high=big, device=device)
-    gallery_pids = _checks.index_vector("gallery_pids", gallery_pids, length=num_gallery, low=-1, high=big,
-                                        device=device)
-    query_cameras = _checks.index_vector("query_cameras", query_cameras, length=num_query, low=0, high=big,
-                                         device=device)
-    gallery_cameras = _checks.index_vector("gallery_cameras", gallery_cameras, length=num_gallery, low=0,
-                                           high=big, device=device)
+    query_pids, gallery_pids, query_cameras, gallery_cameras = _checked_labels(
+        query_pids, gallery_pids, query_cameras, gallery_cameras, *distances.shape, device)
     max_rank = _checks.non_negative_int("max_rank", max_rank, minimum=1)
     _checks.allocation("max_rank", max_rank, 8, device=device, what="a float64 CMC curve")
     # Only checked (name, device, availability), as with rerank: ranking a given matrix is one sort per row.
