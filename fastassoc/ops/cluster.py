@@ -1,4 +1,4 @@
-"""One progressive agglomerative merging step (TSSL Eq. 8, BUC, centroid linkage)."""
+"""One progressive agglomerative merging step (TSSL Eq. 8 in two readings, BUC, centroid linkage)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from .. import _backend
 from . import _checks
 from ._custom import backend_name, fake_features, fake_index, tensor_input
 
-LINKAGES = ("tssl", "centroid", "buc", "buc_l2")
+LINKAGES = ("tssl", "tssl_typeset", "centroid", "buc", "buc_l2")
 
 
 def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, *, linkage: str = "tssl",
@@ -23,6 +23,26 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     * ``"tssl"``: TSSL Eq. 8 read as :math:`D_{ij} + \exp(2 D_{ij} - (a_i + a_j))` with
       :math:`D` the centroid distance and :math:`a_i` the mean centroid distance of cluster
       ``i`` to its ``neighbours`` nearest other clusters (all others if fewer).
+    * ``"tssl_typeset"``: TSSL Eq. 8 as typeset,
+
+      .. math::
+
+          \tilde D_{ij} = D_{ij} + \exp(2 D_{ij}) - \frac{1}{N_k}\Big(\sum_{l=1}^{N_k} D_{i K^i_l}
+          + \sum_{l=1}^{N_k} D_{j K^j_l}\Big) = D_{ij} + \exp(2 D_{ij}) - (a_i + a_j),
+
+      with the same :math:`D` and :math:`a_i` (:math:`N_k` = ``neighbours``). The readings
+      differ only in where :math:`a_i + a_j` goes. The typeset equation closes the
+      parenthesis of :math:`\exp` after :math:`2 D_c` and subtracts the neighbour means
+      outside it; the text after it says the exponential term models "the difference
+      between" the pair's centroid distance and those means, which ``"tssl"`` reads as
+      the exponent :math:`2 D_{ij} - (a_i + a_j)`. Both favour pairs of clusters with large
+      :math:`a` (sparse regions), but ``"tssl"`` scales the exponential term by
+      :math:`e^{-(a_i + a_j)}` (the neighbour means weigh most for far pairs, where
+      :math:`\exp(2D)` dominates), while ``"tssl_typeset"`` lowers every pair's linkage
+      by :math:`a_i + a_j` whatever its distance. Rounded as ``(D + exp(2 D)) - (a_i + a_j)``;
+      ``exp(2 D)`` overflows to ``inf`` (ties, broken by ``(i, j)``) beyond
+      :math:`D \approx 44.4` in float32 (L2-normalised features, :math:`D \le 2`, never
+      come near).
     * ``"buc"``: minimum sample-to-sample *squared* distance + ``size_penalty`` (|C_i| + |C_j|):
       BUC's minimum-distance criterion with its diversity regulariser as the public BUC code
       ranks pairs (Lin et al., AAAI 2019: squared Euclidean sample distances plus
@@ -46,8 +66,8 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     x : Tensor [N, D], float
     labels : Tensor [N], integer >= 0
     num_merges : int, 0 <= num_merges < number of clusters (or 0 when there are none)
-    linkage : {"tssl", "centroid", "buc", "buc_l2"}
-    neighbours : int >= 1, for ``"tssl"``
+    linkage : {"tssl", "tssl_typeset", "centroid", "buc", "buc_l2"}
+    neighbours : int >= 1, for ``"tssl"`` and ``"tssl_typeset"``
     size_penalty : float >= 0, for ``"buc"`` and ``"buc_l2"``
     precision : {"highest", "tf32"}
     backend : {"auto", "reference", "cpu", "triton", "cuda"}

@@ -7,7 +7,8 @@ by first appearance. It never calls fastassoc.
 Exactness: features are small integers and cluster sizes are 1, 2 or 4, so cluster means,
 squared distances and their sums are exact in float32; ``sqrt`` and the remaining steps are
 correctly rounded, and the oracle mirrors the spec's float32 operation order (``a_i`` summed
-in ascending order, ``a_i + a_j`` rounded before ``2 D - (.)``). Ties between pairs are
+in ascending order, ``a_i + a_j`` rounded before ``2 D - (.)``, and for ``tssl_typeset``
+``(D + exp(2 D)) - (a_i + a_j)`` in that order). Ties between pairs are
 therefore real and must be broken by ``(i, j)`` exactly as the oracle does. Continuous random
 data (any cluster sizes) is compared in float64 by the oracle; it is well separated.
 A single-linkage cross-check against scipy covers ``buc`` with ``size_penalty=0``, where the
@@ -27,7 +28,7 @@ import fastassoc
 from conftest import require_backend
 
 OP = "agglomerative_merge"
-LINKAGES = ("tssl", "centroid", "buc", "buc_l2")
+LINKAGES = ("tssl", "tssl_typeset", "centroid", "buc", "buc_l2")
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -63,9 +64,11 @@ def oracle_linkage(x: np.ndarray, cluster: np.ndarray, num_clusters: int, linkag
         for value in others:
             total = dtype(total + value)
         density[i] = dtype(total / dtype(k))
-    exponent = dtype(2) * distances - (density[:, None] + density[None, :])
+    density_sum = density[:, None] + density[None, :]
     with np.errstate(over="ignore"):  # far-apart clusters overflow to inf, as in the spec
-        return (distances + np.exp(exponent)).astype(dtype)
+        if linkage == "tssl_typeset":   # Eq. 8 as typeset: D + exp(2D) - (a_i + a_j)
+            return ((distances + np.exp(dtype(2) * distances)) - density_sum).astype(dtype)
+        return (distances + np.exp(dtype(2) * distances - density_sum)).astype(dtype)
 
 
 def oracle_merge(x, labels, num_merges, linkage="tssl", neighbours=4, size_penalty=0.0, dtype=np.float32):
@@ -298,6 +301,49 @@ def test_hand_computed_tssl_step():
     # Centroid linkage merges (0, 1) first as well.
     result = fastassoc.agglomerative_merge(x, torch.arange(4), 1, linkage="centroid", backend="reference")
     assert result.tolist() == [0, 0, 1, 2]
+
+
+def test_tssl_and_tssl_typeset_merge_differently(backend_device):
+    """Eq. 8's two readings on a line, neighbours=2: a dense run 0, 1, 2 (a = 1.5, 1, 1.5) and a
+    sparse pair 20, 21.25 with a point at 24 (a = 2.625, 2.0, 3.375).
+    tssl, D + exp(2D - (a_i + a_j)): (0, 1) and (1, 2) 1 + e^(2 - 2.5) = 1.607; (3, 4)
+    1.25 + e^(2.5 - 4.625) = 1.369, the smallest: the sparse pair merges.
+    tssl_typeset, D + exp(2D) - (a_i + a_j): (0, 1) and (1, 2) 1 + e^2 - 2.5 = 5.889 (tie, (0, 1)
+    first); (3, 4) 1.25 + e^2.5 - 4.625 = 8.807: the dense pair merges."""
+    backend, device = backend_device
+    require_backend(OP, backend)
+    x = np.array([[0.0], [1.0], [2.0], [20.0], [21.25], [24.0]], dtype=np.float32)
+    labels = np.arange(6)
+    text = run(x, labels, 1, backend, device, linkage="tssl", neighbours=2)
+    typeset = run(x, labels, 1, backend, device, linkage="tssl_typeset", neighbours=2)
+    assert_same_labels(text, np.array([0, 1, 2, 3, 3, 4]), "(tssl)")
+    assert_same_labels(typeset, np.array([0, 0, 1, 2, 3, 4]), "(tssl_typeset)")
+    for linkage, got in (("tssl", text), ("tssl_typeset", typeset)):
+        assert_same_labels(got, oracle_merge(x, labels, 1, linkage, 2), f"({linkage} oracle)")
+    # Two merges: tssl then joins (0, 1); tssl_typeset joins (1, 2), the sparse pair still waits.
+    assert_same_labels(run(x, labels, 2, backend, device, linkage="tssl", neighbours=2),
+                       np.array([0, 0, 1, 2, 2, 3]), "(tssl, 2 merges)")
+    assert_same_labels(run(x, labels, 2, backend, device, linkage="tssl_typeset", neighbours=2),
+                       np.array([0, 0, 0, 1, 2, 3]), "(tssl_typeset, 2 merges)")
+
+
+@pytest.mark.parametrize("linkage", ["tssl", "tssl_typeset", "centroid"])
+def test_triton_rows_rescanned_past_one_pair_lists(monkeypatch, linkage):
+    """The Triton launcher's first lists hold a row's next pair only (``_MIN_FIRST = 1``): every
+    merge past the first needs the rows whose unseen pairs may rank below the walk's stop
+    rescanned (for tssl_typeset the floor test, since its rows stream distances, not linkages)."""
+    require_backend(OP, "triton")
+    from fastassoc.kernels.triton import cluster as triton_cluster
+    monkeypatch.setattr(triton_cluster, "_MIN_FIRST", 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in range(3):
+        generator = np.random.default_rng(seed)
+        x = generator.standard_normal((40, 4)).astype(np.float32)
+        labels = np.arange(40)
+        for num_merges in (1, 3, 10):
+            expected = oracle_merge(x, labels, num_merges, linkage, 4, 0.0, dtype=np.float64)
+            actual = run(x, labels, num_merges, "triton", device, linkage=linkage)
+            assert_same_labels(actual, expected, f"({linkage}, seed {seed}, {num_merges} merges)")
 
 
 def test_buc_size_penalty_prefers_small_clusters():

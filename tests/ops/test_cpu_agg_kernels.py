@@ -81,7 +81,7 @@ class LargestTensor(TorchDispatchMode):
 
 # ============================================================================== cluster
 
-LINKAGES = ("tssl", "centroid", "buc", "buc_l2")
+LINKAGES = ("tssl", "tssl_typeset", "centroid", "buc", "buc_l2")
 
 
 @pytest.fixture(scope="module")
@@ -201,15 +201,16 @@ def test_tssl_first_pass_shortcut_on_every_path(merge_available, tssl_depth, dep
     assert_equal_tensors(got, expected, f"tssl depth={depth}, {num_merges} merges")
 
 
+@pytest.mark.parametrize("linkage", ["tssl", "tssl_typeset"])
 @pytest.mark.parametrize("depth", [1, 3])
-def test_tssl_shortcut_with_exact_ties(merge_available, tssl_depth, depth):
+def test_tssl_shortcut_with_exact_ties(merge_available, tssl_depth, depth, linkage):
     tssl_depth(depth)
     for seed in range(6):
         x = integer_world(20 + seed, 60, 2, -1, 2)
         labels = torch.arange(60)
         for num_merges in (5, 30, 59):
-            expected = merge(x, labels, num_merges, "tssl", "reference", neighbours=2)
-            got = merge(x, labels, num_merges, "tssl", "cpu", neighbours=2)
+            expected = merge(x, labels, num_merges, linkage, "reference", neighbours=2)
+            got = merge(x, labels, num_merges, linkage, "cpu", neighbours=2)
             assert_equal_tensors(got, expected, f"seed {seed}, depth {depth}, {num_merges} merges")
 
 
@@ -224,7 +225,7 @@ def test_merge_float64_and_half_inputs(merge_available):
 
 
 def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage_code: int,
-                          size_penalty: float, tile_elements: int) -> torch.Tensor:
+                          size_penalty: float, tile_elements: int, neighbours: int = 1, depth: int = 4) -> torch.Tensor:
     """One step of csrc/cpu/cluster.cpp's driver (``agglomerative_merge_f32``), which the cpu
     launcher does not call, with torch callbacks for the GEMM, sqrt and exp."""
     import ctypes
@@ -252,7 +253,8 @@ def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merge
         return apply
 
     core.agglomerative_merge_f32(points.shape[0], num_clusters, cluster_start.data_ptr(), sq_norms.data_ptr(),
-                                 sizes.data_ptr(), linkage_code, 1, size_penalty, num_merges, 16, 4, tile_elements,
+                                 sizes.data_ptr(), linkage_code, neighbours, size_penalty, num_merges, 16, depth,
+                                 tile_elements,
                                  cluster.data_ptr(), x.shape[0], labels_out.data_ptr(), dots,
                                  in_place(torch.Tensor.sqrt_), in_place(torch.Tensor.exp_))
     return labels_out
@@ -306,6 +308,54 @@ def test_compiled_driver_buc_is_squared_and_buc_l2_plain(core, tile_elements):
                                         tile_elements)
             expected = buc_oracle(x, labels, num_merges, 0.05, is_squared)
             assert np.array_equal(got.numpy(), expected), f"trial {trial}, code {code}: {got.tolist()} vs {expected}"
+
+
+def tssl_oracle(x: np.ndarray, num_merges: int, neighbours: int, typeset: bool) -> np.ndarray:
+    """Singletons: dense float64 NumPy TSSL Eq. 8 linkages (``D + exp(2D - (a_i + a_j))``, or as typeset
+    ``D + exp(2D) - (a_i + a_j)``; ``a_i`` the mean distance to the ``neighbours`` nearest others),
+    walked by (linkage, i, j), renumbered by first appearance."""
+    x = x.astype(np.float64)
+    count = len(x)
+    distances = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    density = np.array([np.sort(np.delete(distances[i], i))[:neighbours].mean() for i in range(count)])
+    density_sum = density[:, None] + density[None, :]
+    linkage = (distances + np.exp(2 * distances) - density_sum if typeset
+               else distances + np.exp(2 * distances - density_sum))
+    pairs = sorted((linkage[i, j], i, j) for i in range(count) for j in range(i + 1, count))
+    root = list(range(count))
+    merges = 0
+    for _, i, j in pairs:
+        if merges == num_merges:
+            break
+        if root[i] != root[j]:
+            old, new = max(root[i], root[j]), min(root[i], root[j])
+            root = [new if r == old else r for r in root]
+            merges += 1
+    first_seen: dict[int, int] = {}
+    return np.array([first_seen.setdefault(r, len(first_seen)) for r in root])
+
+
+@pytest.mark.parametrize("depth", [1, 4, 40])
+@pytest.mark.parametrize("tile_elements", [7, 1 << 20])
+def test_compiled_driver_tssl_and_tssl_typeset(core, tile_elements, depth):
+    """Codes 1 (tssl) and 4 (tssl_typeset, Eq. 8 as typeset) of the compiled driver: the line case
+    where the readings merge differently (0, 1, 2 dense, 20 and 21.25 sparse with 24 beside them,
+    neighbours 2: tssl joins the sparse pair, tssl_typeset the dense one), then random singletons
+    against the NumPy oracle; shallow nearest lists force the streaming pass after the first."""
+    x = torch.tensor([[0.0], [1.0], [2.0], [20.0], [21.25], [24.0]])
+    labels = torch.arange(6)
+    assert compiled_driver_merge(core, x, labels, 1, 1, 0.0, tile_elements, 2, depth).tolist() == [0, 1, 2, 3, 3, 4]
+    assert compiled_driver_merge(core, x, labels, 1, 4, 0.0, tile_elements, 2, depth).tolist() == [0, 0, 1, 2, 3, 4]
+    generator = np.random.default_rng(4)
+    for trial in range(4):
+        x = generator.normal(size=(40, 3)).astype(np.float32)
+        for num_merges in (1, 12, 39):
+            for code, typeset in ((1, False), (4, True)):
+                got = compiled_driver_merge(core, torch.from_numpy(x), torch.arange(40), num_merges, code, 0.0,
+                                            tile_elements, 3, depth)
+                expected = tssl_oracle(x, num_merges, 3, typeset)
+                assert np.array_equal(got.numpy(), expected), \
+                    f"trial {trial}, code {code}, {num_merges} merges: {got.tolist()} vs {expected.tolist()}"
 
 
 # ============================================================================== evaluation

@@ -2,9 +2,10 @@
 
 Linkages are those of the reference: exact pair distances (a fixed-order inner product, so
 a pair's distance depends on its two points only; see
-:mod:`fastassoc.kernels.reference._tiles`), square roots and tssl's exponentials by torch.
+:mod:`fastassoc.kernels.reference._tiles`), square roots and the exponentials of tssl and
+tssl_typeset by torch.
 
-One point per cluster (centroid and tssl always; buc and buc_l2 from singletons),
+One point per cluster (centroid, tssl and tssl_typeset always; buc and buc_l2 from singletons),
 :func:`_merge_screened`: exact neighbour lists from the self-join of
 :func:`fastassoc.kernels.cpu.knn.topk_self_join` (bf16-screened where the CPU has bf16
 dot products, float32 GEMM proposals otherwise, exact rescoring either way), a proven head
@@ -25,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.cluster import (BUC_LINKAGES, _lexsort, exact_merged_roots, renumber_by_first_appearance,
-                                 union_find_roots, union_pair_keys)
+from ..reference.cluster import (BUC_LINKAGES, TSSL_LINKAGES, _lexsort, exact_merged_roots,
+                                 renumber_by_first_appearance, tssl_typeset_linkage, union_find_roots,
+                                 union_pair_keys)
 from . import knn
 from ._core import compute_dtype
 
@@ -57,7 +59,7 @@ def agglomerative_merge_cpu(x: torch.Tensor, labels: torch.Tensor, num_merges: i
     x : Tensor [N, D], float, CPU
     labels : Tensor [N], int64 >= 0
     num_merges : int, 0 <= num_merges <= C - 1
-    linkage : {"tssl", "centroid", "buc", "buc_l2"}
+    linkage : {"tssl", "tssl_typeset", "centroid", "buc", "buc_l2"}
     neighbours : int >= 1
     size_penalty : float >= 0
     precision : {"highest", "tf32"} (CPU GEMMs are always full precision)
@@ -96,11 +98,12 @@ def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.T
                     size_penalty: float, num_merges: int) -> torch.Tensor | None:
     """The merging step from exact neighbour lists found by a screened (bf16) self-join.
 
-    For one point per cluster (centroid and tssl always; buc from singletons), every
-    linkage is increasing in the pair distance D (and, for tssl, decreasing in a_j), so a
+    For one point per cluster (centroid, tssl and tssl_typeset always; buc from singletons),
+    every linkage is increasing in the pair distance D (and, for the tssl linkages,
+    decreasing in a_j), so a
     pair in neither cluster's list of its ``depth`` nearest has linkage at least
     ``lb_i = link(thr_i, a_i, max a)`` for both its clusters (``thr_i``: the last distance of
-    i's list), hence at least the second smallest ``lb``; for tssl also at least
+    i's list), hence at least the second smallest ``lb``; for the tssl linkages also at least
     ``min_i link(thr_i, a_i, max of a_j over clusters j not after i in thr order)``. The
     listed pairs below the larger bound
     are exactly the head of the global (linkage, i, j) order; they are walked with the
@@ -116,7 +119,7 @@ def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.T
     # buc ranks squared distances (as BUC's code); the others torch's sqrt, as the reference's tiles.
     distances = values if linkage == "buc" else values.sqrt()
     density = None
-    if linkage == "tssl":
+    if linkage in TSSL_LINKAGES:
         k = min(neighbours, num_clusters - 1)
         total = distances[:, 0].clone()
         for column in range(1, k):   # ascending order, as the reference sums
@@ -124,6 +127,8 @@ def _merge_screened(points: torch.Tensor, sq_norms: torch.Tensor, sizes: torch.T
         density = total / k
 
     def link(d: torch.Tensor, i: torch.Tensor, j_density: torch.Tensor | None, j_size: torch.Tensor) -> torch.Tensor:
+        if linkage == "tssl_typeset":
+            return tssl_typeset_linkage(d, density[i] + j_density)
         if linkage == "tssl":
             exponent = density[i] + j_density
             return exponent.sub_(d, alpha=2.0).neg_().exp_().add_(d)

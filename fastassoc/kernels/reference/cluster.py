@@ -13,6 +13,9 @@ Algorithm (the spec every backend's ``agglomerative_merge_<backend>`` must equal
      of the ``k = min(neighbours, C - 1)`` smallest ``D_il`` over ``l != i``, summed in
      ascending order and divided by ``k``. Large exponents overflow to ``inf``; such
      pairs tie and fall back to ``(i, j)`` order.
+   * ``tssl_typeset`` (TSSL Eq. 8 as typeset): ``(D_ij + exp(2 D_ij)) - (a_i + a_j)``, rounded
+     in that order (``a_i + a_j`` once, as for ``tssl``), same ``a_i``. ``exp(2 D)``
+     overflows to ``inf`` for ``D`` above about 44.36 (float32; 354.9 in float64).
    * ``buc``: ``min over samples s in i, t in j of the clamped squared distance
      + size_penalty * (|C_i| + |C_j|)`` (BUC's minimum distance with its diversity term, as
      the public BUC code ranks pairs: squared distances plus ``ratio_n (|C_i| + |C_j|)``).
@@ -29,8 +32,8 @@ bound). Phase 1 walks the GEMM linkages (as below); the pairs that merged there 
 for ``num_merges`` merges, so the exact walk stops at a linkage ``<= U``, the largest
 exact linkage among them. Phase 2 walks exact linkages: every pair whose lower bound is
 ``<= U`` is rescored exactly (buc: the sample pairs within two bounds of the cluster pair's
-GEMM minimum), every other pair is ``inf`` (its exact linkage exceeds ``U``). tssl's
-``a_i`` come from exact nearest lists (``knn.smallest_k_exact``).
+GEMM minimum), every other pair is ``inf`` (its exact linkage exceeds ``U``). The ``a_i`` of
+tssl and tssl_typeset come from exact nearest lists (``knn.smallest_k_exact``).
 
 Memory: the C x C pair matrix is never held. Cluster-pair linkages are produced in row
 tiles of at most ``_backend.tile_elements()`` entries (``j > i`` only); a running buffer
@@ -56,6 +59,8 @@ from .knn import smallest_k_exact
 
 # Linkages over sample pairs (minimum distance between clusters): squared (BUC's code) and plain.
 BUC_LINKAGES = ("buc", "buc_l2")
+# The two readings of TSSL Eq. 8 (text and typeset): both need every cluster's a_i first.
+TSSL_LINKAGES = ("tssl", "tssl_typeset")
 
 # Smallest first batch of pairs kept for the greedy walk (and how much it exceeds
 # num_merges): redundant pairs inside already-joined clusters are common.
@@ -77,7 +82,7 @@ def agglomerative_merge_reference(x: torch.Tensor, labels: torch.Tensor, num_mer
     x : Tensor [N, D], float (validated, contiguous)
     labels : Tensor [N], int64 >= 0
     num_merges : int, 0 <= num_merges <= C - 1
-    linkage : {"tssl", "centroid", "buc", "buc_l2"}
+    linkage : {"tssl", "tssl_typeset", "centroid", "buc", "buc_l2"}
     neighbours : int >= 1
     size_penalty : float >= 0
     precision : {"highest", "tf32"} (ignored: the reference is always exact)
@@ -153,13 +158,17 @@ class _CentroidLinkages:
         means.index_add_(0, cluster_of_sample, x)
         means /= self.sizes.unsqueeze(1)
         self.means, self.sq_norms = means, (means * means).sum(1)
-        self.density = _mean_neighbour_distance(means, self.sq_norms, neighbours) if linkage == "tssl" else None
-        self.gemm_blocks = _centroid_blocks(means, self.sq_norms, self.density)
+        self.typeset = linkage == "tssl_typeset"
+        self.density = (_mean_neighbour_distance(means, self.sq_norms, neighbours) if linkage in TSSL_LINKAGES
+                        else None)
+        self.gemm_blocks = _centroid_blocks(means, self.sq_norms, self.density, self.typeset)
 
     def link(self, distances: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Linkages of pairs (i, j) from their distances (the expression of :func:`_centroid_blocks`)."""
         if self.density is None:
             return distances
+        if self.typeset:
+            return tssl_typeset_linkage(distances, self.density[i] + self.density[j])
         exponent = self.density[i] + self.density[j]
         return exponent.sub_(distances, alpha=2.0).neg_().exp_().add_(distances)
 
@@ -175,7 +184,13 @@ class _CentroidLinkages:
             bound = _tiles.band(means[start:stop], means[start + 1:], "sqeuclidean", sq_norms[start:stop],
                                 sq_norms[start + 1:])
             lower = _lower_distance(squared, bound.unsqueeze(1))
-            if self.density is not None:
+            if self.typeset:
+                # Increasing in the distance for fixed a_i + a_j. The exact path rounds
+                # D + exp(2D), a_i + a_j and their difference (which may cancel): slack on each term.
+                density_sum = (self.density[start:stop, None] + self.density[None, start + 1:]).double()
+                lower = (lower * 2).exp_().add_(lower).mul_(1 - _SLACK) - density_sum * (1 + _SLACK)
+                lower = torch.where(torch.isinf(lower), lower, lower - _SLACK * lower.abs())  # inf - inf is NaN
+            elif self.density is not None:
                 # Increasing in the distance for fixed a_i + a_j (rounded as the exact path rounds it).
                 exponent = lower * 2 - (self.density[start:stop, None] + self.density[None, start + 1:]).double()
                 exponent -= _SLACK * exponent.abs()
@@ -252,13 +267,24 @@ def merge_step(x: torch.Tensor, labels: torch.Tensor, num_merges: int,
     return renumber_by_first_appearance(root[cluster_of_sample])
 
 
-def _centroid_blocks(means: torch.Tensor, sq_norms: torch.Tensor, density: torch.Tensor | None) -> LinkageBlocks:
+def tssl_typeset_linkage(distances: torch.Tensor, density_sum: torch.Tensor) -> torch.Tensor:
+    """TSSL Eq. 8 as typeset: ``(D + exp(2 D)) - (a_i + a_j)`` rounded in that order (shared with cpu).
+
+    ``density_sum`` holds ``a_i + a_j`` already rounded; overflowed ``exp(2 D)`` gives ``inf``.
+    """
+    return (distances * 2).exp_().add_(distances).sub_(density_sum)
+
+
+def _centroid_blocks(means: torch.Tensor, sq_norms: torch.Tensor, density: torch.Tensor | None,
+                     typeset: bool) -> LinkageBlocks:
     num_clusters = means.shape[0]
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in _tiles.row_chunks(num_clusters, num_clusters):
             distances = _tiles.distance_tile(means[start:stop], means[start + 1:], "euclidean", sq_norms[start + 1:])
-            if density is not None:
+            if typeset:
+                distances = tssl_typeset_linkage(distances, density[start:stop, None] + density[None, start + 1:])
+            elif density is not None:
                 # TSSL Eq. 8: D + exp(2D - (a_i + a_j)); a_i + a_j rounds first. In place:
                 # -(s - 2D) is exactly 2D - s, since 2D and negation are exact.
                 exponent = density[start:stop, None] + density[None, start + 1:]

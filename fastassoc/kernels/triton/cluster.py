@@ -12,6 +12,12 @@ Pair linkages are computed on the GPU by the fused distance + top-k kernel
   ascending order divided by the count; the pair launch then evaluates
   ``D + exp(2D - (a_i + a_j))`` in registers. Only ``j > i`` is visited (upper
   triangle: blocks skip the column tiles left of their first row).
+* ``tssl_typeset``: ``(D + exp(2D)) - (a_i + a_j)``, with the same ``a_i``. The pair
+  launch streams plain distances (as ``centroid``); the linkage is evaluated on the host
+  for the streamed pairs (:func:`fastassoc.kernels.reference.cluster.tssl_typeset_linkage`).
+  It is increasing in ``D`` and decreasing in ``a_j``, so a row's unseen pairs (all at
+  ``D >=`` its last streamed distance) have linkage at least its *floor*: the linkage at
+  that distance with ``a_j`` the largest ``a`` among the row's columns ``j > i``.
 * ``buc`` / ``buc_l2``: rows and columns are the samples; pairs ``s < t`` of *different*
   clusters (group mask) with value ``d^2(s, t) + size_penalty * (|C_s| + |C_t|)`` (``buc``,
   the public BUC code's expression) or ``sqrt(d^2(s, t)) + ...`` (``buc_l2``). The
@@ -23,10 +29,11 @@ Streaming selection: every row keeps its ``r`` smallest pairs by ``(value, colum
 (``r`` from ``num_merges / rows``, at least 8). The union ``U`` of the lists is sorted
 by ``(value, i, j)`` and walked greedily (host union-find) until ``num_merges`` merges,
 stopping at value ``tau``. The walk is exact when every pair with value ``<= tau`` is
-in ``U``: a row whose list is full and whose last value is ``<= tau`` may hide more
+in ``U``: a row whose list is full and whose last value (``tssl_typeset``: its floor) is
+``<= tau`` may hide more
 such pairs, so those rows alone are rescanned for their next 64 pairs strictly after
 their last one (the kernel's lower-bound mask) and the walk is redone, until no row is
-deficient. Typically one full pass (two for ``tssl``) plus small rescans of dense rows.
+deficient. Typically one full pass (two for the tssl linkages) plus small rescans of dense rows.
 
 Greedy union: on the host. The walk is inherently sequential (each merge decides the
 next skip), touches ~``num_merges`` (plus skipped) pairs and needs only their keys: a
@@ -45,7 +52,8 @@ import math
 
 import torch
 
-from ..reference.cluster import BUC_LINKAGES, merge_step, union_find_roots, union_pair_keys
+from ..reference.cluster import (BUC_LINKAGES, TSSL_LINKAGES, merge_step, tssl_typeset_linkage, union_find_roots,
+                                 union_pair_keys)
 from . import _common
 from ._common import Operand, RowGroup
 from .knn import topk_anchors_triton
@@ -59,7 +67,7 @@ class _PairStream:
 
     def __init__(self, operand: Operand, num_rows: int, num_clusters: int, precision: str, *,
                  cluster_of_row: torch.Tensor | None, linkage: int, row_bias: torch.Tensor | None,
-                 bias_scale: float):
+                 bias_scale: float, typeset_density: torch.Tensor | None = None):
         self.operand = operand
         self.num_rows = num_rows
         self.num_clusters = num_clusters
@@ -68,6 +76,26 @@ class _PairStream:
         self.linkage = linkage
         self.row_bias = row_bias
         self.bias_scale = bias_scale
+        # tssl_typeset: a_i [C] (the stream carries plain distances), and for every row the
+        # largest a_j over its columns j > i (the last row has none; its entry is unused).
+        self.typeset_density = typeset_density
+        if typeset_density is not None:
+            suffix_max = torch.flip(torch.cummax(torch.flip(typeset_density, [0]), 0).values, [0])
+            self.column_density_max = torch.cat([suffix_max[1:], typeset_density[-1:]])
+
+    def ranked(self, rows: torch.Tensor, values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The walk's values of streamed pairs (rows [R, 1], values and columns [R, c])."""
+        if self.typeset_density is None:
+            return values
+        density = self.typeset_density
+        columns = columns.clamp(max=self.num_rows - 1)   # padding: its value is dropped by the caller
+        return tssl_typeset_linkage(values, density[rows] + density[columns])
+
+    def floor(self, rows: torch.Tensor, last_value: torch.Tensor) -> torch.Tensor:
+        """Lowest walk value of the pairs of ``rows`` [R] after their last streamed one (stream value ``last_value``)."""
+        if self.typeset_density is None:
+            return last_value
+        return tssl_typeset_linkage(last_value, self.typeset_density[rows] + self.column_density_max[rows])
 
     def scan(self, rows: torch.Tensor, count: int, lower=None):
         """The ``count`` next pairs (j > row) of ``rows`` -> (values [R, count], columns [R, count])."""
@@ -113,7 +141,7 @@ def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) ->
     first = min(_common.K_MAX, max(_MIN_FIRST, 1 << max(wanted - 1, 0).bit_length()))
     values, columns = stream.scan(all_rows, first)
     found = columns < _common.PAD_INDEX
-    pool_values = [values[found]]
+    pool_values = [stream.ranked(all_rows.unsqueeze(1), values, columns)[found]]
     pool_keys = [stream.pair_keys(all_rows.unsqueeze(1), columns)[found]]
     full = found[:, -1].clone()
     last_value, last_column = values[:, -1].clone(), columns[:, -1].clone()
@@ -126,7 +154,7 @@ def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) ->
         pool_value, pool_key = pool_value[by_value], pool_key[by_value]
         parent, stop_value = _walk(pool_value, pool_key, num_clusters, num_merges)
         # Rows whose next (unseen) pair may be <= the stop value must be rescanned.
-        deficient = full if stop_value is None else full & (last_value <= stop_value)
+        deficient = full if stop_value is None else full & (stream.floor(all_rows, last_value) <= stop_value)
         rows = torch.nonzero(deficient).squeeze(1)
         if rows.numel() == 0:
             if stop_value is None:
@@ -135,7 +163,7 @@ def _greedy_merge(stream: _PairStream, num_merges: int, device: torch.device) ->
         lower = (last_value[rows].contiguous(), last_column[rows].contiguous())
         values, columns = stream.scan(rows, _RESCAN, lower=lower)
         found = columns < _common.PAD_INDEX
-        pool_values = [pool_value, values[found]]
+        pool_values = [pool_value, stream.ranked(rows.unsqueeze(1), values, columns)[found]]
         pool_keys = [pool_key, stream.pair_keys(rows.unsqueeze(1), columns)[found]]
         full[rows] = found[:, -1]
         last_value[rows] = values[:, -1]
@@ -187,11 +215,17 @@ def agglomerative_merge_triton(x: torch.Tensor, labels: torch.Tensor, num_merges
             means /= sizes.unsqueeze(1)
             operand = _common.prepare(means, "euclidean")
             density = None
-            if linkage == "tssl":
+            if linkage in TSSL_LINKAGES:
                 density = _mean_neighbour_distance(operand, num_clusters, neighbours, precision).contiguous()
-            stream = _PairStream(operand, num_clusters, num_clusters, precision, cluster_of_row=None,
-                                 linkage=_common.LINKAGE_TSSL if density is not None else _common.LINKAGE_NONE,
-                                 row_bias=density, bias_scale=0.0)
+            if linkage == "tssl_typeset":
+                # Plain distances streamed; the typeset linkage is applied to the streamed pairs.
+                stream = _PairStream(operand, num_clusters, num_clusters, precision, cluster_of_row=None,
+                                     linkage=_common.LINKAGE_NONE, row_bias=None, bias_scale=0.0,
+                                     typeset_density=density)
+            else:
+                stream = _PairStream(operand, num_clusters, num_clusters, precision, cluster_of_row=None,
+                                     linkage=_common.LINKAGE_TSSL if density is not None else _common.LINKAGE_NONE,
+                                     row_bias=density, bias_scale=0.0)
         return _greedy_merge(stream, num_merges, x.device)
 
     return merge_step(x, labels, num_merges, merged_roots)
