@@ -43,9 +43,12 @@ Readings and options
     "models the difference between" the pair's centroid distance and the clusters' mean
     neighbour distances; the default ``"tssl"`` is that text reading,
     ``D + exp(2 D - (a_i + a_j))`` (the op's ``tssl`` linkage). ``"tssl_typeset"`` is the
-    typeset reading, where the build's :func:`fastassoc.agglomerative_merge` offers it (a
-    clear error otherwise). ``"centroid"`` and ``"buc"`` (BUC's minimum distance, Fig. 5's
-    variants) are the alternatives the op offers.
+    typeset reading, ``D + exp(2 D) - (a_i + a_j)`` with the same ``a_i`` (the op's
+    ``tssl_typeset``). ``"centroid"``, ``"buc"`` and ``"buc_l2"`` are the alternatives the op
+    offers (BUC's minimum distance, Fig. 5's variants): ``"buc"`` ranks cluster pairs by the
+    *squared* minimum sample distance, as BUC's public code does, ``"buc_l2"`` by the plain
+    minimum distance. This trainer passes no size penalty (BUC's diversity term), so the two
+    merge alike here (the square root keeps the order, up to ties from rounding).
 ``merge_features``
     ``"cluster_memory"`` (default): ``D_c`` between cluster-memory vectors ``V_c`` as Eq. 8
     writes it; ``"tracklet_memory"``: between the means of the members' tracklet-memory rows.
