@@ -35,7 +35,10 @@ Providers
   the reason in the skip message.
 * ``reference``  fastassoc, pure-torch reference backend (sparse result).
 * ``cpu``        fastassoc, compiled backend; skipped with the reason while
-  ``fastassoc._backend`` lists it as pending, run as soon as it lands.
+  ``fastassoc._backend`` lists it as pending, run as soon as it lands. Without
+  ``max_distance`` its lists are proposed by a bf16 GEMM where the CPU has bf16 dot
+  products; ``cpu-f32`` forces float32 proposals there (``FASTASSOC_CPU_SCREEN=off``: the
+  same matrix, less memory, slower lists), to weigh the two on the machine at hand.
 * ``gemm``       the floor: the bare float32 ``[N, D] x [D, N]`` GEMM of the k1-NN search,
   in row blocks of ``fastassoc.tile_limit`` elements into one reused tile (the full N x N
   product would itself need 4.3 GB at W-jaccard-MSMT).
@@ -86,7 +89,7 @@ WORKLOADS = {
 }
 CASES = [  # (workload, max_distance, provider)
     ("W-jaccard", None, "spcl"), ("W-jaccard", None, "reference"), ("W-jaccard", None, "cpu"),
-    ("W-jaccard", None, "gemm"),
+    ("W-jaccard", None, "gemm"), ("W-jaccard", None, "cpu-f32"),
     ("W-jaccard", EPS, "reference"), ("W-jaccard", EPS, "cpu"),
     ("W-jaccard-MSMT", EPS, "spcl"), ("W-jaccard-MSMT", EPS, "reference"), ("W-jaccard-MSMT", EPS, "cpu"),
     ("W-jaccard-MSMT", EPS, "gemm"),
@@ -190,12 +193,19 @@ def runner(provider: str, x: torch.Tensor, max_distance: float | None):
         return lambda: spcl_jaccard(x, K1, K2)
     if provider == "gemm":
         return knn_gemm(x)
+    if provider == "cpu-f32":
+        from fastassoc.kernels.cpu import _screen
+
+        def unscreened():
+            with _screen.forced("off"):
+                return fastassoc.jaccard_distance(x, K1, K2, max_distance=max_distance, backend="cpu")
+        return unscreened
     return lambda: fastassoc.jaccard_distance(x, K1, K2, max_distance=max_distance, backend=provider)
 
 
 def skip_reason(provider: str, n: int) -> str | None:
-    if provider in ("reference", "cpu"):
-        status = _backend.available_backends("jaccard_distance")["jaccard_distance"][provider]
+    if provider in ("reference", "cpu", "cpu-f32"):
+        status = _backend.available_backends("jaccard_distance")["jaccard_distance"][provider.split("-")[0]]
         return None if status is True else f"fastassoc {provider} backend: {status}"
     if provider == "spcl":
         needed = SPCL_DENSE_ARRAYS * n * n * 4
@@ -222,12 +232,12 @@ def measured(function, warm_up=None):
 @functools.lru_cache(maxsize=None)
 def reference_result(name: str, max_distance: float | None):
     x = jaccard_workload(name)
-    return measured(runner("reference", x, max_distance), warm_up(x, "reference"))
+    return measured(runner("reference", x, max_distance), warm_up(x, "reference", max_distance))
 
 
-def warm_up(x: torch.Tensor, provider: str):
+def warm_up(x: torch.Tensor, provider: str, max_distance: float | None):
     """A call of ``provider`` on the first 512 rows."""
-    return lambda: fastassoc.jaccard_distance(x[:512].contiguous(), K1, K2, backend=provider)
+    return runner(provider, x[:512].contiguous(), max_distance)
 
 
 def sparse_entries(matrix: torch.Tensor):
@@ -331,7 +341,10 @@ def test_jaccard_distance(benchmark, report, timed, case):
     elif provider == "gemm":
         peak = peak_extra_bytes(run)
     else:
-        got, peak = (expected, expected_peak) if provider == "reference" else measured(run, warm_up(x, provider))
+        if provider == "reference":
+            got, peak = expected, expected_peak
+        else:
+            got, peak = measured(run, warm_up(x, provider, max_distance))
         if provider != "reference":
             compare_sparse(got, expected, what)
         extra.update(returned_mb=matrix_bytes(got) / 2**20,
