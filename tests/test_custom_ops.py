@@ -55,7 +55,7 @@ def _opcheck_cases(backend: str):
                                                        "highest", backend)
         yield "knn_soft_labels", f"k2-{name}", (x, cameras, 2, None, "highest", backend)
         yield "knn_soft_labels", f"k0-{name}", (x, cameras, 0, 3, "highest", backend)
-        for linkage in ("tssl", "centroid", "buc", "buc_l2"):
+        for linkage in ("tssl", "tssl_typeset", "centroid", "buc", "buc_l2"):
             yield "agglomerative_merge", f"{linkage}-{name}", (x, labels, 3, linkage, 2, 0.1, "highest", backend)
         yield "agglomerative_merge", f"no-merge-{name}", (x, labels, 0, "tssl", 2, 0.0, "highest", backend)
         for reduce in ("mean", "sum", "sequential"):
