@@ -292,3 +292,13 @@ def test_registry_and_presets():
         # Every loss term and progressive merging stay on; no camera information is used.
         assert config.frame_weight > 0 and config.cluster_weight > 0 and config.lambda_neighbour > 0
         assert config.max_merge_steps > 0 and config.first_stage_epochs < config.epochs
+
+
+def test_tssl_typeset_linkage_is_accepted_and_merges_as_the_op(world):
+    trainer = _ready(world, linkage="tssl_typeset")
+    num = len(trainer.train)
+    memory = trainer.cluster_memory.clone()
+    merges = trainer.merge()
+    direct = fastassoc.agglomerative_merge(memory, torch.arange(num), merges, linkage="tssl_typeset",
+                                           neighbours=4, backend="reference")
+    assert torch.equal(direct[:, None] == direct[None, :], trainer.labels[:, None] == trainer.labels[None, :])
