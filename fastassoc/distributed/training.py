@@ -122,16 +122,7 @@ def average_gradients(*modules: torch.nn.Module | None, group=None) -> None:
     if any(not torch.equal(e, flags) for e in every):
         raise RuntimeError("average_gradients: the ranks' parameters differ in which have a gradient; run the same "
                            "forward on every rank (unused parameters need a zero loss term)")
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    _average_in_place([p.grad for p in parameters if p.grad is not None], world_size, group)
 
 
 def average_buffers(*modules: torch.nn.Module | None, group=None) -> None:
@@ -144,19 +135,24 @@ def average_buffers(*modules: torch.nn.Module | None, group=None) -> None:
     (``num_batches_tracked``) are equal on all ranks already. Call after every optimiser step,
     so that the ranks' models stay identical; sends about ``2 (W - 1) / W`` times the buffers' bytes.
     """
-    if world(group)[1] == 1:
-        return
     world_size = world(group)[1]
-    buffers = [b for m in modules if m is not None for b in m.buffers() if b.is_floating_point()]
-    if not buffers:
+    if world_size == 1:
         return
-    flat = torch.cat([b.reshape(-1) for b in buffers])
+    _average_in_place([b for m in modules if m is not None for b in m.buffers() if b.is_floating_point()],
+                      world_size, group)
+
+
+def _average_in_place(tensors: list[torch.Tensor], world_size: int, group) -> None:
+    """Replace each tensor by its mean over the ranks: one all-reduce of them flattened together."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
     flat /= world_size
     offset = 0
-    for b in buffers:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def all_gather_batch(*tensors: torch.Tensor, group=None) -> tuple[torch.Tensor, ...]:
