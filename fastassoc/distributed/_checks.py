@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._comm import exchange_counts
+from ._comm import ShardLayout, exchange_counts, layout_from_sizes
 
 
 def value_dtype(x: torch.Tensor) -> torch.dtype:
@@ -30,3 +30,17 @@ def agree(error: BaseException | None, values: list[int] | None, width: int, gro
         raise ValueError(f"the arguments of rank(s) {failed} were refused there (see their error); every rank "
                          "stops so that none waits in a collective")
     return [row[1:] for row in gathered]
+
+
+def agree_rows(error: BaseException | None, name: str, x, extra: list[int] | None, width: int, group=None
+               ) -> tuple[ShardLayout, list[list[int]]]:
+    """:func:`agree` on this rank's rows of ``x`` [n, D] and ``width`` more integers ``extra``.
+
+    ``extra`` is read only when ``error`` is None. Raises when the ranks' ``D`` differ. Returns
+    the rows' layout and each rank's ``extra``. Sends ``8 (W - 1) (width + 3)`` bytes.
+    """
+    device = x.device if isinstance(x, torch.Tensor) else None
+    stats = agree(error, None if error else [x.shape[0], x.shape[1], *extra], width + 2, group, device)
+    if len({s[1] for s in stats}) > 1:
+        raise ValueError(f"{name} must have the same feature dimension on every rank; got {[s[1] for s in stats]}")
+    return layout_from_sizes([s[0] for s in stats], group), [s[2:] for s in stats]

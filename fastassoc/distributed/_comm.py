@@ -82,6 +82,40 @@ def all_to_all_rows(parts: list[torch.Tensor], receive_rows: list[int], group=No
         [template.new_empty((n,) + tail) for n in receive_rows]
 
 
+def route_to_owners(owners: torch.Tensor, payloads: list[torch.Tensor], world_size: int, group=None
+                    ) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Send row ``i`` of every payload to rank ``owners[i]``; return what this rank receives.
+
+    A stable sort by owner keeps each rank's rows in their order, and the received rows are
+    concatenated in sending-rank order: a row's receiver sees the rows in the order of the
+    ranks' inputs concatenated in rank order (what makes the sharded ops' sums the
+    single-process ones).
+
+    Parameters
+    ----------
+    owners : Tensor [R], int64 in [0, world_size), the destination of each row
+    payloads : Tensors [R, ...], rows sent together (each keeps its dtype and trailing shape)
+    world_size : int, the size of ``group``
+
+    Returns
+    -------
+    received : list of Tensor [S, ...], one per payload, ``S`` rows from all ranks
+    send_counts : list of int, rows sent to each rank (what a reply to the senders gets back)
+    receive_counts : list of int, rows received from each rank
+
+    Sends ``8 (W - 1)`` (the counts) plus, per row owned by another rank, the row's bytes of
+    every payload.
+    """
+    order = torch.argsort(owners, stable=True)
+    send = torch.bincount(owners, minlength=world_size)
+    receive_counts = torch.cat(all_to_all_rows(list(send.view(-1, 1).split(1)), [1] * world_size, group)
+                               ).view(-1).tolist()
+    send_counts = send.tolist()
+    received = [torch.cat(all_to_all_rows(list(p[order].split(send_counts)), receive_counts, group))
+                for p in payloads]
+    return received, send_counts, receive_counts
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Where every rank's contiguous block of rows sits in the concatenated (global) array.

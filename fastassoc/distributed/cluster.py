@@ -29,8 +29,8 @@ from .. import ops as _ops
 from ..kernels.reference import _tiles
 from ..kernels.reference.cluster import union_find_roots, union_pair_keys
 from ..kernels.reference.knn import smallest_k_exact
-from ._checks import agree
-from ._comm import (QUERY_CHUNK, ShardLayout, all_gather_padded, all_to_all_rows, exchange_counts, layout_from_sizes,
+from ._checks import agree_rows
+from ._comm import (QUERY_CHUNK, ShardLayout, all_gather_padded, exchange_counts, layout_from_sizes, route_to_owners,
                     sharded_search)
 
 # Relative slack on lower bounds, as the single-process op's (float32 roundings of sqrt, exp, sums).
@@ -83,18 +83,14 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
         distinct_local = torch.unique(labels)
     except (TypeError, ValueError) as caught:
         error = caught
-    device = x.device if isinstance(x, torch.Tensor) else None
-    stats = agree(error, None if error else [x.shape[0], x.shape[1], distinct_local.numel()], 3, group, device)
-    if len({s[1] for s in stats}) > 1:
-        raise ValueError(f"x must have the same feature dimension on every rank; got {[s[1] for s in stats]}")
-    layout = layout_from_sizes([s[0] for s in stats], group)
-    distinct = torch.unique(torch.cat(all_gather_padded(distinct_local, [s[2] for s in stats], group)))
+    layout, counts = agree_rows(error, "x", x, None if error else [distinct_local.numel()], 1, group)
+    distinct = torch.unique(torch.cat(all_gather_padded(distinct_local, [c[0] for c in counts], group)))
     num_clusters = distinct.numel()
     if num_merges > max(num_clusters - 1, 0):
         raise ValueError(f"num_merges must be at most the number of clusters minus one ({max(num_clusters - 1, 0)}, "
                          f"over all ranks), got {num_merges}")
     cluster_of_sample = torch.searchsorted(distinct, labels)
-    roots = torch.arange(num_clusters, device=device)
+    roots = torch.arange(num_clusters, device=x.device)
     if num_merges > 0 and num_clusters > 1:
         roots = _merged_roots(_tiles.prepare(x, "euclidean"), cluster_of_sample, num_clusters, num_merges, linkage,
                               neighbours, layout, group, query_chunk)
@@ -122,14 +118,8 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
     cluster_sizes = [num_clusters * (r + 1) // world - num_clusters * r // world for r in range(world)]
     clusters = layout_from_sizes(cluster_sizes, group)
     # Step 1: every sample to its cluster's owner, in global sample order.
-    owners = clusters.owner(cluster_of_sample)
-    order = torch.argsort(owners, stable=True)
-    send_counts = torch.bincount(owners, minlength=world)
-    received_counts = torch.cat(all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * world, group)
-                                ).view(-1).tolist()
-    split = send_counts.tolist()
-    rows = torch.cat(all_to_all_rows(list(features[order].split(split)), received_counts, group))
-    ids = torch.cat(all_to_all_rows(list(cluster_of_sample[order].split(split)), received_counts, group))
+    (rows, ids), _, _ = route_to_owners(clusters.owner(cluster_of_sample), [features, cluster_of_sample], world,
+                                        group)
     local_ids = ids - clusters.offset
     sizes = torch.bincount(local_ids, minlength=clusters.size).to(dtype)
     means = torch.zeros(clusters.size, features.shape[1], dtype=dtype, device=device)

@@ -14,8 +14,8 @@ import torch
 from .. import ops as _ops
 from ..kernels.reference._tiles import prepare
 from ..ops._sparse import CSRMatrix
-from ._checks import agree, value_dtype
-from ._comm import QUERY_CHUNK, all_gather_padded, all_to_all_rows, layout_from_sizes, sharded_search
+from ._checks import agree, agree_rows, value_dtype
+from ._comm import QUERY_CHUNK, all_gather_padded, route_to_owners, sharded_search
 from .knn import local_topk, search
 
 
@@ -42,14 +42,9 @@ def _camera_inputs(x, cameras, num_cameras, k, group):
         labels = torch.unique(cameras)
     except (TypeError, ValueError) as caught:
         error = caught
-    device = x.device if isinstance(x, torch.Tensor) else None
-    stats = agree(error, None if error else [x.shape[0], x.shape[1], labels.numel()], 3, group, device)
-    if len({s[1] for s in stats}) > 1:
-        raise ValueError(f"x must have the same feature dimension on every rank; got {[s[1] for s in stats]}")
-    layout = layout_from_sizes([s[0] for s in stats], group)
+    layout, counts = agree_rows(error, "x", x, None if error else [labels.numel()], 1, group)
     # Only which rows share a camera matters: number the distinct labels of all ranks.
-    every = torch.cat(all_gather_padded(labels, [s[2] for s in stats], group))
-    distinct = torch.unique(every)
+    distinct = torch.unique(torch.cat(all_gather_padded(labels, [c[0] for c in counts], group)))
     return x, torch.searchsorted(distinct, cameras), distinct.numel(), layout, min(k, layout.total)
 
 
@@ -58,13 +53,8 @@ def _mutual_rows(sources: torch.Tensor, targets: torch.Tensor, layout, group) ->
 
     Each pair is sent reversed to the owner of ``j``: 16 bytes per pair with ``j`` on another rank.
     """
-    owners = layout.owner(targets)
-    order = torch.argsort(owners, stable=True)
-    send_counts = torch.bincount(owners, minlength=layout.world_size)
-    received_counts = torch.cat(all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * layout.world_size,
-                                                group)).view(-1).tolist()
-    reverse = torch.stack([targets, sources], 1)[order]
-    received = torch.cat(all_to_all_rows(list(reverse.split(send_counts.tolist())), received_counts, group))
+    (received,), _, _ = route_to_owners(layout.owner(targets), [torch.stack([targets, sources], 1)],
+                                        layout.world_size, group)
     total = layout.total
     return torch.isin(sources * total + targets, received[:, 0] * total + received[:, 1])
 

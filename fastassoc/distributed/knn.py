@@ -17,7 +17,7 @@ import torch
 
 from .. import ops as _ops
 from ..kernels.reference._tiles import exact_distances, prepare
-from ._comm import QUERY_CHUNK, all_to_all_rows, check_same, layout_from_sizes, sharded_search
+from ._comm import QUERY_CHUNK, check_same, layout_from_sizes, route_to_owners, sharded_search
 from ._checks import agree, value_dtype
 
 
@@ -252,12 +252,7 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 1, *, metric: str = "s
     found = ba_indices >= 0
     rows_b = (torch.arange(b.shape[0], device=a.device) + layout_b.offset).unsqueeze(1).expand_as(ba_indices)
     reverse = torch.stack([ba_indices[found], rows_b[found]], 1)
-    owners = layout_a.owner(reverse[:, 0])
-    reverse = reverse[torch.argsort(owners, stable=True)]
-    send_counts = torch.bincount(owners, minlength=layout_a.world_size)
-    receive_counts = all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * layout_a.world_size, group)
-    received = torch.cat(all_to_all_rows(list(reverse.split(send_counts.tolist())),
-                                         [int(c) for c in torch.cat(receive_counts).view(-1)], group))
+    (received,), _, _ = route_to_owners(layout_a.owner(reverse[:, 0]), [reverse], layout_a.world_size, group)
     num_b = layout_b.total
     rows_a = torch.arange(a.shape[0], device=a.device).unsqueeze(1).expand_as(ab_indices)
     found = ab_indices >= 0

@@ -5,7 +5,7 @@ import torch
 
 from .. import ops as _ops
 from ._checks import agree
-from ._comm import all_to_all_rows, layout_from_sizes
+from ._comm import layout_from_sizes, route_to_owners
 
 
 def ema_update_(bank: torch.Tensor, index: torch.Tensor, values: torch.Tensor, momentum: float, *,
@@ -57,14 +57,8 @@ def ema_update_(bank: torch.Tensor, index: torch.Tensor, values: torch.Tensor, m
     if max(s[1] for s in stats) >= layout.total:
         raise ValueError(f"index must be in [0, {layout.total}) (global rows of the bank over all ranks); "
                          f"got {max(s[1] for s in stats)} on rank {max(range(len(stats)), key=lambda r: stats[r][1])}")
-    owners = layout.owner(index)
-    order = torch.argsort(owners, stable=True)
-    send_counts = torch.bincount(owners, minlength=layout.world_size)
-    received_counts = torch.cat(all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * layout.world_size,
-                                                group)).view(-1).tolist()
-    split = send_counts.tolist()
-    routed_index = torch.cat(all_to_all_rows(list(index[order].split(split)), received_counts, group))
-    routed_values = torch.cat(all_to_all_rows(list(values[order].split(split)), received_counts, group))
+    (routed_index, routed_values), _, _ = route_to_owners(layout.owner(index), [index, values], layout.world_size,
+                                                          group)
     if bank.shape[0]:
         _ops.ema_update_(bank, routed_index - layout.offset, routed_values, momentum, normalize=normalize,
                          reduce=reduce, backend=backend)

@@ -29,8 +29,8 @@ from .. import _backend
 from ..kernels.reference._tiles import band, distance_tile, exact_distances, exact_dots, prepare, row_chunks
 from ..kernels.reference.knn import smallest_k_exact
 from ..ops._sparse import CSRMatrix
-from ._checks import agree
-from ._comm import QUERY_CHUNK, all_gather_padded, all_to_all_rows, layout_from_sizes, sharded_search
+from ._checks import agree_rows
+from ._comm import QUERY_CHUNK, all_gather_padded, all_to_all_rows, route_to_owners, sharded_search
 from .graph import _rows_csr
 
 
@@ -92,11 +92,8 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
         query_chunk = _ops._checks.non_negative_int("query_chunk", query_chunk, minimum=1)
     except (TypeError, ValueError) as caught:
         error = caught
-    device = features.device if isinstance(features, torch.Tensor) else None
-    stats = agree(error, None if error else [features.shape[0], features.shape[1]], 2, group, device)
-    if len({s[1] for s in stats}) > 1:
-        raise ValueError(f"features must have the same dimension on every rank; got {[s[1] for s in stats]}")
-    layout = layout_from_sizes([s[0] for s in stats], group)
+    layout, _ = agree_rows(error, "features", features, [], 0, group)
+    device = features.device
     num_rows, offset, size = layout.total, layout.offset, layout.size
     x = prepare(features, metric)
     local_rows = torch.arange(size, device=device) + offset
@@ -166,15 +163,8 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6, *, weigh
     high = torch.cat(high) if high else local_rows[:0]
     distances = torch.cat(distances) if distances else torch.zeros(0, dtype=torch.float32, device=device)
     # The mirrored entry (j, i) belongs to j's owner.
-    owners = layout.owner(high)
-    order = torch.argsort(owners, stable=True)
-    send_counts = torch.bincount(owners, minlength=layout.world_size)
-    received_counts = torch.cat(all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * layout.world_size,
-                                                group)).view(-1).tolist()
-    split = send_counts.tolist()
-    mirrored = torch.cat(all_to_all_rows(list(torch.stack([high, low], 1)[order].split(split)), received_counts,
-                                         group))
-    mirrored_values = torch.cat(all_to_all_rows(list(distances[order].split(split)), received_counts, group))
+    (mirrored, mirrored_values), _, _ = route_to_owners(layout.owner(high), [torch.stack([high, low], 1), distances],
+                                                        layout.world_size, group)
     all_rows = torch.cat([low, mirrored[:, 0], local_rows]) - offset
     all_cols = torch.cat([high, mirrored[:, 1], local_rows])
     all_values = torch.cat([distances, mirrored_values, torch.zeros(size, dtype=torch.float32, device=device)])
@@ -190,13 +180,10 @@ def _run_lengths(rows: torch.Tensor, layout) -> list[int]:
 def _local_pair_values(x, norms, rows, cols, layout, metric, zhong, group) -> torch.Tensor:
     """Exact dots (spcl) or distances (zhong) of this rank's pairs ``(i, m)``, fetching remote rows ``m``."""
     offset, size = layout.offset, layout.size
+    # Sorted, so the owners are non-decreasing and the route keeps this order: the replies come back in it.
     remote = cols[(cols < offset) | (cols >= offset + size)].unique()
-    owners = layout.owner(remote)
-    send_counts = torch.bincount(owners, minlength=layout.world_size)
-    asked_counts = torch.cat(all_to_all_rows(list(send_counts.view(-1, 1).split(1)), [1] * layout.world_size,
-                                             group)).view(-1).tolist()
-    asked = torch.cat(all_to_all_rows(list(remote.split(send_counts.tolist())), asked_counts, group))
-    served = all_to_all_rows(list(x[asked - offset].split(asked_counts)), send_counts.tolist(), group)
+    (asked,), send_counts, asked_counts = route_to_owners(layout.owner(remote), [remote], layout.world_size, group)
+    served = all_to_all_rows(list(x[asked - offset].split(asked_counts)), send_counts, group)
     fetched = torch.cat(served) if served else x[:0]
     # Rows by global index: local block first, then the fetched ones.
     table_index = torch.cat([torch.arange(size, device=x.device) + offset, remote])
