@@ -15,6 +15,7 @@ import os
 import tempfile
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -85,6 +86,29 @@ def run_cases(module: str, names: list[str], world: int) -> list[dict]:
         mp.start_processes(_worker, args=(world, init_file, out_dir, module, names), nprocs=world, join=True,
                            start_method="fork")
         return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
+
+
+def results_fixture(names: list[str]):
+    """A module-scoped fixture ``(world, per-rank results)``: the calling module's cases ``names`` on 2 and 3 ranks."""
+    @pytest.fixture(scope="module", params=[2, 3])
+    def results(request):
+        return request.param, run_cases(request.module.__name__, names, request.param)
+    return results
+
+
+def case_results(per_rank: list[dict], name: str) -> list[tuple]:
+    """Each rank's ``(value, bytes sent)`` for case ``name``; a rank's error fails the test with its message."""
+    outputs = []
+    for rank_results in per_rank:
+        status, value, sent = rank_results[name]
+        assert status == "ok", value
+        outputs.append((value, sent))
+    return outputs
+
+
+def case_values(per_rank: list[dict], name: str) -> list:
+    """Each rank's value for case ``name`` (see :func:`case_results`)."""
+    return [value for value, _ in case_results(per_rank, name)]
 
 
 def split_sizes(total: int, world: int, pattern: str) -> list[int]:

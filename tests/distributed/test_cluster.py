@@ -7,7 +7,7 @@ import torch
 import fastassoc
 import fastassoc.distributed as fd
 
-from ._harness import block, run_cases, split_sizes
+from ._harness import block, case_values, results_fixture, split_sizes
 
 
 def _samples(seed: int, num_rows: int, num_labels: int):
@@ -45,9 +45,7 @@ def _case(name):
 CASES = [(name, _case(name)) for name in SPECS]
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def results(request):
-    return request.param, run_cases(__name__, list(SPECS), request.param)
+results = results_fixture(list(SPECS))
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -59,11 +57,6 @@ def test_agglomerative_merge_equals_single_process(results, name, backend):
     options = dict(options)
     num_merges = options.pop("num_merges")
     expected = fastassoc.agglomerative_merge(x, labels, num_merges, backend=backend, **options)
-    parts = []
-    for rank_results in per_rank:
-        status, value, _ = rank_results[name]
-        assert status == "ok", value
-        parts.append(value[0])
-    got = torch.cat(parts)
+    got = torch.cat([value[0] for value in case_values(per_rank, name)])
     assert torch.equal(got, expected), (got, expected)
     assert int(expected.max()) + 1 == torch.unique(labels).numel() - num_merges

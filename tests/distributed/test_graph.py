@@ -12,7 +12,7 @@ import fastassoc
 import fastassoc.distributed as fd
 from fastassoc.ops._sparse import CSRMatrix
 
-from ._harness import block, run_cases, split_sizes
+from ._harness import block, case_values, results_fixture, split_sizes
 
 
 def _tracklets(seed: int, num_rows: int, num_cameras: int, dtype=torch.float32):
@@ -92,22 +92,29 @@ def _ema_case(name):
     return case
 
 
+def _refusals(world, rank):
+    """Each rank's error message from the row-sharded ops when one rank's rows are one column wider,
+    and when one rank alone passes a bad argument: every rank must raise, none wait in a collective."""
+    x = torch.zeros(3, 4 + (rank == world - 1))
+    cameras = torch.arange(3)
+    calls = [lambda: fd.cross_camera_graph(x, cameras, 1), lambda: fd.agglomerative_merge(x, cameras, 1),
+             lambda: fd.jaccard_distance(x, 2, 1),
+             lambda: fd.cross_camera_graph(x[:, :4], cameras, -1 if rank == 0 else 1)]
+    messages = []
+    for call in calls:
+        try:
+            call()
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    return tuple(messages)
+
+
 CASES = [(f"graph_{n}", _graph_case(n)) for n in GRAPH_SPECS] + [(f"soft_{n}", _soft_case(n)) for n in SOFT_SPECS] \
-    + [(n, _ema_case(n)) for n in EMA_SPECS]
+    + [(n, _ema_case(n)) for n in EMA_SPECS] + [("refusals", _refusals)]
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def results(request):
-    return request.param, run_cases(__name__, [name for name, _ in CASES], request.param)
-
-
-def _outputs(per_rank, name):
-    outputs = []
-    for rank_results in per_rank:
-        status, value, _ = rank_results[name]
-        assert status == "ok", value
-        outputs.append(value)
-    return outputs
+results = results_fixture([name for name, _ in CASES])
 
 
 def _stack_rows(parts, num_cols) -> torch.Tensor:
@@ -137,7 +144,7 @@ def test_cross_camera_graph_equals_single_process(results, name):
     dtype, options = _graph_options(options)
     x, cameras = _tracklets(rows, rows, cams, dtype)
     expected = fastassoc.cross_camera_graph(x, cameras, as_tuple=True, **options)
-    parts = _outputs(per_rank, f"graph_{name}")
+    parts = case_values(per_rank, f"graph_{name}")
     _assert_csr_equal(name, parts, expected)
     if cams > 1:
         assert expected.col_indices.numel() > rows * (0 if options.get("self_loops") is False else 1)
@@ -149,7 +156,7 @@ def test_knn_soft_labels_equals_single_process(results, name):
     rows, cams, _, k = SOFT_SPECS[name]
     x, cameras = _tracklets(rows + 100, rows, cams, torch.float64 if name.endswith("64") else torch.float32)
     expected = fastassoc.knn_soft_labels(x, cameras, k, as_tuple=True)
-    _assert_csr_equal(name, _outputs(per_rank, f"soft_{name}"), expected)
+    _assert_csr_equal(name, case_values(per_rank, f"soft_{name}"), expected)
 
 
 @pytest.mark.parametrize("name", list(EMA_SPECS))
@@ -159,7 +166,7 @@ def test_ema_update_equals_single_process(results, name):
     expected = bank.clone()
     fastassoc.ema_update_(expected, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), 0.7,
                           **options)
-    got = torch.cat([value[0] for value in _outputs(per_rank, name)])
+    got = torch.cat([value[0] for value in case_values(per_rank, name)])
     assert torch.equal(got, expected), (got - expected).abs().max()
     assert not torch.equal(got, bank)
     # Bytes sent, as the docstring states them: the checks, the counts, every entry owned elsewhere.
@@ -169,3 +176,13 @@ def test_ema_update_equals_single_process(results, name):
         owners = torch.searchsorted(starts, batches[rank][0], right=True)
         remote = int((owners != rank).sum())
         assert rank_results[name][2] == 24 * (world - 1) + 8 * (world - 1) + remote * (4 * 4 + 8)
+
+
+def test_a_wider_or_refused_rank_stops_every_rank(results):
+    world, per_rank = results
+    for rank, (graph, merge, jaccard, bad_k) in enumerate(case_values(per_rank, "refusals")):
+        widths = [4] * (world - 1) + [5]
+        assert graph == merge == f"x must have the same feature dimension on every rank; got {widths}"
+        assert jaccard == f"features must have the same feature dimension on every rank; got {widths}"
+        refused_elsewhere = "the arguments of rank(s) [0] were refused there"
+        assert (bad_k.startswith("k must be") if rank == 0 else bad_k.startswith(refused_elsewhere)), bad_k

@@ -12,7 +12,7 @@ import torch
 import fastassoc
 import fastassoc.distributed as fd
 
-from ._harness import block, run_cases, split_sizes
+from ._harness import block, case_results, results_fixture, split_sizes
 
 DIM = 6
 
@@ -132,18 +132,7 @@ CASES = [(f"topk_{name}", _sharded_topk(name)) for name in TOPK_SPECS] + \
                                                                     ("bad_dimension", _bad_dimension)]
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def results(request):
-    return request.param, run_cases(__name__, [name for name, _ in CASES], request.param)
-
-
-def _ok(per_rank, name):
-    outputs = []
-    for rank_results in per_rank:
-        status, value, sent = rank_results[name]
-        assert status == "ok", value
-        outputs.append((value, sent))
-    return outputs
+results = results_fixture([name for name, _ in CASES])
 
 
 def _assert_equal(name, got, expected):
@@ -156,7 +145,7 @@ def _assert_equal(name, got, expected):
 @pytest.mark.parametrize("name", list(TOPK_SPECS))
 def test_topk_anchors_equals_single_process(results, name):
     world, per_rank = results
-    outputs = _ok(per_rank, f"topk_{name}")
+    outputs = case_results(per_rank, f"topk_{name}")
     spec = TOPK_SPECS[name]
     bank, queries, kwargs, k = _topk_inputs(spec)
     expected = fastassoc.topk_anchors(queries, bank, k, **kwargs)
@@ -189,7 +178,7 @@ def test_topk_plain_matches_brute_force_order(results):
     # (rows whose k-th distance is not within float32 rounding of the next one).
     _, per_rank = results
     bank, queries, kwargs, k = _topk_inputs(TOPK_SPECS["plain"])
-    got = torch.cat([value[1] for value, _ in _ok(per_rank, "topk_plain")]).numpy()
+    got = torch.cat([value[1] for value, _ in case_results(per_rank, "topk_plain")]).numpy()
     want = _numpy_topk_oracle(queries, bank, k)
     assert (got == want).all(), (got, want)
 
@@ -197,7 +186,7 @@ def test_topk_plain_matches_brute_force_order(results):
 @pytest.mark.parametrize("name", list(MUTUAL_SPECS))
 def test_mutual_knn_equals_single_process(results, name):
     _, per_rank = results
-    outputs = _ok(per_rank, name)
+    outputs = case_results(per_rank, name)
     na, nb, _, _, k, max_distance = MUTUAL_SPECS[name]
     a, b = _bank_pair(na, na, nb)
     expected = fastassoc.mutual_knn(a, b, k, max_distance=max_distance)
@@ -228,14 +217,14 @@ def test_mutual_knn_equals_single_process(results, name):
 
 def test_bad_argument_on_one_rank_raises_everywhere(results):
     world, per_rank = results
-    messages = [value[0] for value, _ in _ok(per_rank, "bad_exclude")]
+    messages = [value[0] for value, _ in case_results(per_rank, "bad_exclude")]
     assert "exclude must be in [-1, 8)" in messages[world - 1]
     assert all("refused" in message for message in messages[:world - 1]), messages
 
 
 def test_different_feature_dimensions_raise_on_every_rank(results):
     _, per_rank = results
-    messages = [value[0] for value, _ in _ok(per_rank, "bad_dimension")]
+    messages = [value[0] for value, _ in case_results(per_rank, "bad_dimension")]
     assert all("feature dimension must be the same on every rank" in message for message in messages), messages
 
 

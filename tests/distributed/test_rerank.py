@@ -7,7 +7,7 @@ import torch
 import fastassoc
 import fastassoc.distributed as fd
 
-from ._harness import block, run_cases, split_sizes
+from ._harness import block, case_values, results_fixture, split_sizes
 
 
 def _features(seed: int, num_rows: int, dtype=torch.float32) -> torch.Tensor:
@@ -40,9 +40,7 @@ def _case(name):
 CASES = [(name, _case(name)) for name in SPECS]
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def results(request):
-    return request.param, run_cases(__name__, list(SPECS), request.param)
+results = results_fixture(list(SPECS))
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -50,11 +48,7 @@ def test_jaccard_distance_equals_single_process(results, name):
     _, per_rank = results
     rows, _, options = SPECS[name]
     expected = fastassoc.jaccard_distance(_features(rows, rows), as_tuple=True, backend="reference", **options)
-    parts = []
-    for rank_results in per_rank:
-        status, value, _ = rank_results[name]
-        assert status == "ok", value
-        parts.append(value)
+    parts = case_values(per_rank, name)
     base = 0
     crow = [parts[0][0][:1]]
     for part in parts:

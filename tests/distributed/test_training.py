@@ -12,7 +12,7 @@ import fastassoc
 from fastassoc.data.sampling import CameraBalancedSampler
 from fastassoc.distributed import training
 
-from ._harness import run_cases
+from ._harness import case_values, run_cases
 
 CAMERAS = torch.tensor([0, 1, 2, 0, 1, 0, 2, 2, 1, 0, 0, 1, 2, 0, 1, 1])
 
@@ -100,17 +100,13 @@ def test_replicated_ema_update_equals_one_process(results):
     bank, batches = _bank_and_batches(world_size)
     fastassoc.ema_update_(bank, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), 0.6,
                           reduce="sequential")
-    for rank_results in per_rank:
-        status, value, _ = rank_results["replicated"]
-        assert status == "ok", value
+    for value in case_values(per_rank, "replicated"):
         assert torch.equal(value[0], bank)
 
 
 def test_row_shards_reload_under_any_world_size(results):
     world_size, directory, per_rank = results
-    for rank_results in per_rank:
-        assert rank_results["checkpoint"][0] == "ok", rank_results["checkpoint"][1]
-    assert [bool(r["checkpoint"][1][0]) for r in per_rank] == [True] + [False] * (world_size - 1)
+    assert [bool(value[0]) for value in case_values(per_rank, "checkpoint")] == [True] + [False] * (world_size - 1)
     assert (directory / f"written-{world_size}.txt").read_text() == "x"
     full = torch.arange(22 * 3, dtype=torch.float32).view(22, 3)
     for new_world in (1, 2, 3, 5):
@@ -127,8 +123,6 @@ def test_average_gradients_give_the_global_batch_gradient(results):
     model, batch = _model_and_batch()
     model(batch).square().mean().backward()
     expected = [p.grad for p in model.parameters()]
-    for rank_results in per_rank:
-        status, value, _ = rank_results["gradients"]
-        assert status == "ok", value
+    for value in case_values(per_rank, "gradients"):
         for got, want in zip(value, expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
