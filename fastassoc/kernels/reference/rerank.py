@@ -168,30 +168,50 @@ def farthest_distances(x: torch.Tensor, metric: str, norms: torch.Tensor | None 
     """[N], compute dtype: every row's largest exact distance to all rows (as :func:`nearest_lists`,
     ``norms`` computed when not given).
 
-    The GEMM tile proposes: with ``t`` a row's largest tile value and ``B`` its
-    ``_tiles.band``, some column's exact value is ``>= t - B``, so a column whose tile value
-    is below ``t - 2B`` (with a margin) cannot hold the exact maximum; the others are rescored
-    exactly. Euclidean works in squared space and takes torch's square root at the end
-    (monotone, so the maximum is the root of the squared maximum).
+    GEMM tiles of the upper triangle only (row panel ``[p0, p1)`` against rows ``[p0, N)``,
+    each tile feeding the maxima of its rows and of its columns: half the GEMM work) propose:
+    with ``t`` a row's largest GEMM value and ``B`` its ``_tiles.band`` (a bound for any pair
+    the row is part of, whichever side of the product it sits on), some column's exact value
+    is ``>= t - B``, so a pair whose GEMM value is below ``t - 2B`` for both of its rows
+    cannot hold either row's exact maximum. Each tile's pairs at or above the floor of the
+    running maxima (a floor that only rises, so no pair above the final floor is skipped) are
+    rescored exactly at once, each updating both of its rows: memory stays within a tile.
+    Euclidean works in squared space and takes torch's square root at the end (monotone, so
+    the maximum is the root of the squared maximum).
     """
     ranking = "sqeuclidean" if metric == "euclidean" else metric
-    num_rows = x.shape[0]
+    num_rows, dtype, device = x.shape[0], x.dtype, x.device
     norms = exact_squared_norms(x) if metric != "cosine" and norms is None else norms
-    farthest = torch.empty(num_rows, dtype=x.dtype, device=x.device)
+    bound = band(x, x, ranking, norms, norms)
+    running = torch.full((num_rows,), -torch.inf, dtype=torch.float64, device=device)
+    below = torch.tensor(-torch.inf, dtype=dtype, device=device)
+
+    def floors() -> torch.Tensor:
+        low = running - 2 * bound
+        # Rounded down into the tiles' dtype: the kept pairs are a superset.
+        return torch.nextafter((low - low.abs() * 2.0 ** -20 - 1e-300).to(dtype), below)
+
+    farthest = torch.full((num_rows,), -torch.inf, dtype=dtype, device=device)
+    step = max(1, _backend.tile_elements() // max(x.shape[1], 1))
     for start, stop in row_chunks(num_rows, num_rows):
-        block_norms = norms[start:stop] if norms is not None else None
-        tile = distance_tile(x[start:stop], x, ranking, norms)
-        top = tile.amax(1).to(torch.float64)
-        floor = (top - 2 * band(x[start:stop], x, ranking, block_norms, norms)) * (1 - 2.0 ** -20) - 1e-300
-        # Rounded down into the tile's dtype (a superset of the candidates, no float64 tile).
-        floor = torch.nextafter(floor.to(tile.dtype), torch.tensor(-torch.inf, dtype=tile.dtype, device=x.device))
-        rows, cols = (tile >= floor.unsqueeze(1)).nonzero(as_tuple=True)
+        tile = x[start:stop] @ x[start:].T
+        if ranking == "cosine":
+            tile.neg_().add_(1.0)
+        else:
+            tile.mul_(-2.0).add_(norms[start:stop].unsqueeze(1)).add_(norms[start:].unsqueeze(0)).clamp_min_(0.0)
+        running[start:stop] = torch.maximum(running[start:stop], tile.amax(1).to(torch.float64))
+        running[start:] = torch.maximum(running[start:], tile.amax(0).to(torch.float64))
+        floor = floors()
+        rows, cols = ((tile >= floor[start:stop].unsqueeze(1)) | (tile >= floor[start:].unsqueeze(0))).nonzero(
+            as_tuple=True)
         del tile
-        exact = exact_distances(x[start + rows], x[cols], ranking,
-                                block_norms[rows] if norms is not None else None,
-                                norms[cols] if norms is not None else None)
-        high = torch.full((stop - start,), -torch.inf, dtype=x.dtype, device=x.device)
-        farthest[start:stop] = high.scatter_reduce_(0, rows, exact, reduce="amax")
+        rows, cols = rows + start, cols + start
+        # Rescored now (a tile's worth at most): exact distances only ever raise a row's maximum.
+        for begin in range(0, rows.numel(), step):
+            left, right = rows[begin:begin + step], cols[begin:begin + step]
+            exact = exact_distances(x[left], x[right], ranking, norms[left] if norms is not None else None,
+                                    norms[right] if norms is not None else None)
+            farthest.scatter_reduce_(0, left, exact, reduce="amax").scatter_reduce_(0, right, exact, reduce="amax")
     return farthest.sqrt_() if metric == "euclidean" else farthest
 
 
