@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup build demo test wheel-check bench gpu-check
+.PHONY: setup build demo test wheel-check bench gpu-check readme-figures
 
 $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ build: $(VENV)/.deps
 
 demo: setup
 	$(VENV)/bin/fastassoc demo
+
+# Rerun the demo and rewrite README's demo table (between its demo-table markers) from that run.
+readme-figures: setup
+	$(PY) scripts/readme_figures.py
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
