@@ -77,8 +77,9 @@ def evaluate_ranking(query: torch.Tensor | None = None, gallery: torch.Tensor | 
     ``k2`` over all query and gallery rows (k-reciprocal sets and the shared weights run over
     both, as torchreid's do), 1 where nothing is shared. Memory stays bounded: the sparse
     k-reciprocal weights plus per-query-chunk tiles of ``final``; never a (Q + G)^2 array.
-    The re-ranked path always runs the reference implementation (pure torch, on the inputs'
-    device), whatever ``backend`` is; ``backend`` is still checked as without ``rerank``.
+    The re-ranked path runs the compiled lists and weights under the reference's scoring on
+    the ``cpu`` backend, and the reference implementation (pure torch, on the inputs' device)
+    on the others.
     With ``lambda_value=1`` the order is that of ``d`` (the scaling per query is positive),
     so the result equals the plain evaluation's unless squaring and scaling round two
     different distances of one query to the same value.
@@ -278,10 +279,13 @@ def _evaluate_ranking_reranked_op(query: Tensor, gallery: Tensor, query_pids: Te
                              max_rank, precision)
     query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric, max_rank, _ = inputs
     k1, k2, lambda_value = _checked_rerank(k1, k2, lambda_value)
-    # Only checked (name, device, availability), as without rerank: every backend re-ranks with the reference.
-    _backend.resolve("evaluate_ranking", backend, {"query": query, "gallery": gallery})
-    return _scores(evaluate_reranked_reference(query, gallery, query_pids, gallery_pids, query_cameras,
-                                               gallery_cameras, metric, max_rank, k1, k2, lambda_value))
+    name, _ = _backend.resolve("evaluate_ranking", backend, {"query": query, "gallery": gallery})
+    evaluate = evaluate_reranked_reference
+    if name == "cpu":
+        # The compiled steps (exact knn self-join lists, C++ weights) under the reference's bounded scoring.
+        from ..kernels.cpu.rerank import evaluate_reranked_cpu as evaluate
+    return _scores(evaluate(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
+                            max_rank, k1, k2, lambda_value))
 
 
 def _evaluate_ranking_fake(query, gallery, query_pids, gallery_pids, query_cameras, gallery_cameras, metric,
