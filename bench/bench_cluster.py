@@ -162,6 +162,6 @@ def test_agglomerative_merge_w_merge(benchmark, workload, gemm_floor, report, ti
                             max_clusters_differing=0 if provider in ("reference", "cpu") else 2)
     n, d = w["x"].shape
     floor = gemm_floor([(n, n, d)])
-    timed(benchmark, run, slow=provider != "cpu")
+    timed(benchmark, run)
     report(workload="W-merge", provider=provider, floor=floor, params={"linkage": linkage},
            num_merges=w["num_merges"], clusters=int(np.asarray(got).max()) + 1)

@@ -350,7 +350,7 @@ def test_jaccard_distance(benchmark, report, timed, case):
         extra.update(returned_mb=matrix_bytes(got) / 2**20,
                      peak_over_returned=None if peak is None else peak / matrix_bytes(got))
     floor = gemm_floor_seconds(name)
-    timed(benchmark, run, slow=provider in ("spcl", "reference"))
+    timed(benchmark, run)
     report(workload=name, provider=provider, floor=floor,
            params={"max_distance": "none" if max_distance is None else max_distance},
            peak_extra_mb=None if peak is None else peak / 2**20, **extra)
@@ -471,7 +471,7 @@ def test_reranked_evaluation(benchmark, workload, report, timed, provider):
     worst = max(float(np.abs(cmc - ref_cmc).max()), abs(mean_ap - ref_ap), abs(mean_inp - ref_inp))
     assert worst <= EVAL_TOLERANCE, (f"W-eval-rerank {provider} vs reference: CMC / mAP / mINP differ by {worst:.3g} "
                                      f"(mAP {mean_ap:.6f} vs {ref_ap:.6f})")
-    timed(benchmark, run, slow=True)
+    timed(benchmark, run)
     report(workload="W-eval-rerank", provider=provider, params=dict(RERANK),
            peak_extra_mb=None if peak is None else peak / 2**20, dense_matrix_mb=total * total * 4 / 2**20,
            mAP=mean_ap, rank1=float(cmc[0]), max_difference_to_reference=worst)

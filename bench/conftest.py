@@ -220,15 +220,12 @@ def report(benchmark):
     return record
 
 
-def run_timed(benchmark, function, slow: bool = False):
+def run_timed(benchmark, function):
     """Time ``function`` with pytest-benchmark's own calibration: its first (calibration) call
     is the warm-up, then ``max(--benchmark-min-rounds, --benchmark-max-time / duration)``
-    rounds of one call each for anything slower than ``--benchmark-min-time``.
-
-    ``slow`` is accepted from older callers and changes nothing: a slow provider gets
-    ``--benchmark-min-rounds`` rounds because its duration exceeds the time budget; pass
+    rounds of one call each for anything slower than ``--benchmark-min-time``. A slow provider
+    gets ``--benchmark-min-rounds`` rounds because its duration exceeds the time budget; pass
     ``--benchmark-min-rounds=3`` for a quicker full-scale run."""
-    del slow
     return benchmark(function)
 
 
