@@ -108,7 +108,7 @@ def test_cross_camera_graph_w_graph(benchmark, workload, gemm_floor, report, tim
     agree.csr(run(), expected, f"W-graph {provider} vs reference")
     sizes, dimension = w["sizes"], w["x"].shape[1]
     floor = gemm_floor([(sizes[t], sizes[m], dimension) for t in range(len(sizes)) for m in range(t + 1, len(sizes))])
-    timed(benchmark, run, slow=provider == "reference")
+    timed(benchmark, run)
     report(workload="W-graph", provider=provider, floor=floor, params={"k": GRAPH_K}, edges=int(expected._nnz()))
 
 
@@ -135,5 +135,5 @@ def test_knn_soft_labels_w_soft(benchmark, workload, gemm_floor, report, timed, 
     expected = _soft_expected(workload)
     agree.csr(run(), expected, f"W-soft {provider} vs reference")
     floor = gemm_floor([(n, n, w["x"].shape[1]) for n in w["sizes"]])
-    timed(benchmark, run, slow=provider == "reference")
+    timed(benchmark, run)
     report(workload="W-soft", provider=provider, floor=floor, params={"k": SOFT_K})

@@ -99,7 +99,7 @@ def test_topk_anchors_w_rank(benchmark, workload, gemm_floor, report, timed, agr
     agree.rankings(np.asarray(got[0]), np.asarray(got[1]), expected[0].numpy(), expected[1].numpy(),
                    f"W-rank k={k} {provider} vs reference")
     floor = gemm_floor([(n, n, w["x"].shape[1]) for n in w["sizes"]])
-    timed(benchmark, run, slow=provider == "reference")
+    timed(benchmark, run)
     report(workload="W-rank", provider=provider, floor=floor, params={"k": k})
 
 
@@ -127,5 +127,5 @@ def test_mutual_knn_w_mutual(benchmark, workload, gemm_floor, report, timed, agr
     got = run()
     agree.pairs(got, expected, f"W-mutual k={k} {provider} vs reference")
     floor = gemm_floor([(w["a"].shape[0], w["b"].shape[0], w["a"].shape[1])])
-    timed(benchmark, run, slow=provider == "reference")
+    timed(benchmark, run)
     report(workload="W-mutual", provider=provider, floor=floor, params={"k": k}, pairs=int(len(expected[0])))

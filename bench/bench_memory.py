@@ -85,7 +85,7 @@ def test_ema_update_w_ema(benchmark, report, timed, provider, reduce):
     close = torch.isclose(got, expected, rtol=1e-5, atol=1e-6)
     assert bool(close.all()), (f"W-ema {reduce} {provider} vs reference: first mismatch at "
                                f"{tuple(torch.nonzero(~close)[0].tolist())}")
-    timed(benchmark, run, slow=provider == "loop")
+    timed(benchmark, run)
     touched = int(torch.unique(w["index"]).numel())
     d = w["bank"].shape[1]
     report(workload="W-ema", provider=provider, params={"reduce": reduce},
