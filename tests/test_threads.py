@@ -287,7 +287,7 @@ def test_squared_norms_are_a_few_torch_passes(rows, dim, most):
     assert bool((norms == dim / 4).all())
 
 
-def test_cross_camera_graph_work_is_gathered_per_camera(monkeypatch):
+def test_cross_camera_graph_work_is_gathered_per_camera(core, monkeypatch):
     # Ten cameras, 45 camera pairs. The error bounds' row norms and squared norms are computed
     # once per call (not per pair and side: 180 reductions before), camera t meets all later
     # cameras in one GEMM (not one per pair) and the candidates of all of t's pairs are
@@ -299,8 +299,12 @@ def test_cross_camera_graph_work_is_gathered_per_camera(monkeypatch):
     exact_distances = graph._screen.exact_distances
     monkeypatch.setattr(graph._screen, "exact_distances",
                         lambda *args, **kwargs: rescorings.append(1) or exact_distances(*args, **kwargs))
+    core.set_num_threads(2)
+    before = core.parallel_regions()
     with TorchCalls() as calls:
         result = graph.cross_camera_graph_cpu(x, cameras, 10, 3, None, False, "pairwise", "full")
+    # Per camera: one tile-update region for all its pairs, one rescoring region.
+    assert core.parallel_regions() - before <= 2 * 9, "the core forked more than two regions per camera"
     assert calls.counts["linalg_vector_norm"] <= 2, dict(calls.counts)
     assert calls.counts["sum"] <= 4, dict(calls.counts)
     assert calls.counts["mm"] <= 9, dict(calls.counts)

@@ -257,6 +257,58 @@ void tile_update(const TileArgs<T>& a) {
   }
 }
 
+// Several tiles that share their rows (column blocks of one wider tile, each with its own
+// lists: cross_camera_graph's camera pairs) in one parallel region: row work items are
+// (block, row chunk), column work items (block, slab), both scheduled dynamically, without
+// a barrier between them (every block's lists are disjoint from every other's). Each
+// block's lists see the same candidates in the same order as with tile_update alone.
+template <typename T>
+void tile_update_blocks(const std::vector<TileArgs<T>>& blocks) {
+  struct Item {
+    int64_t block, begin, end;
+  };
+  int64_t elements = 0, widest = 0;
+  for (const auto& a : blocks) {
+    if (a.rows > 0 && a.cols > 0 && a.k > 0) elements += a.rows * a.cols;
+    widest = std::max(widest, a.cols);
+  }
+  if (elements == 0) return;
+  const int num_threads = region_threads(elements >= kParallelMinElements);
+  std::vector<Item> row_items, col_items;
+  std::vector<int64_t> slab_widths(blocks.size(), 0);
+  for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
+    const auto& a = blocks[b];
+    if (a.rows <= 0 || a.cols <= 0 || a.k <= 0) continue;
+    if (a.row_values) {
+      const int64_t chunk = dynamic_chunk(a.rows, num_threads);
+      for (int64_t r = 0; r < a.rows; r += chunk) row_items.push_back({b, r, std::min(r + chunk, a.rows)});
+    }
+    if (a.col_values) {
+      const int64_t per_slab = std::min<int64_t>(
+          kColumnSlab, std::max<int64_t>(kScanBlock, (a.cols + 2 * num_threads - 1) / (2 * num_threads)));
+      slab_widths[b] = per_slab;
+      for (int64_t j = 0; j < a.cols; j += per_slab) col_items.push_back({b, j, std::min(j + per_slab, a.cols)});
+    }
+  }
+  const int64_t num_row_items = static_cast<int64_t>(row_items.size());
+  const int64_t num_col_items = static_cast<int64_t>(col_items.size());
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<T> values(std::max<int64_t>(widest, kColumnSlab));
+    std::vector<T> gates(kColumnSlab);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t i = 0; i < num_row_items; ++i) {
+      const Item& item = row_items[i];
+      for (int64_t r = item.begin; r < item.end; ++r) process_row_dispatch(blocks[item.block], r, values.data());
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_col_items; ++i) {
+      const Item& item = col_items[i];
+      process_column_slab_dispatch(blocks[item.block], item.begin, item.end, values.data(), gates.data());
+    }
+  }
+}
+
 template <typename T>
 void sort_lists(T* values, int64_t* indices, int64_t num_lists, int64_t k) {
   const int threads = region_threads(num_lists * k >= kParallelMinElements);
@@ -371,6 +423,49 @@ void register_cpu_knn(py::module_& m) {
       "row_ids / col_ids (0 or int64 [rows] / [cols]): ids stored (and tie-broken on) instead of\n"
       "row_base + r / col_base + j. exclude (0 or int64 [rows]): the column col_base + j each row\n"
       "must skip (-1 none). Row and column lists must not overlap in memory.");
+  m.def(
+      "knn_tile_update_blocks",
+      [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t ld, int metric, int64_t row_base,
+         std::uintptr_t col_offsets, std::uintptr_t col_counts, std::uintptr_t col_bases, std::uintptr_t ks,
+         std::uintptr_t row_values, std::uintptr_t row_indices, std::uintptr_t col_values,
+         std::uintptr_t col_indices, int64_t num_blocks) {
+        require(rows >= 0 && ld >= 0 && num_blocks >= 0, "knn_tile_update_blocks: bad sizes");
+        require(metric == kCosine, "knn_tile_update_blocks: only the cosine metric (no norms) is supported");
+        const int64_t* offsets = as_ptr<const int64_t>(col_offsets);
+        const int64_t* counts = as_ptr<const int64_t>(col_counts);
+        const int64_t* bases = as_ptr<const int64_t>(col_bases);
+        const int64_t* list_k = as_ptr<const int64_t>(ks);
+        const int64_t* rv = as_ptr<const int64_t>(row_values);
+        const int64_t* ri = as_ptr<const int64_t>(row_indices);
+        const int64_t* cv = as_ptr<const int64_t>(col_values);
+        const int64_t* ci = as_ptr<const int64_t>(col_indices);
+        for (int64_t b = 0; b < num_blocks; ++b)
+          require(offsets[b] >= 0 && counts[b] >= 0 && offsets[b] + counts[b] <= ld && list_k[b] >= 0 &&
+                      (rows == 0 || list_k[b] == 0 || (rv[b] && ri[b])) &&
+                      (counts[b] == 0 || list_k[b] == 0 || (cv[b] && ci[b])),
+                  "knn_tile_update_blocks: block " + std::to_string(b) + " is out of the tile or has no lists");
+        py::gil_scoped_release release;
+        auto run = [&](auto zero) {
+          using T = decltype(zero);
+          std::vector<TileArgs<T>> blocks;
+          blocks.reserve(num_blocks);
+          for (int64_t b = 0; b < num_blocks; ++b)
+            blocks.push_back(TileArgs<T>{as_ptr<const T>(dots) + offsets[b], rows, counts[b], ld, metric, nullptr,
+                                         nullptr, row_base, bases[b], nullptr, nullptr, nullptr, list_k[b],
+                                         as_ptr<T>(std::uintptr_t(rv[b])), as_ptr<int64_t>(std::uintptr_t(ri[b])),
+                                         as_ptr<T>(std::uintptr_t(cv[b])), as_ptr<int64_t>(std::uintptr_t(ci[b]))});
+          tile_update_blocks(blocks);
+        };
+        if (is_double) run(double(0)); else run(float(0));
+      },
+      py::arg("dots"), py::arg("is_double"), py::arg("rows"), py::arg("ld"), py::arg("metric"), py::arg("row_base"),
+      py::arg("col_offsets"), py::arg("col_counts"), py::arg("col_bases"), py::arg("ks"), py::arg("row_values"),
+      py::arg("row_indices"), py::arg("col_values"), py::arg("col_indices"), py::arg("num_blocks"),
+      "knn_tile_update (cosine) for num_blocks column blocks of one [rows x ld] tile, in one parallel\n"
+      "region. Per block b (int64 arrays [num_blocks]): columns [col_offsets[b], + col_counts[b]) of the\n"
+      "tile, stored as col_bases[b] + j; lists ks[b] wide; row_values / row_indices / col_values /\n"
+      "col_indices hold the data pointers (as int64) of the block's row lists [rows, k] and column\n"
+      "lists [cols, k]. Rows are stored as row_base + r. No two blocks' lists may overlap.");
   m.def(
       "knn_sort_lists",
       [](std::uintptr_t values, std::uintptr_t indices, bool is_double, int64_t num_lists, int64_t k) {

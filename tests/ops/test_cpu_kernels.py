@@ -367,3 +367,51 @@ def test_csr_from_edges_sorts_columns_and_symmetrizes(core):
         expected_cols = np.flatnonzero(dense[row])
         assert col[crow[row]:crow[row + 1]].tolist() == expected_cols.tolist(), f"row {row}: {col}"
         assert np.array_equal(values[crow[row]:crow[row + 1]], dense[row, expected_cols].astype(np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k", [1, 4, 33])
+def test_block_tile_update_equals_a_numpy_oracle_per_block(core, threads, k):
+    # knn_tile_update_blocks: column blocks of one wide tile (cross_camera_graph's camera
+    # pairs), each with its own row and column lists, in one call. Dots from a small
+    # integer set (exact ties); an empty block; list widths differ per block.
+    core.set_num_threads(threads)
+    rng = np.random.default_rng(100 + k)
+    num_rows, width = 300, 260
+    dots = torch.tensor(rng.integers(-3, 4, (num_rows, width)), dtype=torch.float32)
+    blocks = [(0, 120, 1000, k), (120, 0, 5000, k), (120, 100, 2000, k + 2), (220, 40, 3000, max(1, k - 1))]
+    lists = [(empty_lists(num_rows, kb), empty_lists(count, kb)) for _, count, _, kb in blocks]
+    layout = torch.tensor([[offset, count, base, kb] for offset, count, base, kb in blocks], dtype=torch.int64)
+    layout = layout.T.contiguous()
+    pointers = torch.tensor([[rows[0].data_ptr(), rows[1].data_ptr(), cols[0].data_ptr(), cols[1].data_ptr()]
+                             for rows, cols in lists], dtype=torch.int64).T.contiguous()
+    core.knn_tile_update_blocks(dots.data_ptr(), False, num_rows, width, 1, 7000,
+                                *(row.data_ptr() for row in layout), *(row.data_ptr() for row in pointers),
+                                len(blocks))
+    for (offset, count, base, kb), (row_lists, col_lists) in zip(blocks, lists):
+        for side in (row_lists, col_lists):
+            core.knn_sort_lists(side[0].data_ptr(), side[1].data_ptr(), False, side[0].shape[0], kb)
+        distances = 1.0 - dots[:, offset:offset + count].double().numpy()
+        what = f"block at {offset} (k={kb}, {threads} threads)"
+        if count == 0:
+            assert bool((row_lists[1] == -1).all()), f"{what}: an empty block changed its row lists"
+            continue
+        values, indices = oracle_lists(distances, kb)
+        assert_equal_tensors(row_lists[1], torch.from_numpy(np.where(indices >= 0, indices + base, -1)),
+                             f"{what} row list indices")
+        assert_equal_tensors(row_lists[0].double(), torch.from_numpy(values), f"{what} row list values")
+        values, indices = oracle_lists(distances.T, kb)
+        assert_equal_tensors(col_lists[1], torch.from_numpy(np.where(indices >= 0, indices + 7000, -1)),
+                             f"{what} column list indices")
+        assert_equal_tensors(col_lists[0].double(), torch.from_numpy(values), f"{what} column list values")
+
+
+def test_block_tile_update_rejects_a_block_outside_the_tile(core):
+    dots = torch.zeros(4, 10)
+    row_lists, col_lists = empty_lists(4, 2), empty_lists(6, 2)
+    layout = torch.tensor([[5], [6], [0], [2]], dtype=torch.int64)   # columns 5..10 of a 10-wide tile
+    pointers = torch.tensor([[row_lists[0].data_ptr()], [row_lists[1].data_ptr()], [col_lists[0].data_ptr()],
+                             [col_lists[1].data_ptr()]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="block 0 is out of the tile"):
+        core.knn_tile_update_blocks(dots.data_ptr(), False, 4, 10, 1, 0, *(row.data_ptr() for row in layout),
+                                    *(row.data_ptr() for row in pointers), 1)

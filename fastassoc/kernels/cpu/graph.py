@@ -8,12 +8,14 @@ per row.
 
 - cross_camera_graph ranks by the exact cosine distance ``1 - x_hat_i . x_hat_j`` (as the
   reference: GEMM tiles propose ``k + FLOAT_SLACK`` candidates per list, ``knn.refine_lists``
-  rescores them with the fixed-order inner product and certifies the lists). pairwise: every unordered camera pair (t, m) is one block
-  ``x_t @ x_m.T`` whose tiles update the rows' lists (k nearest in m) and the
-  columns' lists (k nearest in t) in the same pass, so the GEMM work is half of the
-  ordered pairs'. Camera t's blocks with all later cameras come from one GEMM panel and
-  their candidates are rescored in one call (:func:`_pairwise_lists`): few parallel
-  regions per call, which is what a shared CPU punishes (issue 11). pooled: the same blocks (t < m) feed one list per tracklet over all
+  rescores them with the fixed-order inner product and certifies the lists).
+  pairwise: every unordered camera pair (t, m) is one block ``x_t @ x_m.T`` whose tiles
+  update the rows' lists (k nearest in m) and the columns' lists (k nearest in t) in the
+  same pass, so the GEMM work is half of the ordered pairs'. Camera t's blocks with all
+  later cameras come from one GEMM panel, updated in one kernel call per tile, and the
+  candidates of all pairs are rescored in one call (:func:`_pairwise_lists`): few parallel
+  regions per call, which is what a shared CPU punishes (issue 11).
+  pooled: the same blocks (t < m) feed one list per tracklet over all
   other cameras (row side for t, column side for m). Mutual pairs come from
   ``knn_mutual_pairs``; the edge weight is the float32 dot product of the normalised
   rows ``min(i, j)`` and ``max(i, j)`` (once per unordered pair, so exactly symmetric)
@@ -33,6 +35,7 @@ import warnings
 
 import torch
 
+from ... import _backend
 from . import _core, _screen
 from .knn import (Refinement, block_proposals, block_topk, mutual_pairs, new_lists, proposal_width, refine_lists,
                   topk_self_join)
@@ -90,21 +93,23 @@ def _pairwise_lists(xs: torch.Tensor, offsets: list[int], pairs: list[tuple[int,
     kernel calls instead of a few per pair, because every call opens parallel regions and
     on a shared CPU each region can stall for a time slice (issue 11): one GEMM panel
     ``xs[t0:t1] @ xs[m_first:m_last].T`` (tiled by rows within the tile limit) whose column
-    blocks feed each pair's proposal lists, one exact-distance call for the candidates of
-    all of t's refinements (:class:`knn.Refinement`), and error bounds read from one
-    :class:`_core.RowStats`. GEMM values only propose, so the lists are the same exact ones.
+    blocks feed each pair's proposal lists in one ``knn_tile_update_blocks`` call per tile,
+    one exact-distance call for the candidates of all pairs' refinements
+    (:class:`knn.Refinement`; one per call unless the pending lists outgrow a quarter of the
+    tile limit), and error bounds read from one :class:`_core.RowStats`. GEMM values only
+    propose, so the lists are the same exact ones.
     """
     dtype = xs.dtype
     stats = _core.RowStats(xs)
-    update = _core.kernel("knn_tile_update")
+    update = _core.kernel("knn_tile_update_blocks")
     code = _core.METRIC_CODES["cosine"]
     double = _core.is_double(xs)
-    element = xs.element_size()
     panels = []
     for t in sorted({t for t, _ in pairs}):
         later = [m for first, m in pairs if first == t]
         panels.append((t, later, offsets[later[0]], offsets[later[-1] + 1]))
     tiles = _core.DotTiles.for_blocks([(offsets[t + 1] - offsets[t], c1 - c0) for t, _, c0, c1 in panels], dtype)
+    pending, entries = [], 0
     for t, later, c0, c1 in panels:
         t0, t1 = offsets[t], offsets[t + 1]
         blocks = {m: (offsets[m], offsets[m + 1]) for m in later}
@@ -116,35 +121,59 @@ def _pairwise_lists(xs: torch.Tensor, offsets: list[int], pairs: list[tuple[int,
         # as does every pair when one row of the panel exceeds the tile limit.
         shared = [m for m in later if col_step == c1 - c0
                   and proposals[m][0][0].shape[1] == proposals[m][1][0].shape[1]]
+        # Per shared block: column offset in the panel, width, first column id, list width.
+        layout = torch.tensor([[blocks[m][0] - c0, blocks[m][1] - blocks[m][0], blocks[m][0],
+                                proposals[m][0][0].shape[1]] for m in shared], dtype=torch.int64).T.contiguous()
         for r0 in range(t0, t1, row_step) if shared else ():
             r1 = min(r0 + row_step, t1)
             dots = tiles.mm(xs[r0:r1], xs[c0:c1])
-            for m in shared:
-                m0, m1 = blocks[m]
-                (row_values, row_indices), (col_values, col_indices) = proposals[m]
-                update(dots.data_ptr() + (m0 - c0) * element, double, r1 - r0, m1 - m0, c1 - c0, code, 0, 0, r0, m0,
-                       0, 0, 0, row_values.shape[1], _core.ptr(row_values[r0 - t0:r1 - t0]),
-                       _core.ptr(row_indices[r0 - t0:r1 - t0]), _core.ptr(col_values), _core.ptr(col_indices))
+            # One kernel call (one parallel region) for all of t's pairs in this tile.
+            lists = torch.tensor([[_core.ptr(proposals[m][0][0][r0 - t0:r1 - t0]),
+                                   _core.ptr(proposals[m][0][1][r0 - t0:r1 - t0]),
+                                   _core.ptr(proposals[m][1][0]), _core.ptr(proposals[m][1][1])] for m in shared],
+                                 dtype=torch.int64).T.contiguous()
+            update(_core.ptr(dots), double, r1 - r0, c1 - c0, code, r0, *(_core.ptr(row) for row in layout),
+                   *(_core.ptr(row) for row in lists), len(shared))
         for m in later:
             if m not in shared:
                 m0, m1 = blocks[m]
                 proposals[m] = block_proposals(xs[t0:t1], xs[m0:m1], "cosine", k, row_base=t0, col_base=m0)
-        sides = []
         for m, (m0, m1) in blocks.items():
             row_proposals, col_proposals = proposals[m]
-            sides.append((Refinement(xs[t0:t1], xs[m0:m1], "cosine", k, row_proposals, col_base=m0,
-                                     row_stats=stats[t0:t1], col_stats=stats[m0:m1]), t0, m0))
-            sides.append((Refinement(xs[m0:m1], xs[t0:t1], "cosine", k, col_proposals, col_base=t0,
-                                     row_stats=stats[m0:m1], col_stats=stats[t0:t1]), m0, t0))
-        distances = _screen.exact_distances(xs, xs, torch.cat([side.row_index + base for side, base, _ in sides]),
-                                            torch.cat([side.col_index + base for side, _, base in sides]), "cosine")
-        found = []
-        for (side, _, _), part in zip(sides, torch.split(distances, [side.row_index.numel() for side, _, _ in sides])):
-            lists = new_lists(side.rows.shape[0], k, dtype)
-            side.finish(lists, part, available=side.cols.shape[0])
-            found.append(lists)
-        for index, (m, (m0, _)) in enumerate(blocks.items()):
-            yield t0, m0, found[2 * index], found[2 * index + 1]
+            pending.append((t0, m0,
+                            Refinement(xs[t0:t1], xs[m0:m1], "cosine", k, row_proposals, col_base=m0,
+                                       row_stats=stats[t0:t1], col_stats=stats[m0:m1]),
+                            Refinement(xs[m0:m1], xs[t0:t1], "cosine", k, col_proposals, col_base=t0,
+                                       row_stats=stats[m0:m1], col_stats=stats[t0:t1])))
+            entries += row_proposals[0].numel() + col_proposals[0].numel()
+        if entries >= _rescore_entries():
+            yield from _rescore(xs, pending, k)
+            pending, entries = [], 0
+    yield from _rescore(xs, pending, k)
+
+
+def _rescore_entries() -> int:
+    """Proposal-list entries whose refinements wait for one shared rescoring call (a quarter
+    of the tile limit: the lists and their selected pairs stay within about one tile's bytes)."""
+    return max(1, _backend.tile_elements() // 4)
+
+
+def _rescore(xs: torch.Tensor, pending: list, k: int):
+    """Exact distances of every pending refinement's pairs in one call; yields their lists
+    as :func:`_pairwise_lists` does."""
+    if not pending:
+        return
+    sides = [(side, base, other) for t0, m0, row_side, col_side in pending
+             for side, base, other in ((row_side, t0, m0), (col_side, m0, t0))]
+    distances = _screen.exact_distances(xs, xs, torch.cat([side.row_index + base for side, base, _ in sides]),
+                                        torch.cat([side.col_index + other for side, _, other in sides]), "cosine")
+    found = []
+    for (side, _, _), part in zip(sides, torch.split(distances, [side.row_index.numel() for side, _, _ in sides])):
+        lists = new_lists(side.rows.shape[0], k, xs.dtype)
+        side.finish(lists, part, available=side.cols.shape[0])
+        found.append(lists)
+    for index, (t0, m0, _, _) in enumerate(pending):
+        yield t0, m0, found[2 * index], found[2 * index + 1]
 
 
 def cross_camera_graph_cpu(x: torch.Tensor, cameras: torch.Tensor, num_cameras: int, k: int,
