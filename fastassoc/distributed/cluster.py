@@ -27,7 +27,8 @@ import torch
 
 from .. import ops as _ops
 from ..kernels.reference import _tiles
-from ..kernels.reference.cluster import union_find_roots, union_pair_keys
+from ..kernels.reference.cluster import (BUC_LINKAGES, TSSL_LINKAGES, tssl_typeset_linkage, union_find_roots,
+                                         union_pair_keys)
 from ..kernels.reference.knn import smallest_k_exact
 from ._checks import agree_rows
 from ._comm import (QUERY_CHUNK, ShardLayout, all_gather_padded, exchange_counts, layout_from_sizes, route_to_owners,
@@ -36,10 +37,13 @@ from ._comm import (QUERY_CHUNK, ShardLayout, all_gather_padded, exchange_counts
 # Relative slack on lower bounds, as the single-process op's (float32 roundings of sqrt, exp, sums).
 _SLACK = 2.0 ** -20
 _FIRST_PAIRS = 1024
+_PAIRS_PER_MERGE = 4
+LINKAGES = ("tssl", "tssl_typeset", "centroid", "buc", "buc_l2")
 
 
 def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, *, linkage: str = "tssl",
-                        neighbours: int = 4, group=None, query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
+                        neighbours: int = 4, size_penalty: float = 0.0, group=None,
+                        query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
     r"""Sharded :func:`fastassoc.agglomerative_merge` for ``linkage="tssl"`` and ``"centroid"``.
 
     ``x`` / ``labels`` are this rank's block of the samples (clusters may span blocks). Returns
@@ -77,24 +81,89 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
         labels = _ops._checks.index_vector("labels", labels, length=x.shape[0], low=0, high=2 ** 62,
                                            device=x.device)
         num_merges = _ops._checks.non_negative_int("num_merges", num_merges)
-        linkage = _ops._checks.choice("linkage", linkage, ("tssl", "centroid"))
+        linkage = _ops._checks.choice("linkage", linkage, LINKAGES)
         neighbours = _ops._checks.non_negative_int("neighbours", neighbours, minimum=1)
+        size_penalty = _ops._checks.real("size_penalty", size_penalty, low=0.0)
         query_chunk = _ops._checks.non_negative_int("query_chunk", query_chunk, minimum=1)
         distinct_local = torch.unique(labels)
     except (TypeError, ValueError) as caught:
         error = caught
     layout, counts = agree_rows(error, "x", x, None if error else [distinct_local.numel()], 1, group)
-    distinct = torch.unique(torch.cat(all_gather_padded(distinct_local, [c[0] for c in counts], group)))
+    distinct_parts = all_gather_padded(distinct_local, [c[0] for c in counts], group)
+    distinct = torch.unique(torch.cat(distinct_parts))
     num_clusters = distinct.numel()
     if num_merges > max(num_clusters - 1, 0):
         raise ValueError(f"num_merges must be at most the number of clusters minus one ({max(num_clusters - 1, 0)}, "
                          f"over all ranks), got {num_merges}")
     cluster_of_sample = torch.searchsorted(distinct, labels)
     roots = torch.arange(num_clusters, device=x.device)
-    if num_merges > 0 and num_clusters > 1:
+    if num_merges > 0 and num_clusters > 1 and linkage in BUC_LINKAGES:
+        sizes = _cluster_sizes(labels, distinct_parts, distinct, [c[0] for c in counts], group)
+        roots = _forest_walk(_sample_pair_passes(_tiles.prepare(x, "euclidean"), cluster_of_sample, sizes,
+                                                 size_penalty, linkage == "buc", layout, group, query_chunk),
+                             num_clusters, num_merges, layout.total ** 2, x.device, group)
+    elif num_merges > 0 and num_clusters > 1:
         roots = _merged_roots(_tiles.prepare(x, "euclidean"), cluster_of_sample, num_clusters, num_merges, linkage,
                               neighbours, layout, group, query_chunk)
     return _renumber(roots[cluster_of_sample], layout, group)
+
+
+def _cluster_sizes(labels, distinct_parts, distinct, counts, group) -> torch.Tensor:
+    """Samples per cluster over all ranks [C], int64 (each rank's counts of its distinct labels)."""
+    _, local = torch.unique(labels, return_counts=True)
+    sizes = torch.zeros(distinct.numel(), dtype=torch.int64, device=labels.device)
+    for part, part_counts in zip(distinct_parts, all_gather_padded(local, counts, group)):
+        sizes.index_add_(0, torch.searchsorted(distinct, part), part_counts)
+    return sizes
+
+
+def _sample_pair_passes(features, cluster_of_sample, sizes, size_penalty, squared, layout, group, query_chunk):
+    """The ``passes`` of :func:`_forest_walk` for buc / buc_l2: entries are sample pairs ``s < t``.
+
+    A sample pair of two clusters scores ``d(s, t) + size_penalty (|C_i| + |C_j|)`` (``d``
+    squared for buc) as the single-process op rounds it; ``sqrt`` and ``+ penalty`` round
+    monotonically, so the cluster pair's linkage is the minimum over its sample pairs. Pair
+    ``(s, t)`` is scored by the rank holding ``t`` from gathered chunks of ``s``.
+    """
+    world, dtype = layout.world_size, features.dtype
+    sizes = sizes.to(dtype)
+    sq_norms = (features * features).sum(1)
+    global_ids = torch.arange(layout.size, device=features.device) + layout.offset
+    meta = torch.stack([global_ids, cluster_of_sample], 1)
+
+    def passes(select):
+        most = max(layout.sizes)
+        chunk = min(query_chunk, most)
+        for start in range(0, most, chunk):
+            counts = [max(0, min(chunk, size - start)) for size in layout.sizes]
+            mine = slice(start, start + counts[layout.rank])
+            q = torch.cat([g[:n] for g, n in zip(all_gather_padded(features[mine], [chunk] * world, group), counts)])
+            q_meta = torch.cat([g[:n] for g, n in zip(all_gather_padded(meta[mine], [chunk] * world, group), counts)])
+            if layout.size == 0 or q.shape[0] == 0:
+                select(None, None, None, None)
+                continue
+            q_ids, q_clusters = q_meta[:, 0], q_meta[:, 1]
+            q_sq = (q * q).sum(1)
+            for low, high in _tiles.row_chunks(q.shape[0], layout.size):
+                tile = _tiles.distance_tile(q[low:high], features, "sqeuclidean", sq_norms)
+                bound = _tiles.band(q[low:high], features, "sqeuclidean", q_sq[low:high], sq_norms)
+                lower = (tile.to(torch.float64) - bound.unsqueeze(1)).clamp_min_(0.0)
+                lower = lower.mul_(1 - _SLACK) if squared else lower.sqrt_().mul_(1 - _SLACK)
+                penalty = size_penalty * (sizes[q_clusters[low:high], None] + sizes[None, cluster_of_sample])
+                lower += penalty.to(torch.float64) * (1 - _SLACK)
+                lower.masked_fill_((q_ids[low:high, None] >= global_ids[None, :]) |
+                                   (q_clusters[low:high, None] == cluster_of_sample[None, :]), torch.inf)
+
+                def exact(a, b, low=low):
+                    distances = _tiles.exact_distances(q[low + a], features[b], "sqeuclidean", q_sq[low + a],
+                                                       sq_norms[b])
+                    if not squared:
+                        distances = distances.sqrt_()
+                    return distances + size_penalty * (sizes[q_clusters[low + a]] + sizes[cluster_of_sample[b]])
+
+                select(q_clusters[low:high], cluster_of_sample, lower, exact)
+
+    return passes
 
 
 def _renumber(ids: torch.Tensor, layout: ShardLayout, group) -> torch.Tensor:
@@ -128,7 +197,7 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
     sq_norms = (means * means).sum(1)
     global_ids = torch.arange(clusters.size, device=device) + clusters.offset
     density = torch.zeros(clusters.size, dtype=dtype, device=device)
-    if linkage == "tssl":
+    if linkage in TSSL_LINKAGES:
         density = _mean_neighbour_distance(means, sq_norms, global_ids, min(neighbours, num_clusters - 1), clusters,
                                            group, query_chunk)
 
@@ -153,7 +222,12 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
                 squared = _tiles.distance_tile(q_means[low:high], means, "sqeuclidean", sq_norms)
                 bound = _tiles.band(q_means[low:high], means, "sqeuclidean", q_sq[low:high], sq_norms)
                 lower = (squared.to(torch.float64) - bound.unsqueeze(1)).clamp_min_(0.0).sqrt_().mul_(1 - _SLACK)
-                if linkage == "tssl":
+                if linkage == "tssl_typeset":
+                    # As the single-process bound: slack on D + exp(2D), on a_i + a_j and on their difference.
+                    density_sum = (q_density[low:high, None] + density[None, :]).double()
+                    lower = (lower * 2).exp_().add_(lower).mul_(1 - _SLACK) - density_sum * (1 + _SLACK)
+                    lower = torch.where(torch.isinf(lower), lower, lower - _SLACK * lower.abs())  # inf - inf is NaN
+                elif linkage == "tssl":
                     exponent = lower * 2 - (q_density[low:high, None] + density[None, :]).double()
                     exponent -= _SLACK * exponent.abs()
                     lower += exponent.exp_().mul_(1 - _SLACK)
@@ -162,6 +236,8 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
                 def exact(a, b, low=low):
                     distances = _tiles.exact_distances(q_means[low + a], means[b], "euclidean", q_sq[low + a],
                                                        sq_norms[b])
+                    if linkage == "tssl_typeset":
+                        return tssl_typeset_linkage(distances, q_density[low + a] + density[b])
                     if linkage != "tssl":
                         return distances
                     exponent = q_density[low + a] + density[b]
@@ -169,8 +245,22 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
 
                 select(q_ids[low:high], global_ids, lower, exact)
 
-    # Pass 1: a forest of num_merges merges from each rank's M pairs of smallest lower bound.
-    capacity = max(_FIRST_PAIRS, 4 * num_merges)
+    return _forest_walk(passes, num_clusters, num_merges, num_clusters * num_clusters, device, group)
+
+
+def _forest_walk(passes, num_clusters: int, num_merges: int, max_pairs: int, device, group) -> torch.Tensor:
+    """Root of every cluster [C] after the exact greedy walk, from candidate tiles.
+
+    ``passes(select)`` calls ``select(i, j, lower, exact)`` on every tile of this rank's share
+    of the candidate pairs (``select(None, None, None, None)`` on a collective step with
+    none): cluster ids ``i`` [q] and ``j`` [n] of the tile's rows and columns, ``lower``
+    [q, n] float64 lower bounds on the linkages (``inf`` where no pair), and ``exact(a, b)``
+    the exact linkages of entries ``(a, b)``. Entries may repeat a cluster pair (buc's sample
+    pairs); the cluster pair's linkage is the minimum over its entries. Every rank must run
+    the same number of tiles' collectives; ``max_pairs`` bounds the entries over all ranks.
+    """
+    # Pass 1: a forest of num_merges merges from each rank's M entries of smallest lower bound.
+    capacity = max(_FIRST_PAIRS, _PAIRS_PER_MERGE * num_merges)
     while True:
         kept = []
 
@@ -182,11 +272,9 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
             best = torch.topk(flat, take, largest=False).indices
             best = best[torch.isfinite(flat[best])]
             a, b = best // lower.shape[1], best % lower.shape[1]
-            kept.append(torch.stack([exact(a, b).to(torch.float64), i_ids[a].double(), j_ids[b].double()], 1))
-            merged = torch.cat(kept)
-            if merged.shape[0] > capacity:
-                merged = merged[torch.topk(merged[:, 0], capacity, largest=False).indices]
-            kept[:] = [merged]
+            kept.append(_pair_rows(exact(a, b), i_ids[a], j_ids[b]))
+            merged = _first_per_pair(torch.cat(kept), num_clusters)
+            kept[:] = [merged[:capacity]]
 
         passes(keep_smallest)
         mine = kept[0] if kept else torch.empty((0, 3), dtype=torch.float64, device=device)
@@ -194,32 +282,52 @@ def _merged_roots(features, cluster_of_sample, num_clusters, num_merges, linkage
         parent = list(range(num_clusters))
         merged, last = union_pair_keys(parent, keys.tolist(), num_clusters, num_merges)
         if merged == num_merges:
-            # The forest's largest exact linkage (pairs are walked in ascending order).
+            # The forest's largest entry linkage (entries are walked in ascending order): it bounds
+            # the exact linkages of the forest's pairs, each at most its entry's.
             limit = float(values[last])
             break
-        if capacity >= num_clusters * num_clusters:
+        if capacity >= max_pairs:
             raise RuntimeError("agglomerative_merge: ran out of cluster pairs before num_merges merges")
         capacity *= 2
 
-    # Pass 2: every pair with exact linkage <= limit, walked in (linkage, i, j) order.
+    # Pass 2: every entry with exact linkage <= limit, walked in (linkage, i, j) order.
     found = []
 
     def keep_under_limit(i_ids, j_ids, lower, exact):
         if lower is None:
             return
         a, b = (lower <= limit).nonzero(as_tuple=True)
-        linkages = exact(a, b).to(torch.float64)
-        under = linkages <= limit
-        found.append(torch.stack([linkages[under], i_ids[a[under]].double(), j_ids[b[under]].double()], 1))
+        rows = _pair_rows(exact(a, b), i_ids[a], j_ids[b])
+        found.append(rows[rows[:, 0] <= limit])
+        found[:] = [_first_per_pair(torch.cat(found), num_clusters)]
 
     passes(keep_under_limit)
-    mine = torch.cat(found) if found else torch.empty((0, 3), dtype=torch.float64, device=device)
+    mine = found[0] if found else torch.empty((0, 3), dtype=torch.float64, device=device)
     values, keys = _gathered_pairs(mine, num_clusters, group)
     parent = list(range(num_clusters))
     merged, _ = union_pair_keys(parent, keys.tolist(), num_clusters, num_merges)
     if merged != num_merges:
         raise AssertionError("agglomerative_merge: the exact walk under the forest bound did not complete")
     return union_find_roots(parent, device)
+
+
+def _pair_rows(linkages: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor) -> torch.Tensor:
+    """(linkage, min(i, j), max(i, j)) rows [P, 3], float64 (ids below 2^53)."""
+    return torch.stack([linkages.to(torch.float64), torch.minimum(i_ids, j_ids).double(),
+                        torch.maximum(i_ids, j_ids).double()], 1)
+
+
+def _first_per_pair(rows: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """``rows`` sorted by (linkage, i, j), keeping each cluster pair's smallest linkage only."""
+    keys = rows[:, 1].to(torch.int64) * num_clusters + rows[:, 2].to(torch.int64)
+    by_key = torch.argsort(keys)
+    rows, keys = rows[by_key], keys[by_key]
+    by_value = torch.argsort(rows[:, 0], stable=True)
+    rows, keys = rows[by_value], keys[by_value]
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((unique_keys.numel(),), rows.shape[0], dtype=torch.int64, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), "amin")
+    return rows[torch.sort(first).values]
 
 
 def _gathered_pairs(pairs: torch.Tensor, num_clusters: int, group) -> tuple[torch.Tensor, torch.Tensor]:

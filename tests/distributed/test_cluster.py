@@ -1,4 +1,4 @@
-"""Sharded agglomerative_merge (tssl, centroid) equals the single-process op on the concatenated samples."""
+"""Sharded agglomerative_merge (every linkage) equals the single-process op on the concatenated samples."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 import fastassoc
 import fastassoc.distributed as fd
+import fastassoc.distributed.cluster as fd_cluster
 
 from ._harness import block, case_values, results_fixture, split_sizes
 
@@ -30,6 +31,17 @@ SPECS = {
     "centroid_singletons": (26, 0, "first", dict(num_merges=20, linkage="centroid")),
     "centroid_spanning": (31, 9, "uneven", dict(num_merges=4, linkage="centroid")),
     "no_merge": (11, 5, "uneven", dict(num_merges=0, linkage="tssl")),
+    "typeset_singletons": (29, 0, "uneven", dict(num_merges=11, linkage="tssl_typeset")),
+    "typeset_spanning": (34, 12, "first", dict(num_merges=6, linkage="tssl_typeset", neighbours=3)),
+    "buc_singletons": (27, 0, "first", dict(num_merges=15, linkage="buc")),
+    "buc_spanning": (33, 10, "uneven", dict(num_merges=6, linkage="buc", size_penalty=0.05)),
+    "buc_l2_singletons": (25, 0, "uneven", dict(num_merges=20, linkage="buc_l2", size_penalty=0.01)),
+    "buc_l2_spanning": (30, 8, "even", dict(num_merges=5, linkage="buc_l2", size_penalty=0.3)),
+    # A first batch of 2 pairs per rank: pass 1 doubles it until it holds a forest, and the
+    # forest's bound U is then loose, so pass 2 gathers (and the walk skips) pairs above the walk.
+    "buc_small_batch": (26, 9, "uneven", dict(num_merges=7, linkage="buc", size_penalty=0.02, first_pairs=2)),
+    "buc_l2_small_batch": (23, 0, "even", dict(num_merges=14, linkage="buc_l2", first_pairs=2)),
+    "typeset_small_batch": (24, 0, "first", dict(num_merges=12, linkage="tssl_typeset", first_pairs=2)),
 }
 
 
@@ -38,7 +50,17 @@ def _case(name):
         rows, num_labels, split, options = SPECS[name]
         x, labels = _samples(rows, rows, num_labels)
         sizes = split_sizes(rows, world, split)
-        return (fd.agglomerative_merge(block(x, sizes, rank), block(labels, sizes, rank), query_chunk=4, **options),)
+        options = dict(options)
+        first_pairs = options.pop("first_pairs", None)
+        if first_pairs is not None:
+            kept = fd_cluster._FIRST_PAIRS, fd_cluster._PAIRS_PER_MERGE
+            fd_cluster._FIRST_PAIRS, fd_cluster._PAIRS_PER_MERGE = first_pairs, 0
+        try:
+            return (fd.agglomerative_merge(block(x, sizes, rank), block(labels, sizes, rank), query_chunk=4,
+                                           **options),)
+        finally:
+            if first_pairs is not None:
+                fd_cluster._FIRST_PAIRS, fd_cluster._PAIRS_PER_MERGE = kept
     return case
 
 
@@ -56,6 +78,7 @@ def test_agglomerative_merge_equals_single_process(results, name, backend):
     x, labels = _samples(rows, rows, num_labels)
     options = dict(options)
     num_merges = options.pop("num_merges")
+    options.pop("first_pairs", None)
     expected = fastassoc.agglomerative_merge(x, labels, num_merges, backend=backend, **options)
     got = torch.cat([value[0] for value in case_values(per_rank, name)])
     assert torch.equal(got, expected), (got, expected)
