@@ -1,25 +1,37 @@
-"""Sharded :func:`fastassoc.agglomerative_merge` (centroid and TSSL linkages).
+"""Sharded :func:`fastassoc.agglomerative_merge` (every linkage: centroid, tssl, tssl_typeset, buc, buc_l2).
 
 Algorithm
 ---------
-1. Clusters are the distinct labels of all ranks (cluster ``i`` the ``i``-th smallest); they
-   are owned in contiguous blocks of cluster ids. Every sample row travels to its cluster's
-   owner, ranks in rank order, so the owner's ``index_add_`` adds a cluster's rows in global
-   sample order: the single-process means to the bit.
-2. ``tssl``: ``a_i`` from the exact sharded search over the means (``smallest_k_exact``,
-   self excluded by index), summed in ascending order as the single-process op sums them.
+1. Clusters are the distinct labels of all ranks (cluster ``i`` the ``i``-th smallest).
+   Centroid linkages: clusters are owned in contiguous blocks of cluster ids. Every sample
+   row travels to its cluster's owner, ranks in rank order, so the owner's ``index_add_``
+   adds a cluster's rows in global sample order: the single-process means to the bit.
+   buc linkages: samples stay where they are; every rank learns the cluster sizes.
+2. ``tssl`` / ``tssl_typeset``: ``a_i`` from the exact sharded search over the means
+   (``smallest_k_exact``, self excluded by index), summed in ascending order as the
+   single-process op sums them.
 3. The greedy walk needs the cluster pairs in exact ``(linkage, i, j)`` order up to the
-   ``num_merges``-th merge. Each pair ``i < j`` is scored by the owner of ``j`` from the gathered
-   means of ``i`` (chunks of ``query_chunk`` clusters per rank). Pass 1: each rank sends its
-   ``M`` pairs of smallest GEMM-based lower bound with their exact linkages; walking them
-   gives a forest of ``num_merges`` merges (``M`` doubles until it does), and the largest exact
-   linkage ``U`` on it bounds the linkage of the exact walk's last merge (a greedy walk
-   minimises the largest linkage over all forests of that size). Pass 2: each rank sends every
-   pair whose lower bound is ``<= U`` and whose exact linkage is ``<= U``; every rank walks the
-   gathered pairs in ``(linkage, i, j)`` order: the single-process walk.
+   ``num_merges``-th merge. Candidates are *entries*: a cluster pair ``i < j`` for the centroid
+   linkages, scored by the owner of ``j`` from the gathered means of ``i``; a sample pair
+   ``s < t`` (global sample order) of two different clusters for buc, scored by the rank holding
+   ``t`` from the gathered samples ``s`` (chunks of ``query_chunk`` clusters or samples per rank).
+   A buc entry's value ``d(s, t) + size_penalty (|C_i| + |C_j|)`` is rounded as the single-process
+   op rounds a pair's linkage; ``sqrt`` and ``+ penalty`` are monotone roundings, so the minimum
+   over a cluster pair's entries is its exact linkage ``sqrt(min d^2) + penalty``, and every
+   entry is ``>=`` its cluster pair's linkage. Sizes are frozen during the step, so every
+   linkage is a fixed number and the walk is Kruskal's on fixed weights.
+   Pass 1: each rank sends its ``M`` smallest cluster pairs (entries with the smallest GEMM-based
+   lower bounds, reduced to one per cluster pair) with exact values; walking them gives a forest
+   of ``num_merges`` merges (``M`` doubles until it does), and its largest entry ``U`` bounds
+   the exact linkages of the forest's pairs. The ``m``-th merge of a greedy walk has the
+   smallest ``m``-th smallest linkage over all forests of ``m`` edges (matroid greedy, any tie
+   order), so the exact walk's last merge has linkage ``<= U``. Pass 2: each rank sends, per
+   cluster pair, the smallest exact entry among those whose lower bound is ``<= U`` and whose
+   exact value is ``<= U``: every pair with linkage ``<= U`` comes back with its exact linkage
+   (its minimising entry is ``<= U``), none above ``U`` does. Every rank walks the gathered
+   pairs in ``(linkage, i, j)`` order (a pair's repeats from other ranks come later and are
+   skipped): the single-process walk.
 4. Labels are renumbered by first appearance over the global sample order.
-
-``buc`` / ``buc_l2`` (minimum sample distances between clusters) are not sharded here.
 """
 from __future__ import annotations
 
@@ -44,20 +56,22 @@ LINKAGES = ("tssl", "tssl_typeset", "centroid", "buc", "buc_l2")
 def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, *, linkage: str = "tssl",
                         neighbours: int = 4, size_penalty: float = 0.0, group=None,
                         query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
-    r"""Sharded :func:`fastassoc.agglomerative_merge` for ``linkage="tssl"`` and ``"centroid"``.
+    r"""Sharded :func:`fastassoc.agglomerative_merge`, every linkage of the single-process op.
 
     ``x`` / ``labels`` are this rank's block of the samples (clusters may span blocks). Returns
     this rank's merged labels: the ranks' outputs concatenated in rank order equal
-    ``agglomerative_merge(cat(x), cat(labels), num_merges, linkage=..., neighbours=...)``
+    ``agglomerative_merge(cat(x), cat(labels), num_merges, linkage=..., neighbours=..., size_penalty=...)``
     (clusters renumbered by first appearance over all samples). Collective.
 
     Parameters
     ----------
     x : Tensor [n, D], float; labels : Tensor [n], integer >= 0
     num_merges : int, 0 <= num_merges < number of clusters over all ranks (0 when there are none)
-    linkage : {"tssl", "centroid"}
-    neighbours : int >= 1, for ``"tssl"``
-    group : ProcessGroup, optional; query_chunk : int >= 1, clusters per rank per gathered chunk
+    linkage : {"tssl", "tssl_typeset", "centroid", "buc", "buc_l2"}
+    neighbours : int >= 1, for ``"tssl"`` and ``"tssl_typeset"``
+    size_penalty : float >= 0, for ``"buc"`` and ``"buc_l2"``
+    group : ProcessGroup, optional
+    query_chunk : int >= 1, clusters (centroid linkages) or samples (buc) per rank per gathered chunk
 
     Returns
     -------
@@ -67,13 +81,18 @@ def agglomerative_merge(x: torch.Tensor, labels: torch.Tensor, num_merges: int, 
     -------------
     Bytes sent per rank (``C`` clusters, ``C_r`` owned by rank ``r``, ``u_r`` distinct labels on
     rank ``r``, ``e`` = 4, or 8 for float64): ``32 (W - 1)`` (sizes, check) + ``8 (W - 1) max_r u_r``
-    (labels) + ``8 (W - 1)`` + ``D e + 8`` per sample owned by another rank's cluster (step 1);
-    tssl: a sharded search over the means (per chunk ``(W - 1) c (D e + 8)``, candidates
+    (labels) + ``8 (W - 1) + 16 (W - 1) max_r u'_r`` (first appearances; ``u'_r`` distinct merged
+    labels on rank ``r``); with ``num_merges > 0`` and ``C > 1``, centroid linkages:
+    ``8 (W - 1)`` + ``D e + 8`` per sample owned by another rank's cluster (step 1);
+    tssl, tssl_typeset: a sharded search over the means (per chunk ``(W - 1) c (D e + 8)``, candidates
     ``sum_{r != rank} C_r k (e + 8)``); per pass and chunk ``(W - 1) c ((D + 1) e + 8)`` (gathered
     means with ``a_i``, ids) plus, per walk, ``8 (W - 1)`` and ``24 (W - 1) max_r P_r`` (``P_r``
-    the rank's pairs: at most ``M`` in pass 1, per try, those under ``U`` in pass 2);
-    ``8 (W - 1) + 16 (W - 1) max_r u_r`` (first appearances).
-    Never a cluster-pair matrix.
+    the rank's distinct cluster pairs: at most ``M`` in pass 1, per try, those under ``U`` in
+    pass 2). buc, buc_l2 (``n_r`` samples on rank ``r``, ``c = min(query_chunk, max_r n_r)``):
+    ``8 (W - 1) max_r u_r`` (cluster sizes); per pass (one per pass-1 try, then pass 2)
+    ``ceil(max_r n_r / c)`` chunks of ``(W - 1) c (D e + 16)`` (samples, global ids and clusters),
+    and per walk ``8 (W - 1) + 24 (W - 1) max_r P_r`` as above.
+    Never a cluster-pair or sample-pair matrix beyond a bounded tile.
     """
     error = None
     try:

@@ -1,6 +1,7 @@
 """Sharded agglomerative_merge (every linkage) equals the single-process op on the concatenated samples."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ import fastassoc
 import fastassoc.distributed as fd
 import fastassoc.distributed.cluster as fd_cluster
 
-from ._harness import block, case_values, results_fixture, split_sizes
+from ._harness import block, case_results, case_values, results_fixture, split_sizes
 
 
 def _samples(seed: int, num_rows: int, num_labels: int):
@@ -83,3 +84,33 @@ def test_agglomerative_merge_equals_single_process(results, name, backend):
     got = torch.cat([value[0] for value in case_values(per_rank, name)])
     assert torch.equal(got, expected), (got, expected)
     assert int(expected.max()) + 1 == torch.unique(labels).numel() - num_merges
+
+
+@pytest.mark.parametrize("name", ["buc_singletons", "buc_spanning", "buc_l2_singletons", "buc_l2_spanning"])
+def test_buc_bytes_sent_as_documented(results, name):
+    # The docstring's formula: checks and labels, cluster sizes, two passes of gathered sample
+    # chunks (one pass-1 try: the first batch of 1024 pairs holds every pair of these banks),
+    # two walks, first appearances. A walk's P_r is data dependent: pass 1 sends every cluster
+    # pair the rank scores (counted here), pass 2 between ceil(num_merges / W) and as many.
+    world, per_rank = results
+    rows, num_labels, split, options = SPECS[name]
+    x, labels = _samples(rows, rows, num_labels)
+    sizes = split_sizes(rows, world, split)
+    outputs = case_results(per_rank, name)
+    cluster = np.unique(labels.numpy(), return_inverse=True)[1]
+    scored = []
+    for rank in range(world):
+        start = sum(sizes[:rank])
+        pairs = {(min(cluster[s], cluster[t]), max(cluster[s], cluster[t]))
+                 for t in range(start, start + sizes[rank]) for s in range(t) if cluster[s] != cluster[t]}
+        scored.append(len(pairs))
+    distinct = max(np.unique(block(labels, sizes, rank).numpy()).size for rank in range(world))
+    merged = max(np.unique(value[0].numpy()).size for value, _ in outputs)
+    chunk = min(4, max(sizes))
+    chunks = -(-max(sizes) // chunk)
+    dim = x.shape[1]
+    fixed = (world - 1) * (32 + 8 * distinct + 8 * distinct + 2 * chunks * chunk * (dim * 4 + 16) + 2 * 8
+                           + 24 * max(scored) + 8 + 16 * merged)
+    least = fixed + 24 * (world - 1) * -(-options["num_merges"] // world)
+    for rank, (_, sent) in enumerate(outputs):
+        assert least <= sent <= fixed + 24 * (world - 1) * max(scored), (rank, sent, least, fixed)
