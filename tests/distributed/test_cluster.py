@@ -65,10 +65,29 @@ def _case(name):
     return case
 
 
-CASES = [(name, _case(name)) for name in SPECS]
+def _refusal(world, rank):
+    """One rank alone passes a negative size_penalty: every rank raises, none waits in a collective."""
+    x, labels = _samples(12, 12, 0)
+    sizes = split_sizes(12, world, "even")
+    try:
+        fd.agglomerative_merge(block(x, sizes, rank), block(labels, sizes, rank), 2, linkage="buc",
+                               size_penalty=-1.0 if rank == world - 1 else 0.5)
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
-results = results_fixture(list(SPECS))
+CASES = [(name, _case(name)) for name in SPECS] + [("refusal", _refusal)]
+
+
+results = results_fixture(list(SPECS) + ["refusal"])
+
+
+def test_one_rank_refusing_size_penalty_stops_every_rank(results):
+    world, per_rank = results
+    messages = case_values(per_rank, "refusal")
+    assert "size_penalty" in messages[-1], messages
+    assert all(f"rank(s) [{world - 1}]" in message for message in messages[:-1]), messages
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
