@@ -118,12 +118,15 @@ def test_cross_configure_for_aarch64_passes_no_x86_flags(tmp_path):
     assert info["runtime_isa_dispatch"] is False, "target_clones(avx2, ...) cannot work on aarch64"
     if not shutil.which("ninja"):
         pytest.skip("compiling a single object needs the Ninja generator")
-    # One kernel file, compiled for aarch64 with OpenMP and the project's flags.
-    target = "CMakeFiles/_C.dir/csrc/cpu/core.cpp.o"
-    result = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "--target", target], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "build" / target).read_bytes()[18:20] == (183).to_bytes(2, "little"), "not an aarch64 object"
+    # Kernel files compiled for aarch64 with OpenMP and the project's flags: core.cpp, and
+    # knn.cpp, whose x86 run-time clones must drop out where they cannot work.
+    for source in ("core.cpp", "knn.cpp"):
+        target = f"CMakeFiles/_C.dir/csrc/cpu/{source}.o"
+        result = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "--target", target],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert (tmp_path / "build" / target).read_bytes()[18:20] == (183).to_bytes(2, "little"), \
+            f"{source}: not an aarch64 object"
 
 
 @NEEDS_CMAKE

@@ -30,7 +30,10 @@ import fastassoc
 from fastassoc import _backend
 from fastassoc.kernels.cpu import _core, graph, knn
 
-pytestmark = pytest.mark.skipif(_backend.compiled_core() is None, reason="the compiled core is not built")
+_CORE = _backend.compiled_core()
+pytestmark = [pytest.mark.skipif(_CORE is None, reason="the compiled core is not built"),
+              pytest.mark.skipif(_CORE is not None and not _CORE.has_openmp(),
+                                 reason="the compiled core was built without OpenMP (one thread)")]
 
 
 @pytest.fixture

@@ -49,7 +49,17 @@ void register_core(py::module_& m) {
 #endif
       },
       "True when the CUDA kernels in csrc/cuda were compiled into this module.");
-  m.def("has_openmp", []() { return true; }, "True: the CPU kernels use OpenMP.");
+  m.def(
+      "has_openmp",
+      []() {
+#ifdef _OPENMP
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the CPU kernels were compiled with OpenMP; without it every parallel region runs "
+      "on the calling thread and set_num_threads changes nothing.");
   m.def("get_num_threads", &kernel_threads,
         "Threads a parallel region of the CPU kernels uses when called from this thread: the "
         "set_num_threads override if any, else torch's count (torch.get_num_threads()).");

@@ -203,8 +203,12 @@ template <typename T>
   }
 }
 
-// One clone per ISA level, picked at load time (the module is built for x86-64-v2).
+// One clone per ISA level, picked at load time (x86-64 only).
+#ifdef FASTASSOC_TARGET_CLONES  // CMake found x86 + ifunc support (not aarch64, musl or macOS)
 #define FASTASSOC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTASSOC_ISA_CLONES
+#endif
 FASTASSOC_ISA_CLONES void process_row_dispatch(const TileArgs<float>& a, int64_t r, float* values) {
   process_row(a, r, values);
 }

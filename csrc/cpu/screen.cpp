@@ -35,7 +35,11 @@ namespace fastassoc {
 
 // x.y in float64 with 16 interleaved partial sums combined in a fixed tree: vectorises,
 // is deterministic, and is exactly symmetric in (x, y).
+#ifdef FASTASSOC_TARGET_CLONES  // CMake found x86 + ifunc support (not aarch64, musl or macOS)
 #define FASTASSOC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTASSOC_ISA_CLONES
+#endif
 
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
