@@ -260,6 +260,23 @@ def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merge
     return labels_out
 
 
+def _greedy_roots(linkage: np.ndarray, num_merges: int) -> list[int]:
+    """Kruskal over the upper triangle of ``linkage`` in (value, i, j) order, ``num_merges``
+    merges; every cluster's root is the smallest cluster index of its component."""
+    count = len(linkage)
+    pairs = sorted((linkage[i, j], i, j) for i in range(count) for j in range(i + 1, count))
+    root = list(range(count))
+    merges = 0
+    for _, i, j in pairs:
+        if merges == num_merges:
+            break
+        if root[i] != root[j]:
+            old, new = max(root[i], root[j]), min(root[i], root[j])
+            root = [new if r == old else r for r in root]
+            merges += 1
+    return root
+
+
 def buc_oracle(x: np.ndarray, labels: np.ndarray, num_merges: int, size_penalty: float, squared: bool) -> np.ndarray:
     """Dense NumPy cluster-pair linkages (minimum sample distance, squared or not, + penalty), walked by
     (linkage, i, j), renumbered by first appearance."""
@@ -273,16 +290,7 @@ def buc_oracle(x: np.ndarray, labels: np.ndarray, num_merges: int, size_penalty:
     np.minimum.at(minimum, (cluster[:, None].repeat(len(x), 1), cluster[None, :].repeat(len(x), 0)),
                   squared_distances)
     linkage = (minimum if squared else np.sqrt(minimum)) + size_penalty * (sizes[:, None] + sizes[None, :])
-    pairs = sorted((linkage[i, j], i, j) for i in range(count) for j in range(i + 1, count))
-    root = list(range(count))
-    merges = 0
-    for _, i, j in pairs:
-        if merges == num_merges:
-            break
-        if root[i] != root[j]:
-            old, new = max(root[i], root[j]), min(root[i], root[j])
-            root = [new if r == old else r for r in root]
-            merges += 1
+    root = _greedy_roots(linkage, num_merges)
     first_seen: dict[int, int] = {}
     return np.array([first_seen.setdefault(root[c], len(first_seen)) for c in cluster.tolist()])
 
@@ -321,16 +329,7 @@ def tssl_oracle(x: np.ndarray, num_merges: int, neighbours: int, typeset: bool) 
     density_sum = density[:, None] + density[None, :]
     linkage = (distances + np.exp(2 * distances) - density_sum if typeset
                else distances + np.exp(2 * distances - density_sum))
-    pairs = sorted((linkage[i, j], i, j) for i in range(count) for j in range(i + 1, count))
-    root = list(range(count))
-    merges = 0
-    for _, i, j in pairs:
-        if merges == num_merges:
-            break
-        if root[i] != root[j]:
-            old, new = max(root[i], root[j]), min(root[i], root[j])
-            root = [new if r == old else r for r in root]
-            merges += 1
+    root = _greedy_roots(linkage, num_merges)
     first_seen: dict[int, int] = {}
     return np.array([first_seen.setdefault(r, len(first_seen)) for r in root])
 

@@ -329,19 +329,9 @@ _BLOCK_D = 128
 
 def cluster_centres_triton(features: torch.Tensor, labels: torch.Tensor, num_clusters: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means of the rows of every cluster ``0 .. num_clusters - 1`` (label -1 ignored), on the features' device.
-
-    Parameters
-    ----------
-    features : Tensor [N, D], float
-    labels : Tensor [N], int64 in [-1, num_clusters)
-    num_clusters : int >= 0
-
-    Returns
-    -------
-    centres : Tensor [C, D], float32 (float64 stays float64); a cluster without rows is all zeros
-    counts : Tensor [C], int64
-    """
+    """:func:`~fastassoc.kernels.reference.rerank.cluster_centres_reference` (same arguments, shapes
+    and results) on the features' device: one program per cluster and column block sums its rows
+    in index order, without atomics, so the means equal the reference's bits."""
     device = features.device
     dtype = compute_dtype(features)
     dim = features.shape[1]
