@@ -182,14 +182,16 @@ inline double row_dot<double>(const double* a, const double* b, int64_t dim) {
   return sum;
 }
 
+// A compressed sparse matrix by rows (or, transposed, by columns): the entries of line i are
+// index[offsets[i] .. offsets[i + 1]) with their values. V is one by rows, its transpose by columns.
 template <typename T>
-struct Encoding {
-  std::vector<int64_t> offsets, cols;
+struct Compressed {
+  std::vector<int64_t> offsets, index;
   std::vector<T> values;
 };
 
 template <typename T>
-Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half, int64_t expansion_width,
+Compressed<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half, int64_t expansion_width,
                    const T* x, int64_t dim, const T* norms, const T* farthest, int weighting, int metric) {
   const Reciprocal full = reciprocal_sets(ranks, n, width, width);
   const Reciprocal halves = reciprocal_sets(ranks, n, width, half);
@@ -263,13 +265,13 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
   std::vector<int64_t> offsets;
   std::vector<std::pair<int64_t, T>> entries;
   weighted.flatten(offsets, entries);
-  Encoding<T> result;
+  Compressed<T> result;
   if (expansion_width == 0) {
     result.offsets = std::move(offsets);
-    result.cols.resize(entries.size());
+    result.index.resize(entries.size());
     result.values.resize(entries.size());
     for (size_t e = 0; e < entries.size(); ++e) {
-      result.cols[e] = entries[e].first;
+      result.index[e] = entries[e].first;
       result.values[e] = entries[e].second;
     }
     return result;
@@ -312,10 +314,10 @@ Encoding<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half,
   std::vector<std::pair<int64_t, T>>().swap(entries);
   std::vector<std::pair<int64_t, T>> flat;
   expanded.flatten(result.offsets, flat);
-  result.cols.resize(flat.size());
+  result.index.resize(flat.size());
   result.values.resize(flat.size());
   for (size_t e = 0; e < flat.size(); ++e) {
-    result.cols[e] = flat[e].first;
+    result.index[e] = flat[e].first;
     result.values[e] = flat[e].second;
   }
   std::vector<std::pair<int64_t, T>>().swap(flat);
@@ -334,25 +336,19 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
 
 // V's column lists: the rows holding each column, ascending, with their values.
 template <typename T>
-struct Columns {
-  std::vector<int64_t> offsets, rows;
-  std::vector<T> values;
-};
-
-template <typename T>
-Columns<T> transpose(const int64_t* crow, const int64_t* cols, const T* values, int64_t n) {
+Compressed<T> transpose(const int64_t* crow, const int64_t* cols, const T* values, int64_t n) {
   const int64_t nnz = crow[n];
-  Columns<T> c;
+  Compressed<T> c;
   c.offsets.assign(n + 1, 0);
   for (int64_t e = 0; e < nnz; ++e) ++c.offsets[cols[e] + 1];
   for (int64_t k = 0; k < n; ++k) c.offsets[k + 1] += c.offsets[k];
-  c.rows.resize(nnz);
+  c.index.resize(nnz);
   c.values.resize(nnz);
   std::vector<int64_t> cursor(c.offsets.begin(), c.offsets.end() - 1);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
       const int64_t at = cursor[cols[e]]++;
-      c.rows[at] = i;
+      c.index[at] = i;
       c.values[at] = values[e];
     }
   }
@@ -373,11 +369,11 @@ struct RowOverlaps {
 
   // Partners j > i (upper) or j != i (all) of row i: sum_k min(V_ik, V_jk) in ascending k,
   // the reference's order (the same terms in the same order from either end of a pair).
-  void accumulate(const int64_t* crow, const int64_t* cols, const T* values, const Columns<T>& columns, int64_t i,
+  void accumulate(const int64_t* crow, const int64_t* cols, const T* values, const Compressed<T>& columns, int64_t i,
                   bool upper_only) {
     first_word = std::numeric_limits<int64_t>::max();
     last_word = -1;
-    const int64_t* holders = columns.rows.data();
+    const int64_t* holders = columns.index.data();
     for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
       const int64_t k = cols[e];
       const T mine = values[e];
@@ -450,7 +446,7 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
   std::atomic<int64_t> kept{0};
   std::atomic<bool> keeping{true};
   const int64_t budget = kept_budget >= 0 ? kept_budget : kept_pairs_budget(nnz);
-  Columns<T> columns;
+  Compressed<T> columns;
   const int num_threads = threads_for(nnz * 16);
   {
     py::gil_scoped_release release;
@@ -687,13 +683,13 @@ void register_cpu_rerank(py::module_& m) {
         require(weighting == kSpcl || metric == kCosine || norms, "rerank_encode: zhong distances need norms");
         auto run = [&](auto zero) -> py::tuple {
           using T = decltype(zero);
-          Encoding<T> v;
+          Compressed<T> v;
           {
             py::gil_scoped_release release;
             v = encode<T>(as_ptr<const int64_t>(ranks), n, width, half, expansion_width, as_ptr<const T>(x), dim,
                           as_ptr<const T>(norms), as_ptr<const T>(farthest), weighting, metric);
           }
-          return py::make_tuple(to_numpy(v.offsets), to_numpy(v.cols), to_numpy(v.values));
+          return py::make_tuple(to_numpy(v.offsets), to_numpy(v.index), to_numpy(v.values));
         };
         return is_double ? run(double(0)) : run(float(0));
       },

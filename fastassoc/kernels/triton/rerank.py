@@ -258,21 +258,8 @@ def _components(num_rows: int, sources: torch.Tensor, targets: torch.Tensor) -> 
 
 def dbscan_triton(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, num_rows: int,
                   eps: float, min_samples: int) -> torch.Tensor:
-    """DBSCAN labels of a symmetric sparse distance matrix, on its device, equal to scikit-learn's.
-
-    Parameters
-    ----------
-    crow_indices : Tensor [N+1], int64
-    col_indices : Tensor [nnz], int64, sorted within rows, no duplicates
-    values : Tensor [nnz], float, finite, non-negative, symmetric matrix
-    num_rows : int
-    eps : float >= 0
-    min_samples : int >= 1
-
-    Returns
-    -------
-    Tensor [N], int64: cluster numbers from 0 in scikit-learn's order, -1 for noise.
-    """
+    """:func:`~fastassoc.kernels.reference.rerank.dbscan_reference` (same arguments and labels,
+    equal to scikit-learn's) on the matrix's device."""
     device = values.device
     indices = torch.arange(num_rows, device=device)
     rows = torch.repeat_interleave(indices, crow_indices[1:] - crow_indices[:-1], output_size=col_indices.numel())
