@@ -151,8 +151,10 @@ def test_cluster_centres_equal_the_reference_bit_for_bit(dtype):
 def test_kept_pairs_and_recomputed_rows_write_the_same_matrix(monkeypatch, weighting, max_distance):
     from fastassoc.kernels.cpu import rerank as kernels
     x = torch.from_numpy(reid_like(np.random.default_rng(14), 400, dim=24, identities=30))
+    monkeypatch.setattr(kernels, "KEPT_PAIRS_BUDGET", kernels.KEEP_ALL)
     kept = jaccard_distance(x, 20, 6, weighting=weighting, max_distance=max_distance, backend="cpu")
-    for budget in (0, 1000):   # none kept; the budget runs out part-way through the rows
+    # The default (kept or not by max_distance), none kept, a budget that runs out part-way.
+    for budget in (None, 0, 1000):
         monkeypatch.setattr(kernels, "KEPT_PAIRS_BUDGET", budget)
         recomputed = jaccard_distance(x, 20, 6, weighting=weighting, max_distance=max_distance, backend="cpu")
         assert_same_matrix(recomputed, kept, f"budget {budget}")

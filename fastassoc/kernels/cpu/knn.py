@@ -171,7 +171,7 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     """:func:`self_join_topk` into fresh ``lists``, screened by a bf16 GEMM where it pays.
 
     Screened (:mod:`._screen`, bf16: kNN lists end in the bulk of the distances, where
-    int8's error band is too wide): the bf16 self-join keeps ``k + SLACK`` approximate
+    int8's error band is too wide): the bf16 self-join keeps ``k + _screen.slack(k)`` approximate
     candidates per row, they are rescored exactly (those the error bound cannot rule out:
     :func:`._screen.rescore_pruned`) and re-sorted, and rows whose top k is
     not certified by the error bound are searched again with the float32 GEMM. The lists
@@ -179,7 +179,7 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     """
     n = x.shape[0]
     available = n - 1 if exclude_self else n
-    width = min(available, k + _screen.SLACK)
+    width = min(available, k + _screen.slack(k))
     if n == 0 or k == 0:
         return
     quantized = None

@@ -21,11 +21,11 @@ defines it, in three compiled passes:
    ``m_ij`` has its bits, from either end of the pair) into a dense per-thread buffer with a
    bitmap of touched columns. One pass over the upper triangle sizes every row and keeps
    its pairs (8 bytes each: a third of the 24 bytes the two mirrored entries take in the
-   result); the returned arrays are allocated at their final size and written from the kept
-   pairs (their mirror images by target-row ranges, so rows come out sorted). Past
-   :data:`KEPT_PAIRS_BUDGET` pairs the kernel stops keeping and recomputes each full row in
-   column order instead (three times the sums of one triangle, for ~1.05x instead of ~1.35x
-   the returned bytes at peak).
+   result) while they are few (:data:`KEPT_PAIRS_BUDGET`); the returned arrays are
+   allocated at their final size and written from the kept pairs (their mirror images by
+   target-row ranges, so rows come out sorted) or, past the budget, by recomputing each full
+   row in column order (three times the sums of one triangle, at ~1.05x instead of ~1.35x
+   the returned bytes at peak, and faster when the result is large: see the budget).
 
 ``dbscan``: the neighbour test ``values <= eps`` in the values' dtype (torch, as the
 reference), then ``_C.rerank_dbscan`` (neighbour counts, union-find, numbering by the
@@ -60,11 +60,16 @@ from . import knn as _knn
 
 _PAIR_METRICS = {"sqeuclidean": 0, "cosine": 1, "euclidean": 2}
 _WEIGHTINGS = {"spcl": 0, "zhong": 1}
-# Upper-triangle pairs the Jaccard counting pass may keep for the writing pass (None: all of
-# them, the peak then ~1.35x the returned bytes, within issue 12's 1.5x, and one triangle of
-# sums instead of three; 0 forces the full-row recomputation, for tests and tight memory).
+# Upper-triangle pairs the Jaccard counting pass may keep for the writing pass. None (the
+# default): with max_distance the kernel's own budget (max(2^22, 8 nnz(V)) pairs: a bounded
+# result is small and keeping it saves two triangles of sums), without it none. Measured on
+# W-jaccard (21 M kept pairs, 496 MB returned, bench/bench_rerank.py): keeping them all took
+# 0.87-1.07 s against 0.35 s for the recomputation, because the kept pairs' ~3 x 168 MB of
+# fresh pages (vector growth, then trimming) cost more than the sums they save, and the
+# peak is 1.35x the returned bytes instead of 1.05x. KEEP_ALL keeps every pair, 0 none (tests).
 KEPT_PAIRS_BUDGET: int | None = None
-_KEEP_ALL = 2**62
+KEEP_ALL = 2**62
+_KERNEL_BUDGET = -1   # rerank_jaccard: its own budget
 
 
 def exact_squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +183,16 @@ def jaccard_distance_cpu(features: torch.Tensor, k1: int, k2: int, weighting: st
     crow, cols, values = _core.kernel("rerank_jaccard")(
         crow.ctypes.data, cols.ctypes.data, values.ctypes.data, _core.is_double(x), num_rows,
         max_distance is not None, 0.0 if max_distance is None else float(max_distance),
-        _KEEP_ALL if KEPT_PAIRS_BUDGET is None else KEPT_PAIRS_BUDGET)
+        _kept_budget(max_distance is not None))
     return _csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values), num_rows)
+
+
+def _kept_budget(bounded: bool) -> int:
+    """rerank_jaccard's kept_budget: :data:`KEPT_PAIRS_BUDGET`, or by default the kernel's
+    own budget for a bounded result and none for an unbounded one."""
+    if KEPT_PAIRS_BUDGET is not None:
+        return KEPT_PAIRS_BUDGET
+    return _KERNEL_BUDGET if bounded else 0
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
