@@ -26,6 +26,11 @@
 // Determinism. Results do not depend on the thread count: every sum has a fixed order and
 // every parallel loop writes disjoint outputs.
 //
+// Threads (issue 11, a shared CPU). Every region takes its team from region_threads() and
+// its loops are schedule(dynamic) over chunks of rows, so a thread that keeps its core takes
+// over the share of one that lost it; rerank_encode and rerank_dbscan open one region per
+// call, rerank_jaccard two (counting, writing), rerank_cluster_centres one.
+//
 // Limits. Float32 (float64 inputs: float64) arithmetic, output values float32. Memory of
 // rerank_jaccard beyond its output: V twice (rows and columns), the kept pairs, one dense
 // row buffer of N values plus N bits and N counts per thread. Must equal
@@ -67,7 +72,6 @@ constexpr int64_t kJaccardBlock = 16;
 
 inline int64_t flat_index(int64_t row, int64_t stride, int64_t col) { return row * stride + col; }
 
-int threads_for(int64_t work) { return work >= kParallelMin ? kernel_threads() : 1; }
 
 // Hand the C heap's free pages back to the system between passes. glibc keeps freed blocks
 // below its (self-raising, up to 32 MiB) mmap threshold resident, so without this the
@@ -81,6 +85,8 @@ void release_free_memory() {
 
 // An exception must not leave an OpenMP region (the process would terminate): the first
 // one (std::bad_alloc on a huge input, say) is kept and rethrown after the region.
+// Every thread still meets the region's later worksharing constructs (skipping their bodies
+// once failed() is true), as OpenMP requires.
 class RegionErrors {
  public:
   template <class F>
@@ -90,34 +96,45 @@ class RegionErrors {
     } catch (...) {
 #pragma omp critical(fastassoc_rerank_errors)
       if (!error_) error_ = std::current_exception();
+      failed_.store(true, std::memory_order_relaxed);
     }
   }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
   void rethrow() const {
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
   std::exception_ptr error_;
+  std::atomic<bool> failed_{false};
 };
 
 // ------------------------------------------------------------------ 2. encoding
 
-// Rows of a CSR structure built by threads that each own a contiguous range of rows.
+// Rows of a CSR structure built in chunks of consecutive rows (a schedule(dynamic) loop over
+// the chunks, so the threads that keep their cores take the work of one that lost it).
 template <typename Item>
-struct RowsByThread {
-  std::vector<std::vector<Item>> items;   // per thread
+struct RowsByChunk {
+  int64_t rows_per_chunk;
+  std::vector<std::vector<Item>> items;   // per chunk
   std::vector<int64_t> counts;            // per row
 
-  explicit RowsByThread(int64_t num_rows, int num_threads) : items(num_threads), counts(num_rows, 0) {}
+  RowsByChunk(int64_t num_rows, int64_t chunk)
+      : rows_per_chunk(chunk), items((num_rows + chunk - 1) / chunk), counts(num_rows, 0) {}
 
-  // offsets [N + 1] and the items in row order (per-thread storage is released).
+  int64_t num_chunks() const { return static_cast<int64_t>(items.size()); }
+  int64_t begin(int64_t chunk) const { return chunk * rows_per_chunk; }
+  int64_t end(int64_t chunk) const {
+    return std::min<int64_t>(static_cast<int64_t>(counts.size()), (chunk + 1) * rows_per_chunk);
+  }
+
+  // offsets [N + 1] and the items in row order (per-chunk storage is released).
   void flatten(std::vector<int64_t>& offsets, std::vector<Item>& out) {
     const int64_t n = static_cast<int64_t>(counts.size());
     offsets.assign(n + 1, 0);
     for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + counts[i];
     out.clear();
     out.reserve(offsets[n]);
-    // Threads own ascending row ranges (schedule(static) with one chunk each).
     for (auto& part : items) {
       out.insert(out.end(), part.begin(), part.end());
       std::vector<Item>().swap(part);
@@ -125,48 +142,26 @@ struct RowsByThread {
   }
 };
 
-// Static partition of [0, n) into `parts` contiguous ranges: the range of part p.
-inline std::pair<int64_t, int64_t> part_range(int64_t n, int parts, int p) {
-  const int64_t base = n / parts, extra = n % parts;
-  const int64_t lo = p * base + std::min<int64_t>(p, extra);
-  return {lo, lo + base + (p < extra ? 1 : 0)};
-}
-
 // R(i, w): the j among the first w entries of i's list whose own first w entries hold i, ascending.
 struct Reciprocal {
   std::vector<int64_t> offsets, members;
 };
 
-Reciprocal reciprocal_sets(const int64_t* ranks, int64_t n, int64_t stride, int64_t w) {
-  const int num_threads = threads_for(n * w * w);
-  RowsByThread<int64_t> rows(n, num_threads);
-  RegionErrors errors;
-#pragma omp parallel num_threads(num_threads)
-  errors.run([&] {
-    const int t = omp_get_thread_num();
-    const auto range = part_range(n, omp_get_num_threads(), t);
-    const int64_t lo = range.first, hi = range.second;
-    auto& out = rows.items[t];
-    for (int64_t i = lo; i < hi; ++i) {
-      const size_t first = out.size();
-      for (int64_t s = 0; s < w; ++s) {
-        const int64_t j = ranks[flat_index(i, stride, s)];
-        const int64_t* back = ranks + flat_index(j, stride, 0);
-        for (int64_t u = 0; u < w; ++u) {
-          if (back[u] == i) {
-            out.push_back(j);
-            break;
-          }
-        }
+// Appends R(i, w) to out; returns its size.
+int64_t reciprocal_row(const int64_t* ranks, int64_t stride, int64_t w, int64_t i, std::vector<int64_t>& out) {
+  const size_t first = out.size();
+  for (int64_t s = 0; s < w; ++s) {
+    const int64_t j = ranks[flat_index(i, stride, s)];
+    const int64_t* back = ranks + flat_index(j, stride, 0);
+    for (int64_t u = 0; u < w; ++u) {
+      if (back[u] == i) {
+        out.push_back(j);
+        break;
       }
-      std::sort(out.begin() + first, out.end());
-      rows.counts[i] = static_cast<int64_t>(out.size() - first);
     }
-  });
-  errors.rethrow();
-  Reciprocal result;
-  rows.flatten(result.offsets, result.members);
-  return result;
+  }
+  std::sort(out.begin() + first, out.end());
+  return static_cast<int64_t>(out.size() - first);
 }
 
 template <typename T>
@@ -190,81 +185,146 @@ struct Compressed {
   std::vector<T> values;
 };
 
+// One parallel region for the whole encoding (issue 11: every region waits for its slowest
+// thread, so on a shared CPU each one can cost a descheduled thread's time slice): the
+// reciprocal sets, the weighted expansion and the query expansion are chunked loops in it,
+// each followed by a `single` that flattens what the next loop reads. Each row is built by
+// one thread in a fixed order, so the result does not depend on the partition.
 template <typename T>
 Compressed<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t half, int64_t expansion_width,
                    const T* x, int64_t dim, const T* norms, const T* farthest, int weighting, int metric) {
-  const Reciprocal full = reciprocal_sets(ranks, n, width, width);
-  const Reciprocal halves = reciprocal_sets(ranks, n, width, half);
-  const int num_threads = threads_for(n * width * half);
-  // Expanded sets with their weights.
-  RowsByThread<std::pair<int64_t, T>> weighted(n, num_threads);
-  RegionErrors errors;
-#pragma omp parallel num_threads(num_threads)
-  errors.run([&] {
-    const int t = omp_get_thread_num();
-    const auto range = part_range(n, omp_get_num_threads(), t);
-    const int64_t lo = range.first, hi = range.second;
-    auto& out = weighted.items[t];
-    std::vector<int64_t> mark(n, -1), members;
-    std::vector<T> logits;
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t* r1 = full.members.data() + full.offsets[i];
-      const int64_t r1_size = full.offsets[i + 1] - full.offsets[i];
-      members.assign(r1, r1 + r1_size);
-      for (int64_t s = 0; s < r1_size; ++s) mark[r1[s]] = i;
-      for (int64_t s = 0; s < r1_size; ++s) {
-        const int64_t c = r1[s];
-        const int64_t* rh = halves.members.data() + halves.offsets[c];
-        const int64_t rh_size = halves.offsets[c + 1] - halves.offsets[c];
-        int64_t overlap = 0;
-        for (int64_t u = 0; u < rh_size; ++u) overlap += mark[rh[u]] == i;
-        // SpCL's "> 2/3 * len", exact in integers; tested against R(i, K), not the growing set.
-        if (3 * overlap > 2 * rh_size) members.insert(members.end(), rh, rh + rh_size);
-      }
-      std::sort(members.begin(), members.end());
-      members.erase(std::unique(members.begin(), members.end()), members.end());
-      const int64_t size = static_cast<int64_t>(members.size());
-      logits.resize(size);
-      const T* xi = x + flat_index(i, dim, 0);
-      for (int64_t s = 0; s < size; ++s) {
-        const int64_t m = members[s];
-        const T dot = row_dot<T>(xi, x + flat_index(m, dim, 0), dim);
-        if (weighting == kSpcl) {
-          logits[s] = -(T(2) - T(2) * dot);
-          continue;
-        }
-        T d;
-        if (m == i) {
-          d = T(0);
-        } else if (metric == kCosine) {
-          d = T(1) - dot;
-        } else {
-          const T squared = (norms[i] + norms[m]) - T(2) * dot;
-          d = squared > T(0) ? squared : T(0);
-          if (metric == kEuclidean) d = std::sqrt(d);
-        }
-        const T scale = farthest[i] * farthest[i];
-        // A row whose distances are all 0 (every row identical) weighs its entries equally.
-        logits[s] = -(scale > T(0) ? (d * d) / scale : T(0));
-      }
-      T shift = T(0);
-      if (weighting == kSpcl) {
-        shift = -std::numeric_limits<T>::infinity();
-        for (int64_t s = 0; s < size; ++s) shift = logits[s] > shift ? logits[s] : shift;
-      }
-      T total = T(0);
-      for (int64_t s = 0; s < size; ++s) {
-        logits[s] = std::exp(weighting == kSpcl ? logits[s] - shift : logits[s]);
-        total += logits[s];
-      }
-      for (int64_t s = 0; s < size; ++s) out.emplace_back(members[s], logits[s] / total);
-      weighted.counts[i] = size;
-    }
-  });
-  errors.rethrow();
+  const int team = region_threads(n * width * width >= kParallelMin);
+  const int64_t chunk = dynamic_chunk(n, team);
+  RowsByChunk<int64_t> full_rows(n, chunk), half_rows(n, chunk);
+  Reciprocal full, halves;
+  // Expanded sets with their weights, then (expansion_width > 0) their query expansion.
+  RowsByChunk<std::pair<int64_t, T>> weighted(n, chunk), expanded(n, chunk);
   std::vector<int64_t> offsets;
   std::vector<std::pair<int64_t, T>> entries;
-  weighted.flatten(offsets, entries);
+  const int64_t num_chunks = full_rows.num_chunks();
+  RegionErrors errors;
+#pragma omp parallel num_threads(team)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < num_chunks; ++c) errors.run([&] {
+      if (errors.failed()) return;
+      for (int64_t i = full_rows.begin(c); i < full_rows.end(c); ++i) {
+        full_rows.counts[i] = reciprocal_row(ranks, width, width, i, full_rows.items[c]);
+        half_rows.counts[i] = reciprocal_row(ranks, width, half, i, half_rows.items[c]);
+      }
+    });
+#pragma omp single
+    errors.run([&] {
+      if (errors.failed()) return;
+      full_rows.flatten(full.offsets, full.members);
+      half_rows.flatten(halves.offsets, halves.members);
+    });
+    std::vector<int64_t> mark, members;
+    std::vector<T> logits;
+    errors.run([&] { mark.assign(n, -1); });
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < num_chunks; ++c) errors.run([&] {
+      if (errors.failed()) return;
+      auto& out = weighted.items[c];
+      for (int64_t i = weighted.begin(c); i < weighted.end(c); ++i) {
+        const int64_t* r1 = full.members.data() + full.offsets[i];
+        const int64_t r1_size = full.offsets[i + 1] - full.offsets[i];
+        members.assign(r1, r1 + r1_size);
+        for (int64_t s = 0; s < r1_size; ++s) mark[r1[s]] = i;
+        for (int64_t s = 0; s < r1_size; ++s) {
+          const int64_t c1 = r1[s];
+          const int64_t* rh = halves.members.data() + halves.offsets[c1];
+          const int64_t rh_size = halves.offsets[c1 + 1] - halves.offsets[c1];
+          int64_t overlap = 0;
+          for (int64_t u = 0; u < rh_size; ++u) overlap += mark[rh[u]] == i;
+          // SpCL's "> 2/3 * len", exact in integers; tested against R(i, K), not the growing set.
+          if (3 * overlap > 2 * rh_size) members.insert(members.end(), rh, rh + rh_size);
+        }
+        std::sort(members.begin(), members.end());
+        members.erase(std::unique(members.begin(), members.end()), members.end());
+        const int64_t size = static_cast<int64_t>(members.size());
+        logits.resize(size);
+        const T* xi = x + flat_index(i, dim, 0);
+        for (int64_t s = 0; s < size; ++s) {
+          const int64_t m = members[s];
+          const T dot = row_dot<T>(xi, x + flat_index(m, dim, 0), dim);
+          if (weighting == kSpcl) {
+            logits[s] = -(T(2) - T(2) * dot);
+            continue;
+          }
+          T d;
+          if (m == i) {
+            d = T(0);
+          } else if (metric == kCosine) {
+            d = T(1) - dot;
+          } else {
+            const T squared = (norms[i] + norms[m]) - T(2) * dot;
+            d = squared > T(0) ? squared : T(0);
+            if (metric == kEuclidean) d = std::sqrt(d);
+          }
+          const T scale = farthest[i] * farthest[i];
+          // A row whose distances are all 0 (every row identical) weighs its entries equally.
+          logits[s] = -(scale > T(0) ? (d * d) / scale : T(0));
+        }
+        T shift = T(0);
+        if (weighting == kSpcl) {
+          shift = -std::numeric_limits<T>::infinity();
+          for (int64_t s = 0; s < size; ++s) shift = logits[s] > shift ? logits[s] : shift;
+        }
+        T total = T(0);
+        for (int64_t s = 0; s < size; ++s) {
+          logits[s] = std::exp(weighting == kSpcl ? logits[s] - shift : logits[s]);
+          total += logits[s];
+        }
+        for (int64_t s = 0; s < size; ++s) out.emplace_back(members[s], logits[s] / total);
+        weighted.counts[i] = size;
+      }
+    });
+#pragma omp single
+    errors.run([&] {
+      if (errors.failed()) return;
+      weighted.flatten(offsets, entries);
+    });
+    std::vector<int64_t>().swap(mark);
+    // Query expansion: mean of the V rows of the first expansion_width list entries.
+    if (expansion_width > 0) {
+      std::vector<T> sums;
+      std::vector<int64_t> seen, touched;
+      errors.run([&] {
+        sums.assign(n, T(0));
+        seen.assign(n, -1);
+      });
+      const T divisor = static_cast<T>(expansion_width);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < num_chunks; ++c) errors.run([&] {
+        if (errors.failed()) return;
+        auto& out = expanded.items[c];
+        for (int64_t i = expanded.begin(c); i < expanded.end(c); ++i) {
+          touched.clear();
+          for (int64_t s = 0; s < expansion_width; ++s) {
+            const int64_t neighbour = ranks[flat_index(i, width, s)];
+            for (int64_t e = offsets[neighbour]; e < offsets[neighbour + 1]; ++e) {
+              const int64_t col = entries[e].first;
+              if (seen[col] != i) {
+                seen[col] = i;
+                touched.push_back(col);
+              }
+              sums[col] += entries[e].second;
+            }
+          }
+          std::sort(touched.begin(), touched.end());
+          const size_t first = out.size();
+          for (const int64_t col : touched) {
+            const T mean = sums[col] / divisor;
+            sums[col] = T(0);
+            if (mean != T(0)) out.emplace_back(col, mean);
+          }
+          expanded.counts[i] = static_cast<int64_t>(out.size() - first);
+        }
+      });
+    }
+  }
+  errors.rethrow();
   Compressed<T> result;
   if (expansion_width == 0) {
     result.offsets = std::move(offsets);
@@ -276,41 +336,6 @@ Compressed<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t hal
     }
     return result;
   }
-  // Query expansion: mean of the V rows of the first expansion_width list entries.
-  RowsByThread<std::pair<int64_t, T>> expanded(n, num_threads);
-#pragma omp parallel num_threads(num_threads)
-  errors.run([&] {
-    const int t = omp_get_thread_num();
-    const auto range = part_range(n, omp_get_num_threads(), t);
-    const int64_t lo = range.first, hi = range.second;
-    auto& out = expanded.items[t];
-    std::vector<T> sums(n, T(0));
-    std::vector<int64_t> seen(n, -1), touched;
-    const T divisor = static_cast<T>(expansion_width);
-    for (int64_t i = lo; i < hi; ++i) {
-      touched.clear();
-      for (int64_t s = 0; s < expansion_width; ++s) {
-        const int64_t neighbour = ranks[flat_index(i, width, s)];
-        for (int64_t e = offsets[neighbour]; e < offsets[neighbour + 1]; ++e) {
-          const int64_t c = entries[e].first;
-          if (seen[c] != i) {
-            seen[c] = i;
-            touched.push_back(c);
-          }
-          sums[c] += entries[e].second;
-        }
-      }
-      std::sort(touched.begin(), touched.end());
-      const size_t first = out.size();
-      for (const int64_t c : touched) {
-        const T mean = sums[c] / divisor;
-        sums[c] = T(0);
-        if (mean != T(0)) out.emplace_back(c, mean);
-      }
-      expanded.counts[i] = static_cast<int64_t>(out.size() - first);
-    }
-  });
-  errors.rethrow();
   std::vector<std::pair<int64_t, T>>().swap(entries);
   std::vector<std::pair<int64_t, T>> flat;
   expanded.flatten(result.offsets, flat);
@@ -447,14 +472,15 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
   std::atomic<bool> keeping{true};
   const int64_t budget = kept_budget >= 0 ? kept_budget : kept_pairs_budget(nnz);
   Compressed<T> columns;
-  const int num_threads = threads_for(nnz * 16);
+  const bool parallel = nnz * 16 >= kParallelMin;
   {
     py::gil_scoped_release release;
     release_free_memory();
     columns = transpose(crow, cols, values, n);
-    std::vector<std::vector<int64_t>> lower(num_threads);
+    const int team = region_threads(parallel);
+    std::vector<std::vector<int64_t>> lower(team);
     RegionErrors errors;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team)
     {
       RowOverlaps<T> row;
       std::vector<int64_t>* mine = &lower[omp_get_thread_num()];
@@ -513,10 +539,13 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
   {
     py::gil_scoped_release release;
     RegionErrors errors;
-#pragma omp parallel num_threads(num_threads) reduction(&& : consistent)
+    const int team = region_threads(parallel);
+    const int64_t target_chunk = dynamic_chunk(n, team), num_target_chunks = (n + target_chunk - 1) / target_chunk;
+#pragma omp parallel num_threads(team) reduction(&& : consistent)
     if (from_kept) {
-      // Own part: the diagonal zero, then the kept j > i, after the mirrored j < i.
-#pragma omp for schedule(dynamic, 1)
+      // Own part: the diagonal zero, then the kept j > i, after the mirrored j < i (the two
+      // loops write disjoint entries, hence nowait).
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t b = 0; b < num_blocks; ++b) {
         const UpperBlock& block = blocks[b];
         for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
@@ -530,9 +559,11 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
           }
         }
       }
-      errors.run([&] {
-        const auto range = part_range(n, omp_get_num_threads(), omp_get_thread_num());
-        const int64_t lo = range.first, hi = range.second;
+      // Mirrored part: each chunk of target rows reads the sources in ascending i, so its rows
+      // come out sorted.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t target = 0; target < num_target_chunks; ++target) errors.run([&] {
+        const int64_t lo = target * target_chunk, hi = std::min(n, lo + target_chunk);
         std::vector<int64_t> fill(hi - lo, 0);
         for (int64_t b = 0; b < num_blocks && b * kJaccardBlock < hi; ++b) {
           const UpperBlock& block = blocks[b];
@@ -594,53 +625,61 @@ int64_t find_root(std::vector<int64_t>& parent, int64_t v) {
   return v;
 }
 
+// One parallel region: neighbour counts (chunked, dynamic), the union-find and numbering
+// on one thread, then the border points (chunked, dynamic). Every loop writes its own rows.
 void dbscan(const int64_t* crow, const int64_t* cols, const uint8_t* near, int64_t n, int64_t min_samples,
             int64_t* labels) {
   std::vector<uint8_t> core(n, 0);
-  const int num_threads = threads_for(crow[n]);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t count = 0;
-    bool diagonal = false;
-    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
-      count += near[e];
-      diagonal |= cols[e] == i;
+  std::vector<int64_t> parent(n), number(n, -1);
+  const int team = region_threads(crow[n] >= kParallelMin);
+  const int64_t chunk = dynamic_chunk(n, team);
+#pragma omp parallel num_threads(team)
+  {
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t count = 0;
+      bool diagonal = false;
+      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+        count += near[e];
+        diagonal |= cols[e] == i;
+      }
+      // A point is its own neighbour unless a stored diagonal entry exceeds eps.
+      core[i] = count + (diagonal ? 0 : 1) >= min_samples;
     }
-    // A point is its own neighbour unless a stored diagonal entry exceeds eps.
-    core[i] = count + (diagonal ? 0 : 1) >= min_samples;
-  }
-  std::vector<int64_t> parent(n);
-  for (int64_t i = 0; i < n; ++i) parent[i] = i;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!core[i]) continue;
-    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
-      const int64_t j = cols[e];
-      if (!near[e] || j <= i || !core[j]) continue;   // symmetric: each edge once
-      const int64_t a = find_root(parent, i), b = find_root(parent, j);
-      if (a != b) parent[std::max(a, b)] = std::min(a, b);
+#pragma omp single
+    {
+      for (int64_t i = 0; i < n; ++i) parent[i] = i;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!core[i]) continue;
+        for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+          const int64_t j = cols[e];
+          if (!near[e] || j <= i || !core[j]) continue;   // symmetric: each edge once
+          const int64_t a = find_root(parent, i), b = find_root(parent, j);
+          if (a != b) parent[std::max(a, b)] = std::min(a, b);
+        }
+      }
+      // Clusters numbered in the order of their smallest core point.
+      int64_t next = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        labels[i] = -1;
+        if (!core[i]) continue;
+        const int64_t root = find_root(parent, i);
+        if (number[root] < 0) number[root] = next++;
+        labels[i] = number[root];
+      }
     }
-  }
-  // Clusters numbered in the order of their smallest core point.
-  std::vector<int64_t> number(n, -1);
-  int64_t next = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    labels[i] = -1;
-    if (!core[i]) continue;
-    const int64_t root = find_root(parent, i);
-    if (number[root] < 0) number[root] = next++;
-    labels[i] = number[root];
-  }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    if (core[i]) continue;
-    int64_t best = -1;
-    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
-      const int64_t j = cols[e];
-      if (!near[e] || !core[j]) continue;
-      // labels[j] of a core point is final (this loop writes non-core points only).
-      if (best < 0 || labels[j] < best) best = labels[j];
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < n; ++i) {
+      if (core[i]) continue;
+      int64_t best = -1;
+      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+        const int64_t j = cols[e];
+        if (!near[e] || !core[j]) continue;
+        // labels[j] of a core point is final (this loop writes non-core points only).
+        if (best < 0 || labels[j] < best) best = labels[j];
+      }
+      labels[i] = best;
     }
-    labels[i] = best;
   }
 }
 
@@ -654,7 +693,8 @@ void centres(const T* x, int64_t n, int64_t dim, const int64_t* labels, int64_t 
   std::vector<int64_t> members(offsets[num_clusters]), cursor(offsets.begin(), offsets.end() - 1);
   for (int64_t i = 0; i < n; ++i)
     if (labels[i] >= 0) members[cursor[labels[i]]++] = i;
-#pragma omp parallel for num_threads(threads_for(n * dim)) schedule(dynamic, 1)
+  const int team = region_threads(n * dim >= kParallelMin);
+#pragma omp parallel for num_threads(team) schedule(dynamic, dynamic_chunk(num_clusters, team))
   for (int64_t c = 0; c < num_clusters; ++c) {
     T* row = out + flat_index(c, dim, 0);
     std::fill(row, row + dim, T(0));
