@@ -46,6 +46,15 @@
 // order and are walked at once; only when they do not give num_merges merges does a
 // second pass (a streaming scan by linkage, after the last pair walked) run.
 //
+// Regions (issue 11, a shared CPU: each region waits for its slowest thread). Every region
+// takes its team from region_threads() (counted by parallel_regions()) and shares its rows
+// dynamically in dynamic_chunk pieces. A tile above kMinParallelWork opens two: the squared
+// distances, then (after the sqrt callback) linkages, pair offers and both nearest-list
+// passes together; tssl's pair scans add one for the exponents before the exp callback.
+// The torch callbacks (GEMM, sqrt, exp) run between regions, with every core to themselves.
+// A call opens those per tile of each GEMM pass, so the count grows with the passes
+// (capacity doubling) and the tiles, not with the merges walked.
+//
 // Limits: float32 or float64 (the launcher casts other dtypes to float32); cluster and
 // point counts are int64 throughout. exp overflow gives linkage +inf; such pairs tie and
 // fall back to (i, j) order, as in the reference. sqrt and exp are torch's (launcher
@@ -197,7 +206,7 @@ template <typename T>
 class Merger {
  public:
   Merger(const Problem& problem, const T* sq_norms, const T* sizes)
-      : p_(problem), sq_norms_(sq_norms), sizes_(sizes), threads_(kernel_threads()), buffers_(threads_) {}
+      : p_(problem), sq_norms_(sq_norms), sizes_(sizes), buffers_(std::max(1, kernel_threads())) {}
 
   // The `capacity` smallest pairs strictly after `after` (all pairs when has_after is false),
   // by linkage, sorted; `complete` is true when no other pair exists after `after`.
@@ -206,6 +215,7 @@ class Merger {
     after_ = after;
     offer_pairs_ = true;
     collect_nearest_ = false;
+    capacity_ = capacity;
     for (auto& buffer : buffers_) buffer.reset(capacity);
     run_tiles();
 
@@ -325,7 +335,8 @@ class Merger {
     const int64_t block_columns = p_.identity ? num_columns : num_clusters - first;
     if (!p_.identity) level_.resize((last - first) * block_columns);
     T* block = p_.identity ? tile : level_.data();
-#pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) if (work >= kMinParallelWork)
+    const int squared_team = region_threads(work >= kMinParallelWork);
+#pragma omp parallel for num_threads(squared_team) schedule(dynamic, dynamic_chunk(last - first, squared_team))
     for (int64_t i = first; i < last; ++i) {
       T* squared_row = block + (i - first) * block_columns - first;  // [j] for j > i
       if (p_.identity) {
@@ -352,13 +363,22 @@ class Merger {
       }
     }
     if (p_.linkage != kBuc) take_sqrt(block, (last - first) * block_columns);
-    if (offer_pairs_ && is_tssl(p_.linkage)) tssl_block(block, block_columns, first, last);
-#pragma omp parallel num_threads(threads_) if (work >= kMinParallelWork)
+    const bool tssl_pairs = offer_pairs_ && is_tssl(p_.linkage);
+    if (tssl_pairs) tssl_exponents(block, block_columns, first, last);
+    // One region for the rest of the tile: rows to linkages (tssl), pairs offered, nearest
+    // lists fed by rows, then (after the loop's barrier: a row's list can also receive from
+    // the column pass) by columns.
+    const int team = buffer_team(work >= kMinParallelWork);
+#pragma omp parallel num_threads(team)
     {
       PairBuffer<T>& buffer = buffers_[omp_get_thread_num()];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, dynamic_chunk(last - first, team))
       for (int64_t i = first; i < last; ++i) {
         T* distances = block + (i - first) * block_columns - first;
+        if (tssl_pairs) {
+          const T* exponent = exponent_.data() + (i - first) * block_columns - first;
+          for (int64_t j = i + 1; j < num_clusters; ++j) distances[j] = tssl_linkage(distances[j], exponent[j], i, j);
+        }
         if (collect_nearest_) {
           for (int64_t j = i + 1; j < num_clusters; ++j) {
             if (distances[j] <= nearest_.worst[i]) nearest_.offer(i, distances[j], j);
@@ -368,38 +388,33 @@ class Merger {
         // pairs are offered, so it still reads distances.
         if (offer_pairs_) offer_row(buffer, distances, i);
       }
+      if (collect_nearest_) column_pass(block, block_columns, first, last);
     }
-    if (collect_nearest_) column_pass(block, block_columns, first, last);
   }
 
-  // tssl / tssl_typeset linkages of a block of distances, in place (one exp callback for the block).
-  void tssl_block(T* block, int64_t block_columns, int64_t first, int64_t last) {
+  // tssl / tssl_typeset: the exponents of a block of distances, exponentiated in place by one
+  // exp callback for the block; packed_tile turns them into linkages row by row.
+  void tssl_exponents(const T* block, int64_t block_columns, int64_t first, int64_t last) {
     const int64_t num_clusters = p_.num_clusters;
     exponent_.resize((last - first) * block_columns);
     const int64_t work = (last - first) * block_columns;
-#pragma omp parallel for num_threads(threads_) schedule(static) if (work >= kMinParallelWork)
+    const int team = region_threads(work >= kMinParallelWork);
+#pragma omp parallel for num_threads(team) schedule(dynamic, dynamic_chunk(last - first, team))
     for (int64_t i = first; i < last; ++i) {
       const T* distances = block + (i - first) * block_columns - first;
       T* exponent = exponent_.data() + (i - first) * block_columns - first;
       for (int64_t j = i + 1; j < num_clusters; ++j) exponent[j] = tssl_exponent(distances[j], i, j);
     }
     take_exp(exponent_.data(), work);
-#pragma omp parallel for num_threads(threads_) schedule(static) if (work >= kMinParallelWork)
-    for (int64_t i = first; i < last; ++i) {
-      T* distances = block + (i - first) * block_columns - first;
-      const T* exponent = exponent_.data() + (i - first) * block_columns - first;
-      for (int64_t j = i + 1; j < num_clusters; ++j) distances[j] = tssl_linkage(distances[j], exponent[j], i, j);
-    }
   }
 
   // Lists of clusters j > first receive D_ij from the block's rows i < j. Each thread
-  // owns a run of columns (no list is shared between threads) and reads it row by row,
-  // a contiguous run per row.
+  // owns a run of columns at a time (no list is shared between threads) and reads it row by
+  // row, a contiguous run per row. Called inside packed_tile's region (an orphaned loop).
   void column_pass(const T* block, int64_t block_columns, int64_t first, int64_t last) {
     constexpr int64_t kRun = 64;
     const int64_t num_runs = (p_.num_clusters - (first + 1) + kRun - 1) / kRun;
-    const int64_t work = (last - first) * block_columns;
-#pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) if (work >= kMinParallelWork)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t run = 0; run < num_runs; ++run) {
       const int64_t j0 = first + 1 + run * kRun, j1 = std::min(j0 + kRun, p_.num_clusters);
       const T* worst = nearest_.worst.data();
@@ -419,7 +434,8 @@ class Merger {
     const int64_t column_origin = start[c + 1];
     const int64_t num_columns = p_.num_points - column_origin;
     const int64_t work = (r1 - r0) * num_columns;
-#pragma omp parallel for num_threads(threads_) schedule(dynamic, 16) if (work >= kMinParallelWork)
+    const int team = region_threads(work >= kMinParallelWork);
+#pragma omp parallel for num_threads(team) schedule(dynamic, dynamic_chunk(p_.num_clusters - c - 1, team))
     for (int64_t j = c + 1; j < p_.num_clusters; ++j) {
       T minimum = open_minimum_[j];
       for (int64_t s = r0; s < r1; ++s) {
@@ -438,6 +454,18 @@ class Merger {
   void offer_open_cluster(int64_t c) {
     if (p_.linkage != kBuc) take_sqrt(open_minimum_.data() + c + 1, p_.num_clusters - c - 1);
     offer_row(buffers_[0], open_minimum_.data(), c);
+  }
+
+  // Team of a region whose threads offer pairs to buffers_[thread]: region_threads(parallel),
+  // with buffers added (empty, at the scan's capacity) if set_num_threads raised the count
+  // since the merge began.
+  int buffer_team(bool parallel) {
+    const int team = region_threads(parallel);
+    while (static_cast<int>(buffers_.size()) < team) {
+      buffers_.emplace_back();
+      buffers_.back().reset(capacity_);
+    }
+    return team;
   }
 
   T* request(int64_t r0, int64_t r1, int64_t c0) {
@@ -474,10 +502,8 @@ class Merger {
   const Problem& p_;
   const T* sq_norms_;
   const T* sizes_;
-  // Team size of every region of this merge, fixed at construction: buffers_ holds one
-  // buffer per thread, so a later set_num_threads cannot outgrow it mid-merge.
-  int threads_;
-  std::vector<PairBuffer<T>> buffers_;
+  std::vector<PairBuffer<T>> buffers_;   // one per thread of the largest team so far
+  size_t capacity_ = 1;
   std::vector<T> open_minimum_;
   std::vector<T> level_;
   std::vector<T> exponent_;
