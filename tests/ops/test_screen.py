@@ -172,6 +172,38 @@ def test_rescore_is_exact_symmetric_and_row_determined(metric):
     assert pairs[0] == pairs[1] == got[2, 5]
 
 
+def test_rescore_of_columns_past_the_cache_block_is_exact_and_thread_independent():
+    # D = 2048: 512 column rows per 4 MiB block, so 1,400 columns take screen_rescore's
+    # bucketed path (entries sorted by column block). Each entry must still be the exact
+    # distance of its own pair, whatever block order or thread computed it.
+    from fastassoc import _backend
+    g = torch.Generator().manual_seed(31)
+    rows, cols = torch.randn(300, 2048, generator=g), torch.randn(1400, 2048, generator=g)
+    cols[1399] = rows[7]
+    indices = torch.randint(0, 1400, (300, 40), generator=g)
+    indices[::7, -3:] = -1
+    indices[7, 0] = 1399
+    row_sq, col_sq = _core.squared_norms(rows, "sqeuclidean"), _core.squared_norms(cols, "sqeuclidean")
+    got = _screen.rescore(rows, cols, indices, "sqeuclidean", row_norms=row_sq, col_norms=col_sq)
+    present = (indices >= 0).numpy()
+    assert torch.isinf(got[~torch.from_numpy(present)]).all()
+    expected = exact_distances(rows, cols, "sqeuclidean")
+    r = np.repeat(np.arange(300)[:, None], 40, axis=1)
+    np.testing.assert_allclose(got.numpy()[present], expected[r[present], indices.numpy()[present]],
+                               rtol=1e-5, atol=1e-5 * expected.max())
+    assert got[7, 0] == 0.0, "a copy of the row must be at distance 0 exactly"
+    pairs = _screen.exact_distances(rows, cols, torch.from_numpy(r[present]), indices[torch.from_numpy(present)],
+                                    "sqeuclidean", row_norms=row_sq, col_norms=col_sq)
+    assert torch.equal(got[torch.from_numpy(present)], pairs), "the bucketed order changed a distance's bits"
+    core = _backend.compiled_core()
+    core.set_num_threads(1)
+    try:
+        single = _screen.rescore(rows, cols, indices, "sqeuclidean", row_norms=row_sq, col_norms=col_sq)
+    finally:
+        core.set_num_threads(None)
+    assert torch.equal(single, got)
+
+
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
 def test_pruned_rescoring_keeps_the_k_nearest_of_the_full_rescoring(monkeypatch, metric):
     # Separated rows (identity centres) rule most of their tails out; the crowded ones
