@@ -6,8 +6,9 @@
 //
 // The launcher walks [rows x classes] tiles (at most tile_elements logits) and fills
 // each with the inner products f_b . w_j from torch's GEMM; these passes do the rest
-// in place, OpenMP over rows (each row is owned by one thread, so results do not
-// depend on the thread count):
+// in place, OpenMP over rows shared dynamically (each row is one thread's, and the rows'
+// losses are summed in row order after the pass, so results do not depend on the thread
+// count or the partition):
 //
 // forward   per (row, segment) an online logsumexp: the tile's maximum m_t and
 //           sum exp(z - m_t) merge into the running (max, sum) of earlier column tiles;
@@ -56,7 +57,10 @@ void forward_tile(T* tile, int64_t num_rows, int64_t num_cols, int64_t row0, int
                   double* segment_sum, double* target_logits) {
   const int64_t col1 = col0 + num_cols;
   const int64_t first_segment = segment_of(offsets, num_segments, col0);
-#pragma omp parallel for num_threads(region_threads(num_rows * num_cols >= kMinParallelWork)) schedule(static)
+  // Each row is one thread's (its sums run in a fixed order), so the rows are shared
+  // dynamically: a thread that keeps its core takes over the rows of one that lost it.
+  const int team = region_threads(num_rows * num_cols >= kMinParallelWork);
+#pragma omp parallel for num_threads(team) schedule(dynamic, dynamic_chunk(num_rows, team))
   for (int64_t r = 0; r < num_rows; ++r) {
     T* z = tile + r * num_cols;
     for (int64_t c = 0; c < num_cols; ++c) z[c] = z[c] * scale;
@@ -86,12 +90,16 @@ void forward_tile(T* tile, int64_t num_rows, int64_t num_cols, int64_t row0, int
   }
 }
 
-// Returns sum_b loss_b (before the 1/B); writes lse [B, S] and tsum [B, S].
+// Returns sum_b loss_b (before the 1/B); writes lse [B, S] and tsum [B, S]. The rows' losses
+// are summed afterwards in row order (not by an OpenMP reduction, whose order follows the
+// team), so the total does not depend on the thread count and the rows can be shared
+// dynamically.
 template <typename T>
 double finish(int64_t num_rows, Targets targets, const T* values, const int64_t* offsets, int64_t num_segments,
               const T* segment_max, const double* segment_sum, const double* target_logits, T* lse, T* tsum) {
-  double total = 0.0;
-#pragma omp parallel for num_threads(region_threads(num_rows * num_segments >= 64)) schedule(static) reduction(+ : total)
+  std::vector<double> row_losses(num_rows);
+  const int team = region_threads(num_rows * num_segments + (targets.crow[num_rows] - targets.crow[0]) >= kMinParallelWork);
+#pragma omp parallel for num_threads(team) schedule(dynamic, dynamic_chunk(num_rows, team))
   for (int64_t b = 0; b < num_rows; ++b) {
     for (int64_t s = 0; s < num_segments; ++s) {
       const int64_t at = b * num_segments + s;
@@ -105,8 +113,10 @@ double finish(int64_t num_rows, Targets targets, const T* values, const int64_t*
       tsum[b * num_segments + s] += values[e];
       row_loss += double(values[e]) * double(lse[b * num_segments + s]);
     }
-    total += row_loss;
+    row_losses[b] = row_loss;
   }
+  double total = 0.0;
+  for (int64_t b = 0; b < num_rows; ++b) total += row_losses[b];
   return total;
 }
 
@@ -120,7 +130,8 @@ void backward_tile(T* tile, int64_t num_rows, int64_t num_cols, int64_t row0, in
   // dL/d(dot) = scale * dL/dz, folded into one multiplier.
   const T gain = T(factor * double(scale));
   const T logit_scale = holds_logits ? T(1) : scale;
-#pragma omp parallel for num_threads(region_threads(num_rows * num_cols >= kMinParallelWork)) schedule(static)
+  const int team = region_threads(num_rows * num_cols >= kMinParallelWork);
+#pragma omp parallel for num_threads(team) schedule(dynamic, dynamic_chunk(num_rows, team))
   for (int64_t r = 0; r < num_rows; ++r) {
     T* g = tile + r * num_cols;
     const int64_t b = row0 + r;

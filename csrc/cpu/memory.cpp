@@ -87,10 +87,11 @@ void ema_update(T* bank, int64_t num_rows, int64_t dim, const int64_t* index, in
   const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
   const double keep = momentum, blend = 1.0 - momentum;
 
-#pragma omp parallel num_threads(region_threads(num_values * dim >= kMinParallelWork))
+  const int team = region_threads(num_values * dim >= kMinParallelWork);
+#pragma omp parallel num_threads(team)
   {
     std::vector<double> row(dim), total(dim);
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, dynamic_chunk(num_groups, team))
     for (int64_t g = 0; g < num_groups; ++g) {
       T* bank_row = bank + index[order[starts[g]]] * dim;
       for (int64_t d = 0; d < dim; ++d) row[d] = double(bank_row[d]);
