@@ -18,9 +18,11 @@ rounds, so both see the same background.
 Method. The competitor is one ``multiprocessing`` process spinning a pure-Python loop;
 it is started once per test and switched on and off through an Event (when off it blocks
 in ``Event.wait``, using no CPU). Each round times the provider and the GEMM quiet, then
-switches the competitor on, lets it reach its loop, and times both loaded. Rounds
-interleave quiet and loaded so drifts of the background hit both alike; medians are
-reported. ``slowdown = loaded median / quiet median``; the target (issue 11) is
+switches the competitor on, lets it reach its loop, and times both loaded. One sample is
+the mean time per call over back-to-back calls filling at least ``SAMPLE_SECONDS``
+(0.1 s: tens of scheduler time slices; until 2026-12-06 a sample was one call, whose
+loaded time depended on where a slice fell). Rounds interleave quiet and loaded so drifts
+of the background hit both alike; medians are reported. ``slowdown = loaded median / quiet median``; the target (issue 11) is
 ``op slowdown <= torch.mm slowdown x 1.5``. pytest-benchmark's own statistics are the
 loaded timings; ``extra_info`` holds quiet/loaded medians, both slowdowns and
 ``slowdown_vs_mm`` (op slowdown / mm slowdown; target <= 1.5). Nothing is asserted about
@@ -52,7 +54,8 @@ import fastassoc
 SCALE = os.environ.get("FASTASSOC_BENCH_SCALE", "full")
 _ROW_DIVISOR, _DIM_DIVISOR = (1, 1) if SCALE != "small" else (8, 4)
 ROUNDS = {"full": 7, "small": 3}.get(SCALE, 7)
-REPEATS = 3          # timed calls per state per round
+REPEATS = 3          # timed samples per state per round
+SAMPLE_SECONDS = {"full": 0.1, "small": 0.02}.get(SCALE, 0.1)   # one sample: calls for at least this long
 TARGET = 1.5         # op slowdown / torch.mm slowdown
 
 
@@ -237,10 +240,24 @@ def gemm_runner(case: str):
 
 # ----------------------------------------------------------------------------- measurement
 
-def _time(function) -> float:
+def _time(function, min_seconds: float | None = None) -> float:
+    """Seconds per call of ``function``, averaged over back-to-back calls that together take
+    at least ``min_seconds`` (:data:`SAMPLE_SECONDS`).
+
+    Why a window and not one call: the ops here take 2-40 ms, the scheduler's time slices a
+    few ms, so a single loaded call measures whether a slice happened to fall inside it (one
+    run's medians swung from 0.85 to 1.79 of torch.mm's slowdown for the same op). The issue
+    asks about throughput on a shared CPU; a window of many slices measures that.
+    """
+    min_seconds = SAMPLE_SECONDS if min_seconds is None else min_seconds
+    calls = 0
     start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+    while True:
+        function()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / calls
 
 
 def measure(case: str, provider: str, rounds: int = ROUNDS, repeats: int = REPEATS,
@@ -321,7 +338,7 @@ def main(argv: list[str]) -> None:
     cases = argv or list(CASES)
     print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '')!r}, scale {SCALE}, "
-          f"{ROUNDS} rounds x {REPEATS} calls per state, load average {os.getloadavg()[0]:.2f}")
+          f"{ROUNDS} rounds x {REPEATS} samples of >= {SAMPLE_SECONDS} s per state, load average {os.getloadavg()[0]:.2f}")
     if markdown:
         print("| case | provider | quiet ms | loaded ms | slowdown | torch.mm slowdown | vs mm | core regions/call |")
         print("|---|---|---|---|---|---|---|---|")
