@@ -15,7 +15,10 @@ What is checked, and where
 * Values (finiteness, squared norms that would overflow the compute dtype,
   index ranges, offsets, CSR structure, the loss scale against the operands)
   are read by one reduction per tensor (``torch.aminmax`` for features, which
-  costs what a ``sum`` does and allocates nothing). On CPU tensors a failure
+  costs what a ``sum`` does and allocates nothing), and each tensor once per
+  call: the loss scale check reuses the ``max|x|`` the features check found, the
+  camera count the range check's maximum (every pass over a large CPU tensor is a
+  parallel region of torch's; on a shared CPU each costs, issue 11). On CPU tensors a failure
   raises ``ValueError`` at once, with the first offending position where it is
   cheap to find.
 * **Deferred on CUDA.** Reading a value on the host forces a device sync, so on
@@ -42,6 +45,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import weakref
 
 import torch
 
@@ -53,6 +57,43 @@ PRECISIONS = ("highest", "tf32")
 INT64_MAX = 2**63 - 1
 # Rows per float64 chunk of the exact (rare) row-norm checks: bounds their scratch memory.
 _NORM_CHUNK_ROWS = 1 << 14
+
+# max|x| of the tensors :func:`features` returned last, so that :func:`logit_scale`, which
+# runs right after it on the same tensors, need not read them again (each pass over a
+# large tensor is a parallel region of torch's: issue 11). Keyed by id, held by a weak
+# reference (a dead tensor's id can be reused) and the version counter (an in-place write
+# since makes the entry stale); a few entries only.
+_PEAKS: dict[int, tuple] = {}
+_PEAKS_KEPT = 8
+
+
+def _remember_peak(x: torch.Tensor, amax: torch.Tensor) -> None:
+    try:
+        version = x._version
+        reference = weakref.ref(x)
+    except (RuntimeError, TypeError):  # inference tensors have no version counter
+        return
+    _PEAKS.pop(id(x), None)
+    while len(_PEAKS) >= _PEAKS_KEPT:
+        try:  # the oldest entry; another thread may have dropped it meanwhile
+            _PEAKS.pop(next(iter(_PEAKS)), None)
+        except (StopIteration, RuntimeError):
+            break
+    _PEAKS[id(x)] = (reference, version, amax)
+
+
+def _known_peak(x: torch.Tensor) -> torch.Tensor | None:
+    """max|x| as :func:`features` computed it, if ``x`` is unchanged since; else None."""
+    entry = _PEAKS.get(id(x))
+    if entry is None:
+        return None
+    reference, version, amax = entry
+    try:
+        if reference() is x and x._version == version:
+            return amax
+    except RuntimeError:
+        pass
+    return None
 
 
 def _describe(value) -> str:
@@ -216,6 +257,7 @@ def features(name: str, x, *, ndim: int = 2, allow_empty: bool = True) -> torch.
     if x.numel():
         amax = _abs_max(name, x)
         _squared_norms_fit(name, x, amax)
+        _remember_peak(x, amax)
     return x
 
 
@@ -238,10 +280,8 @@ def logit_scale(scale, features: torch.Tensor, weight: torch.Tensor) -> float:
     dim = features.shape[1]
     message = (f"scale={scale!r} makes the logits scale * features . weight overflow {type_name} for these "
                f"features and weight; lower scale or rescale the features (e.g. L2-normalise them)")
-    f_max = torch.aminmax(features.detach().reshape(-1))
-    w_max = torch.aminmax(weight.detach().reshape(-1))
-    f_amax = torch.maximum(-f_max.min, f_max.max).to(torch.float64)
-    w_amax = torch.maximum(-w_max.min, w_max.max).to(torch.float64)
+    f_amax = _peak(features).to(torch.float64)
+    w_amax = _peak(weight).to(torch.float64)
     gain = max(abs(scale), 1.0)  # the kernels form f.w before scaling it
     if _deferred(features):
         torch._assert_async(f_amax * w_amax * (gain * dim * 2) <= limit, message)
@@ -254,6 +294,15 @@ def logit_scale(scale, features: torch.Tensor, weight: torch.Tensor) -> float:
     if log_bound > math.log(limit):
         raise ValueError(message)
     return scale
+
+
+def _peak(x: torch.Tensor) -> torch.Tensor:
+    """max|x| (0-d): the one :func:`features` just computed, else one ``aminmax`` pass."""
+    known = _known_peak(x)
+    if known is not None:
+        return known
+    low, high = torch.aminmax(x.detach().reshape(-1))
+    return torch.maximum(-low, high)
 
 
 def same_dtype(**tensors: torch.Tensor) -> None:
@@ -327,10 +376,14 @@ def _int64_copy(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
 
 
-def _in_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
-    """Every entry of int64 ``t`` lies in ``[low, high)``; exact first offender on CPU."""
+def _in_range(name: str, t: torch.Tensor, low: int, high: int) -> torch.Tensor | None:
+    """Every entry of int64 ``t`` lies in ``[low, high)``; exact first offender on CPU.
+
+    Returns the largest entry (0-d, on ``t``'s device; None when ``t`` is empty), a by-product
+    of the one ``aminmax`` pass.
+    """
     if not t.numel():
-        return
+        return None
     lo, hi = torch.aminmax(t)
     message = f"{name} values must lie in [{low}, {high})"
 
@@ -339,18 +392,23 @@ def _in_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
         return f"{message}, found {int(t[position])} at position {position}"
 
     _require((lo >= low) & (hi < high), message, exact)
+    return hi
 
 
 def index_vector(name: str, t, *, length: int | None, low: int, high: int, device=None) -> torch.Tensor:
     """A 1-D integer tensor with values in ``[low, high)``, returned as int64."""
+    return _index_vector_and_max(name, t, length=length, low=low, high=high, device=device)[0]
+
+
+def _index_vector_and_max(name: str, t, *, length: int | None, low: int, high: int, device=None):
+    """:func:`index_vector` and its largest entry (0-d tensor, None when empty)."""
     _integer_tensor(name, t, device=device)
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
     t = _int64_copy(name, t)
-    _in_range(name, t, low, high)
-    return t
+    return t, _in_range(name, t, low, high)
 
 
 def _monotone(name: str, t: torch.Tensor, *, total: int, total_name: str) -> None:
@@ -399,9 +457,9 @@ def camera_ids(name: str, cameras, *, num_rows: int, num_cameras: int | None = N
     if num_cameras is not None:
         num_cameras = non_negative_int("num_cameras", num_cameras, minimum=1)
     high = num_cameras if num_cameras is not None else 2**62
-    cameras = index_vector(name, cameras, length=num_rows, low=0, high=high, device=device)
+    cameras, largest = _index_vector_and_max(name, cameras, length=num_rows, low=0, high=high, device=device)
     if num_cameras is None:
-        num_cameras = int(cameras.max()) + 1 if cameras.numel() else 0
+        num_cameras = int(largest) + 1 if largest is not None else 0
     if num_cameras > max(num_rows, 1):
         distinct, cameras = torch.unique(cameras, sorted=True, return_inverse=True)
         cameras = cameras.to(torch.int64).contiguous()
