@@ -84,6 +84,19 @@ def test_results_do_not_depend_on_the_thread_count(core, weighting):
         assert_same_matrix(result, results[0], f"{threads} threads vs 1")
 
 
+@pytest.mark.parametrize("weighting", ["spcl", "zhong"])
+def test_rows_past_the_cache_blocks_give_the_oracles_matrix(core, weighting):
+    # D = 4096: the weights' dot products (rerank_encode) and the list rescoring
+    # (screen_rescore) are computed in buckets of 256 member rows (4 MiB), so 600 rows take
+    # the bucketed paths; each value must still be its pair's, at any thread count.
+    x = reid_like(np.random.default_rng(16), 600, dim=4096, identities=40)
+    got = jaccard_distance(torch.from_numpy(x), 20, 6, weighting=weighting, backend="cpu")
+    assert_matches_oracle(got, oracle_jaccard(x, 20, 6, weighting), f"{weighting}, 600 x 4096")
+    core.set_num_threads(1)
+    assert_same_matrix(jaccard_distance(torch.from_numpy(x), 20, 6, weighting=weighting, backend="cpu"), got,
+                       "1 thread vs default")
+
+
 @pytest.mark.parametrize("tile", [7, 64, 5000])
 def test_results_do_not_depend_on_the_tile_limit(tile):
     x = torch.from_numpy(quantised(np.random.default_rng(9), 60))
