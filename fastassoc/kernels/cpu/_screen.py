@@ -342,11 +342,14 @@ def rescore_pruned(rows: torch.Tensor, cols: torch.Tensor, candidates: torch.Ten
                               row_norms=row_norms, col_norms=col_norms)
     kth = exact[:, :head].kthvalue(k, dim=1).values.to(torch.float64)
     lower = lower_outside(approx_rows, approx_cols, metric, approx_values[:, head], row_norms, col_norms)
-    open_rows = torch.nonzero(lower <= kth).flatten()
-    if open_rows.numel():
-        exact[open_rows, head:] = rescore(
-            rows[open_rows].contiguous(), cols, candidates[open_rows, head:].contiguous(), metric, col_base=col_base,
-            row_norms=row_norms[open_rows].contiguous() if row_norms is not None else None, col_norms=col_norms)
+    closed = lower > kth
+    if not bool(closed.all()):
+        # Closed rows' tails become list padding (-1: inf, skipped) rather than a copy of the
+        # open rows: on W-jaccard 84 % of the rows are open, and their copy was 89 MB.
+        tail = candidates[:, head:].clone()
+        tail[closed] = -1
+        exact[:, head:] = rescore(rows, cols, tail, metric, col_base=col_base, row_norms=row_norms,
+                                  col_norms=col_norms)
     return exact
 
 
