@@ -22,7 +22,10 @@ import collections
 import dataclasses
 import threading
 
+import numpy as np
 import pytest
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -153,6 +156,9 @@ def run_ops():
     cams_g = torch.randint(0, 4, (700,), generator=torch.Generator().manual_seed(8))
     q = tied_features(300, 12, 9)
     g = tied_features(700, 12, 10)
+    rerank_x = torch.randn(1200, 16, generator=torch.Generator().manual_seed(12))
+    jaccard = fastassoc.jaccard_distance(rerank_x, 20, 6, backend="cpu")
+    loss_features, loss_weight, loss_targets, loss_offsets = loss_problem()
     results = {
         "topk_anchors": fastassoc.topk_anchors(y, x, k=5, backend="cpu"),
         "topk_anchors self": fastassoc.topk_anchors(x, x, k=5, exclude=torch.arange(700), backend="cpu"),
@@ -164,8 +170,29 @@ def run_ops():
                                                              linkage="centroid", backend="cpu"),
         "evaluate_ranking": fastassoc.evaluate_ranking(q, g, pids_q, pids_g, cams_q, cams_g, max_rank=10,
                                                        backend="cpu"),
+        "jaccard_distance": (jaccard.crow_indices(), jaccard.col_indices(), jaccard.values()),
+        "jaccard_distance bounded": fastassoc.jaccard_distance(rerank_x, 20, 6, max_distance=0.8,
+                                                               backend="cpu").values(),
+        "dbscan": fastassoc.dbscan(jaccard, 0.6, 4, backend="cpu"),
+        # The loss total: summed over rows in row order whatever the team (an OpenMP
+        # reduction's order followed the team before).
+        "segmented_cross_entropy": fastassoc.segmented_cross_entropy(
+            loss_features, loss_weight, loss_targets, class_offsets=loss_offsets, scale=10.0, backend="cpu"),
     }
     return results
+
+
+def loss_problem():
+    """512 rows, 2,048 classes in 64 segments, 3 targets a row: above the loss kernels' parallel
+    sizes. float64, so that the double total's last bits reach the result."""
+    generator = torch.Generator().manual_seed(13)
+    features = torch.nn.functional.normalize(torch.randn(512, 16, generator=generator, dtype=torch.float64), dim=1)
+    weight = torch.nn.functional.normalize(torch.randn(2048, 16, generator=generator, dtype=torch.float64), dim=1)
+    columns = torch.randint(0, 2048, (512, 3), generator=generator).sort(1).values
+    crow = torch.arange(0, 512 * 3 + 1, 3)
+    values = torch.rand(512 * 3, generator=generator, dtype=torch.float64)
+    targets = fastassoc.CSRMatrix(crow, columns.flatten(), values, (512, 2048))
+    return features, weight, targets, torch.arange(0, 2049, 32)
 
 
 def flatten(value):
@@ -317,3 +344,163 @@ def test_cross_camera_graph_work_is_gathered_per_camera(core, monkeypatch):
     assert torch.equal(result.crow_indices(), expected.crow_indices())
     assert torch.equal(result.col_indices(), expected.col_indices())
     assert torch.equal(result.values(), expected.values())
+
+
+# ------------------------------------------------------------------ region budgets of the other families
+
+def test_agglomerative_merge_regions_do_not_grow_with_merges(core):
+    # The cpu launcher's regions are those of the exact self-join that lists every cluster's
+    # nearest (csrc/cpu/knn.cpp, screen.cpp; the merge walk itself is torch and Python), so a
+    # call opens the same few whatever the number of merges or the linkage.
+    core.set_num_threads(2)
+    x = torch.randn(800, 12, generator=torch.Generator().manual_seed(30))
+    labels = torch.arange(800)
+    counts = {}
+    for linkage in ("centroid", "tssl"):
+        for merges in (5, 300):
+            result = []
+            counts[linkage, merges] = regions_of(core, lambda: result.append(fastassoc.agglomerative_merge(
+                x, labels, merges, linkage=linkage, backend="cpu")))
+            assert len(torch.unique(result[0])) == 800 - merges, (linkage, merges)
+    assert max(counts.values()) <= 8, counts      # 6 on this tree
+    assert len(set(counts.values())) == 1, f"regions per call depend on merges or linkage: {counts}"
+
+
+class KernelRegions:
+    """Regions forked inside each compiled kernel that fastassoc.kernels.cpu calls through ``_core.kernel``."""
+
+    def __init__(self, core, monkeypatch):
+        self.counts = collections.Counter()
+        self.calls = collections.Counter()
+        original = _core.kernel
+
+        def kernel(name):
+            function = original(name)
+
+            def counted(*args, **kwargs):
+                before = core.parallel_regions()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    self.counts[name] += core.parallel_regions() - before
+                    self.calls[name] += 1
+            return counted
+        monkeypatch.setattr(_core, "kernel", kernel)
+
+
+@pytest.mark.parametrize("max_distance", [None, 0.8])
+def test_jaccard_and_dbscan_kernels_open_few_counted_regions(core, monkeypatch, max_distance):
+    # The encoding (reciprocal sets, weights, query expansion) is one region, the Jaccard
+    # pass two (counting, writing), DBSCAN one, the centres one; every one of them counted
+    # (before: 4 + 2 + 2 + 1 regions, none counted).
+    core.set_num_threads(2)
+    x = torch.randn(1200, 32, generator=torch.Generator().manual_seed(31))
+    kernels = KernelRegions(core, monkeypatch)
+    total = regions_of(core, lambda: fastassoc.jaccard_distance(x, 20, 6, max_distance=max_distance, backend="cpu"))
+    assert kernels.counts["rerank_encode"] == 1, dict(kernels.counts)
+    assert kernels.counts["rerank_jaccard"] == 2, dict(kernels.counts)
+    # Everything else is the nearest lists' exact self-join (csrc/cpu/knn.cpp, screen.cpp: tile
+    # updates, list sorts, rescoring; 11 or so here), whose budget is the knn family's.
+    search = sum(count for name, count in kernels.counts.items() if name.startswith(("knn_", "screen_")))
+    assert total - search == 3, f"jaccard_distance opened {total} regions ({dict(kernels.counts)})"
+    jaccard = fastassoc.jaccard_distance(x, 20, 6, backend="cpu")
+    assert jaccard.values().numel() >= 1 << 15, "below rerank_dbscan's parallel size"
+    labels = []
+    assert regions_of(core, lambda: labels.append(fastassoc.dbscan(jaccard, 0.6, 4, backend="cpu"))) == 1
+    assert kernels.counts["rerank_dbscan"] == 1
+    assert torch.equal(labels[0], torch.from_numpy(dbscan_oracle(jaccard, 0.6, 4)))
+    centres = []
+    count = regions_of(core, lambda: centres.append(fastassoc.cluster_centres(x, labels[0], backend="cpu")))
+    assert count == 1 and kernels.counts["rerank_cluster_centres"] == 1, dict(kernels.counts)
+    clustered = labels[0] >= 0
+    sums = torch.zeros(centres[0][0].shape, dtype=torch.float64).index_add_(0, labels[0][clustered],
+                                                                           x[clustered].double())
+    expected = (sums / torch.bincount(labels[0][clustered]).clamp_min(1)[:, None]).float()
+    assert torch.allclose(centres[0][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def dbscan_oracle(matrix: torch.Tensor, eps: float, min_samples: int) -> np.ndarray:
+    """DBSCAN labels from the definition (scipy components of the core-core graph): stored
+    entries <= eps are neighbours, core points have >= min_samples of them (the stored zero
+    diagonal included), clusters numbered by their smallest core point, a border point takes
+    the smallest number among its core neighbours, -1 for noise."""
+    count = matrix.shape[0]
+    crow, cols = matrix.crow_indices().numpy(), matrix.col_indices().numpy()
+    rows = np.repeat(np.arange(count), np.diff(crow))
+    keep = matrix.values().numpy() <= eps
+    near = scipy.sparse.csr_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(count, count))
+    is_core = np.asarray(near.sum(1)).ravel() >= min_samples
+    core_only = scipy.sparse.diags(is_core.astype(float))
+    _, component = scipy.sparse.csgraph.connected_components(core_only @ near @ core_only, directed=False)
+    number, labels = {}, np.full(count, -1)
+    for point in np.flatnonzero(is_core):
+        labels[point] = number.setdefault(component[point], len(number))
+    near = near.tolil()
+    for point in np.flatnonzero(~is_core):
+        found = [labels[j] for j in near.rows[point] if is_core[j]]
+        labels[point] = min(found) if found else -1
+    return labels
+
+
+def driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage_code: int,
+                 tile_elements: int, depth: int):
+    """csrc/cpu/cluster.cpp's driver (``agglomerative_merge_f32``; the cpu launcher does not call it)
+    with torch callbacks. Returns (labels, GEMM passes, tiles requested)."""
+    import ctypes
+
+    _, cluster = torch.unique(labels, sorted=True, return_inverse=True)
+    num_clusters = int(cluster.max()) + 1
+    points = x[torch.argsort(cluster, stable=True)].float().contiguous()
+    counts = torch.bincount(cluster, minlength=num_clusters)
+    cluster_start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    sq_norms = (points * points).sum(1).contiguous()
+    sizes = counts.float().contiguous()
+    cluster = cluster.contiguous()
+    labels_out = torch.empty(x.shape[0], dtype=torch.int64)
+    held = []
+
+    def dots(r0, r1, c0):
+        held[:] = [(points[r0:r1] @ points[c0:].T).contiguous()]
+        tiles.append(1)
+        return held[0].data_ptr()
+
+    def in_place(function):
+        def apply(address, count):
+            function(torch.frombuffer((ctypes.c_float * count).from_address(address), dtype=torch.float32))
+        return apply
+
+    tiles = []
+    passes = core.agglomerative_merge_f32(
+        points.shape[0], num_clusters, cluster_start.data_ptr(), sq_norms.data_ptr(), sizes.data_ptr(), linkage_code,
+        3, 0.01, num_merges, 16, depth, tile_elements, cluster.data_ptr(), x.shape[0], labels_out.data_ptr(), dots,
+        in_place(torch.Tensor.sqrt_), in_place(torch.Tensor.exp_))
+    return labels_out, passes, len(tiles)
+
+
+@pytest.mark.parametrize("tile_elements", [1 << 16, 1 << 22])
+def test_merge_driver_regions_per_tile(core, tile_elements):
+    # Each tile of a GEMM pass opens at most two regions (squared distances; then, after
+    # torch's sqrt, linkages, pair offers and both nearest-list passes together); tssl's pair
+    # passes one more for the exponents before torch's exp. Before: tssl 4 per pair-pass tile
+    # and 3 per nearest-pass tile, none of them counted. Labels do not depend on the team.
+    x = torch.randn(600, 16, generator=torch.Generator().manual_seed(32))
+    x[5] = x[9]
+    for code in range(5):        # centroid, tssl, buc, buc_l2, tssl_typeset
+        labels = torch.arange(600) // (2 if code in (2, 3) else 1)
+        results = {}
+        for threads in (1, 2):
+            core.set_num_threads(threads)
+            before = core.parallel_regions()
+            results[threads] = driver_merge(core, x, labels, 100, code, tile_elements, depth=8)
+            count = core.parallel_regions() - before
+            if threads == 1:
+                assert count == 0
+        merged, passes, tiles = results[2]
+        assert torch.equal(merged, results[1][0]), f"linkage code {code}: labels differ with 2 threads"
+        assert len(torch.unique(merged)) == int(labels.max()) + 1 - 100
+        tssl = code in (1, 4)
+        # tssl's first pass collects nearest lists (two regions a tile), its later passes offer pairs.
+        per_tile = 3 if tssl else 2
+        nearest_tiles = tiles // passes if tssl else 0
+        assert 1 <= count <= 2 * nearest_tiles + per_tile * (tiles - nearest_tiles), \
+            f"linkage code {code}: {count} regions for {tiles} tiles in {passes} passes"
