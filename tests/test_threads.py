@@ -504,3 +504,31 @@ def test_merge_driver_regions_per_tile(core, tile_elements):
         nearest_tiles = tiles // passes if tssl else 0
         assert 1 <= count <= 2 * nearest_tiles + per_tile * (tiles - nearest_tiles), \
             f"linkage code {code}: {count} regions for {tiles} tiles in {passes} passes"
+
+
+def test_validation_reads_each_tensor_once():
+    # Every pass over a large CPU tensor is one of torch's parallel regions. The loss checks
+    # read features and weight once each (the scale check reuses their max|x|: 4 aminmax
+    # before), and the camera count comes from the range check's aminmax (a separate max pass
+    # before).
+    from fastassoc.ops import _checks
+    generator = torch.Generator().manual_seed(33)
+    features, weight = torch.randn(512, 64, generator=generator), torch.randn(2048, 64, generator=generator)
+    with TorchCalls() as calls:
+        checked_features = _checks.features("features", features)
+        checked_weight = _checks.features("weight", weight)
+        assert _checks.logit_scale(30.0, checked_features, checked_weight) == 30.0
+    assert calls.counts["aminmax"] == 2, dict(calls.counts)
+    with pytest.raises(ValueError, match="scale=1e\\+37 makes the logits"):
+        _checks.logit_scale(1e37, checked_features, checked_weight)
+    # An in-place write since the check makes its max|x| stale: the scale check reads again.
+    checked_weight[7, 3] = 1e37
+    with TorchCalls() as calls, pytest.raises(ValueError, match="makes the logits"):
+        _checks.logit_scale(30.0, checked_features, checked_weight)
+    assert calls.counts["aminmax"] == 1, dict(calls.counts)
+    cameras = torch.randint(0, 6, (5000,), generator=generator)
+    cameras[17] = 9
+    with TorchCalls() as calls:
+        ids, count = _checks.camera_ids("cameras", cameras, num_rows=5000)
+    assert count == 10 and torch.equal(ids, cameras)
+    assert calls.counts["aminmax"] == 1 and calls.counts["max"] == 0, dict(calls.counts)
