@@ -38,7 +38,10 @@ core's OpenMP and numba's pool). numba's first call (the JIT compile, on a 64-ro
 timed apart; ``--jit-processes`` also times it in fresh processes without and with
 ``cache=True`` (a cold cache that compiles and writes, then a warm one that loads).
 Warm calls: median (and minimum) of ``--rounds`` (5) rounds
-that interleave the two providers (load from other processes weighs on both alike). Peak extra memory: resident high-water mark of one
+that interleave the two providers (load from other processes weighs on both alike). On a
+shared machine the minimum is the steadier figure: calls that fault in fresh pages (the
+~500 MB result) stall there now and then for seconds (a bare 496 MB ``np.ones`` took 0.06 s
+or 3.4 s on the loaded 2-core dev box), whichever provider they hit. Peak extra memory: resident high-water mark of one
 warm call above the resident size before it (bench_evaluation.peak_extra_bytes; it sees
 numba's and C++'s allocations, tracemalloc would not).
 
@@ -562,7 +565,7 @@ def measure(threads: int, rounds: int, jit_processes: bool) -> dict:
 
 
 def table(result: dict, markdown: bool) -> str:
-    header = ["pass", "cpu warm s (median, min)", "numba warm s (median, min)", "numba / cpu (medians)", "numba first call s", "cpu peak MB",
+    header = ["pass", "cpu warm s (median, min)", "numba warm s (median, min)", "numba / cpu (medians, mins)", "numba first call s", "cpu peak MB",
               "numba peak MB", "C++ lines", "numba lines", "agreement"]
     lines = []
     for name in ("encode", "jaccard"):
@@ -570,7 +573,7 @@ def table(result: dict, markdown: bool) -> str:
         check = result["agreement"][name]
         peak = [f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "n/a" for row in (cpu, nb)]
         lines.append([name, f"{cpu['seconds']:.3f}, {cpu['fastest']:.3f}", f"{nb['seconds']:.3f}, {nb['fastest']:.3f}",
-                      f"{nb['seconds'] / cpu['seconds']:.2f}",
+                      f"{nb['seconds'] / cpu['seconds']:.2f}, {nb['fastest'] / cpu['fastest']:.2f}",
                       f"{result['jit'][name]:.1f}", *peak, str(result["cpp_lines"][name]),
                       str(result["numba_lines"][name]),
                       f"max abs diff {check['max_abs_difference']:.1e}, {'bit-equal' if check['bit_equal'] else 'not bit-equal'}"])
