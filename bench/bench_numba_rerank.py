@@ -565,8 +565,8 @@ def measure(threads: int, rounds: int, jit_processes: bool) -> dict:
 
 
 def table(result: dict, markdown: bool) -> str:
-    header = ["pass", "cpu warm s (median, min)", "numba warm s (median, min)", "numba / cpu (medians, mins)", "numba first call s", "cpu peak MB",
-              "numba peak MB", "C++ lines", "numba lines", "agreement"]
+    header = ["pass", "cpu warm s (median, min)", "numba warm s (median, min)", "numba / cpu (medians, mins)",
+              "numba first call s", "cpu peak MB", "numba peak MB", "C++ lines", "numba lines", "agreement"]
     lines = []
     for name in ("encode", "jaccard"):
         cpu, nb = result["rows"][(name, "cpu")], result["rows"][(name, "numba")]
@@ -576,7 +576,8 @@ def table(result: dict, markdown: bool) -> str:
                       f"{nb['seconds'] / cpu['seconds']:.2f}, {nb['fastest'] / cpu['fastest']:.2f}",
                       f"{result['jit'][name]:.1f}", *peak, str(result["cpp_lines"][name]),
                       str(result["numba_lines"][name]),
-                      f"max abs diff {check['max_abs_difference']:.1e}, {'bit-equal' if check['bit_equal'] else 'not bit-equal'}"])
+                      f"max abs diff {check['max_abs_difference']:.1e}, "
+                      f"{'bit-equal' if check['bit_equal'] else 'not bit-equal'}"])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
