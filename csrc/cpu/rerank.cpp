@@ -28,8 +28,8 @@
 //
 // Threads (issue 11, a shared CPU). Every region takes its team from region_threads() and
 // its loops are schedule(dynamic) over chunks of rows, so a thread that keeps its core takes
-// over the share of one that lost it; rerank_encode and rerank_dbscan open one region per
-// call, rerank_jaccard two (counting, writing), rerank_cluster_centres one.
+// over the share of one that lost it; each kernel opens one region per call (rerank_jaccard:
+// counting pass, allocation on one thread, writing pass).
 //
 // Limits. Float32 (float64 inputs: float64) arithmetic, output values float32. Memory of
 // rerank_jaccard beyond its output: V twice (rows and columns), the kept pairs, one dense
@@ -43,9 +43,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -508,14 +511,37 @@ struct UpperBlock {
 // and the writing pass recomputes full rows instead: max(2^22, 8 nnz(V)) pairs.
 inline int64_t kept_pairs_budget(int64_t nnz) { return std::max<int64_t>(int64_t(1) << 22, 8 * nnz); }
 
-// Two passes over V. Pass one walks the upper triangle and counts every row's stored pairs
-// (its own j > i, and one for each mirrored j), keeping the pairs themselves while they fit
-// the budget above (a max_distance that stores few pairs); the returned arrays are then
-// allocated at their final size. Pass two writes them: from the kept pairs (each row's own
-// part after its diagonal zero, and the mirrored part from threads that each own a range of
-// target rows and read sources in ascending i, so it comes out sorted), or, when too many
-// pairs were stored to keep, by recomputing every full row (j != i) in column order. m_ij
-// has the same bits from both ends of a pair, so the matrix is exactly symmetric either way.
+// A malloc'd array handed to NumPy without a copy (the capsule frees it with the array).
+struct MallocDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename Item>
+using MallocArray = std::unique_ptr<Item[], MallocDeleter>;
+
+template <typename Item>
+MallocArray<Item> malloc_array(int64_t count) {
+  void* p = std::malloc(sizeof(Item) * static_cast<size_t>(std::max<int64_t>(count, 1)));
+  if (p == nullptr) throw std::bad_alloc();
+  return MallocArray<Item>(static_cast<Item*>(p));
+}
+
+template <typename Item>
+py::array_t<Item> to_numpy(MallocArray<Item> data, int64_t count) {
+  Item* raw = data.get();
+  py::capsule owner(raw, [](void* p) { std::free(p); });
+  data.release();
+  return py::array_t<Item>(static_cast<py::ssize_t>(count), raw, owner);
+}
+
+// Two passes over V in one parallel region. Pass one walks the upper triangle and counts
+// every row's stored pairs (its own j > i, and one for each mirrored j), keeping the pairs
+// themselves while they fit the budget above (a max_distance that stores few pairs); one
+// thread then sums the counts and allocates the returned arrays at their final size. Pass
+// two writes them: from the kept pairs (each row's own part after its diagonal zero, and the
+// mirrored part from chunks of target rows that read sources in ascending i, so it comes out
+// sorted), or, when too many pairs were stored to keep, by recomputing every full row
+// (j != i) in column order. m_ij has the same bits from both ends of a pair, so the matrix
+// is exactly symmetric either way.
 template <typename T>
 py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int64_t n, bool bounded,
                   double max_distance, int64_t kept_budget) {
@@ -527,16 +553,23 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
   std::atomic<int64_t> kept{0};
   std::atomic<bool> keeping{true};
   const int64_t budget = kept_budget >= 0 ? kept_budget : kept_pairs_budget(nnz);
-  Compressed<T> columns;
-  const bool parallel = nnz * 16 >= kParallelMin;
+  MallocArray<int64_t> crow_array, cols_array;
+  MallocArray<float> values_array;
+  int64_t total = 0;
+  bool consistent = true;
   {
     py::gil_scoped_release release;
     release_free_memory();
-    columns = transpose(crow, cols, values, n);
-    const int team = region_threads(parallel);
+    const Compressed<T> columns = transpose(crow, cols, values, n);
+    const int team = region_threads(nnz * 16 >= kParallelMin);
+    const int64_t target_chunk = dynamic_chunk(n, team), num_target_chunks = (n + target_chunk - 1) / target_chunk;
     std::vector<std::vector<int64_t>> lower(team);
+    bool from_kept = true;
+    int64_t* crow_out = nullptr;
+    int64_t* cols_out = nullptr;
+    float* values_out = nullptr;
     RegionErrors errors;
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(team) reduction(&& : consistent)
     {
       RowOverlaps<T> row;
       std::vector<int64_t>* mine = &lower[omp_get_thread_num()];
@@ -546,7 +579,7 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
       });
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < num_blocks; ++b) errors.run([&] {
-        if (static_cast<int64_t>(row.sums.size()) != n) return;
+        if (errors.failed()) return;
         UpperBlock& block = blocks[b];
         const int64_t i0 = b * kJaccardBlock, i1 = std::min(n, i0 + kJaccardBlock);
         block.starts.assign(1, 0);
@@ -572,103 +605,99 @@ py::tuple jaccard(const int64_t* crow, const int64_t* cols, const T* values, int
         block.cols.shrink_to_fit();
         block.values.shrink_to_fit();
       });
-    }
-    errors.rethrow();
-    for (const auto& part : lower) {
-      if (part.empty()) continue;
-      for (int64_t j = 0; j < n; ++j) counts[j] += part[j];
-    }
-    std::vector<std::vector<int64_t>>().swap(lower);
-    if (!keeping.load()) std::vector<UpperBlock>().swap(blocks);
-    release_free_memory();
-  }
-  const bool from_kept = keeping.load();
-  py::array_t<int64_t> out_crow(n + 1);
-  int64_t* crow_out = out_crow.mutable_data();
-  crow_out[0] = 0;
-  for (int64_t i = 0; i < n; ++i) crow_out[i + 1] = crow_out[i] + counts[i];
-  py::array_t<int64_t> out_cols(crow_out[n]);
-  py::array_t<float> out_values(crow_out[n]);
-  int64_t* cols_out = out_cols.mutable_data();
-  float* values_out = out_values.mutable_data();
-  bool consistent = true;
-  {
-    py::gil_scoped_release release;
-    RegionErrors errors;
-    const int team = region_threads(parallel);
-    const int64_t target_chunk = dynamic_chunk(n, team), num_target_chunks = (n + target_chunk - 1) / target_chunk;
-#pragma omp parallel num_threads(team) reduction(&& : consistent)
-    if (from_kept) {
-      // Own part: the diagonal zero, then the kept j > i, after the mirrored j < i (the two
-      // loops write disjoint entries, hence nowait).
-#pragma omp for schedule(dynamic, 1) nowait
-      for (int64_t b = 0; b < num_blocks; ++b) {
-        const UpperBlock& block = blocks[b];
-        for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
-          const int64_t i = b * kJaccardBlock + r;
-          int64_t at = crow_out[i + 1] - (block.starts[r + 1] - block.starts[r]) - 1;
-          cols_out[at] = i;
-          values_out[at++] = 0.0f;
-          for (int64_t e = block.starts[r]; e < block.starts[r + 1]; ++e, ++at) {
-            cols_out[at] = block.cols[e];
-            values_out[at] = block.values[e];
-          }
+#pragma omp single
+      errors.run([&] {
+        if (errors.failed()) return;
+        for (const auto& part : lower) {
+          if (part.empty()) continue;
+          for (int64_t j = 0; j < n; ++j) counts[j] += part[j];
         }
-      }
-      // Mirrored part: each chunk of target rows reads the sources in ascending i, so its rows
-      // come out sorted.
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t target = 0; target < num_target_chunks; ++target) errors.run([&] {
-        const int64_t lo = target * target_chunk, hi = std::min(n, lo + target_chunk);
-        std::vector<int64_t> fill(hi - lo, 0);
-        for (int64_t b = 0; b < num_blocks && b * kJaccardBlock < hi; ++b) {
+        std::vector<std::vector<int64_t>>().swap(lower);
+        from_kept = keeping.load();
+        if (!from_kept) std::vector<UpperBlock>().swap(blocks);
+        release_free_memory();
+        crow_array = malloc_array<int64_t>(n + 1);
+        crow_out = crow_array.get();
+        crow_out[0] = 0;
+        for (int64_t i = 0; i < n; ++i) crow_out[i + 1] = crow_out[i] + counts[i];
+        total = crow_out[n];
+        cols_array = malloc_array<int64_t>(total);
+        values_array = malloc_array<float>(total);
+        cols_out = cols_array.get();
+        values_out = values_array.get();
+      });
+      // After the single's barrier every thread reads the same failed() and from_kept.
+      if (!errors.failed() && from_kept) {
+        // Own part: the diagonal zero, then the kept j > i, after the mirrored j < i (the two
+        // loops write disjoint entries, hence nowait).
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t b = 0; b < num_blocks; ++b) {
           const UpperBlock& block = blocks[b];
           for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
-            const uint32_t* begin = block.cols.data() + block.starts[r];
-            const uint32_t* end = block.cols.data() + block.starts[r + 1];
-            for (const uint32_t* p = std::lower_bound(begin, end, static_cast<uint32_t>(lo)); p < end && *p < hi;
-                 ++p) {
-              const int64_t at = crow_out[*p] + fill[*p - lo]++;
-              cols_out[at] = b * kJaccardBlock + r;
-              values_out[at] = block.values[p - block.cols.data()];
+            const int64_t i = b * kJaccardBlock + r;
+            int64_t at = crow_out[i + 1] - (block.starts[r + 1] - block.starts[r]) - 1;
+            cols_out[at] = i;
+            values_out[at++] = 0.0f;
+            for (int64_t e = block.starts[r]; e < block.starts[r + 1]; ++e, ++at) {
+              cols_out[at] = block.cols[e];
+              values_out[at] = block.values[e];
             }
           }
         }
-      });
-    } else {
-      RowOverlaps<T> row;
-      errors.run([&] { row.allocate(n); });
+        // Mirrored part: each chunk of target rows reads the sources in ascending i, so its
+        // rows come out sorted.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t target = 0; target < num_target_chunks; ++target) errors.run([&] {
+          const int64_t lo = target * target_chunk, hi = std::min(n, lo + target_chunk);
+          std::vector<int64_t> fill(hi - lo, 0);
+          for (int64_t b = 0; b < num_blocks && b * kJaccardBlock < hi; ++b) {
+            const UpperBlock& block = blocks[b];
+            for (int64_t r = 0; r + 1 < static_cast<int64_t>(block.starts.size()); ++r) {
+              const uint32_t* begin = block.cols.data() + block.starts[r];
+              const uint32_t* end = block.cols.data() + block.starts[r + 1];
+              for (const uint32_t* p = std::lower_bound(begin, end, static_cast<uint32_t>(lo)); p < end && *p < hi;
+                   ++p) {
+                const int64_t at = crow_out[*p] + fill[*p - lo]++;
+                cols_out[at] = b * kJaccardBlock + r;
+                values_out[at] = block.values[p - block.cols.data()];
+              }
+            }
+          }
+        });
+      } else if (!errors.failed()) {
 #pragma omp for schedule(dynamic, kJaccardBlock)
-      for (int64_t i = 0; i < n; ++i) {
-        if (static_cast<int64_t>(row.sums.size()) != n) continue;
-        row.accumulate(crow, cols, values, columns, i, false);
-        int64_t at = crow_out[i];
-        const int64_t end = crow_out[i + 1];
-        bool diagonal = false;
-        row.drain(i, bounded, max_distance, [&](int64_t j, float value) {
-          if (!diagonal && j > i && at < end) {
+        for (int64_t i = 0; i < n; ++i) {
+          if (static_cast<int64_t>(row.sums.size()) != n) continue;
+          row.accumulate(crow, cols, values, columns, i, false);
+          int64_t at = crow_out[i];
+          const int64_t end = crow_out[i + 1];
+          bool diagonal = false;
+          row.drain(i, bounded, max_distance, [&](int64_t j, float value) {
+            if (!diagonal && j > i && at < end) {
+              cols_out[at] = i;
+              values_out[at++] = 0.0f;
+              diagonal = true;
+            }
+            if (at < end) {
+              cols_out[at] = j;
+              values_out[at] = value;
+            }
+            ++at;
+          });
+          if (!diagonal && at < end) {
             cols_out[at] = i;
             values_out[at++] = 0.0f;
             diagonal = true;
           }
-          if (at < end) {
-            cols_out[at] = j;
-            values_out[at] = value;
-          }
-          ++at;
-        });
-        if (!diagonal && at < end) {
-          cols_out[at] = i;
-          values_out[at++] = 0.0f;
-          diagonal = true;
+          consistent = consistent && diagonal && at == end;
         }
-        consistent = consistent && diagonal && at == end;
       }
     }
     errors.rethrow();
   }
   require(consistent, "rerank_jaccard: internal error, the two passes over V disagree");
-  return py::make_tuple(out_crow, out_cols, out_values);
+  return py::make_tuple(to_numpy(std::move(crow_array), n + 1), to_numpy(std::move(cols_array), total),
+                        to_numpy(std::move(values_array), total));
 }
 
 // ------------------------------------------------------------------ DBSCAN, centres
