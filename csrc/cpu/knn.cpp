@@ -428,6 +428,44 @@ void register_cpu_knn(py::module_& m) {
       "row_base + r / col_base + j. exclude (0 or int64 [rows]): the column col_base + j each row\n"
       "must skip (-1 none). Row and column lists must not overlap in memory.");
   m.def(
+      "knn_self_join_panel",
+      [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t cols, int64_t ld, int64_t split, int metric,
+         std::uintptr_t norms, int64_t base, std::uintptr_t exclude, int64_t k, std::uintptr_t row_values,
+         std::uintptr_t row_indices, std::uintptr_t col_values, std::uintptr_t col_indices) {
+        require(rows >= 0 && cols >= 0 && k >= 0 && ld >= cols && split >= 0 && split <= cols,
+                "knn_self_join_panel: bad sizes");
+        require(metric == kSqEuclidean || metric == kCosine, "knn_self_join_panel: unknown metric code");
+        require(metric != kSqEuclidean || norms, "knn_self_join_panel: sqeuclidean needs norms");
+        require(row_values && row_indices && (split == cols || (col_values && col_indices)),
+                "knn_self_join_panel: missing lists");
+        py::gil_scoped_release release;
+        auto run = [&](auto zero) {
+          using T = decltype(zero);
+          const T* norm = as_ptr<const T>(norms);
+          // The panel's rows against every column of the tile (row lists), and the columns past
+          // the panel (split onwards: their own lists) against the panel's rows, in one region.
+          std::vector<TileArgs<T>> blocks{
+              TileArgs<T>{as_ptr<const T>(dots), rows, cols, ld, metric, norm, norm, base, base, nullptr, nullptr,
+                          as_ptr<const int64_t>(exclude), k, as_ptr<T>(row_values), as_ptr<int64_t>(row_indices),
+                          nullptr, nullptr}};
+          if (split < cols)
+            blocks.push_back(TileArgs<T>{as_ptr<const T>(dots) + split, rows, cols - split, ld, metric, norm,
+                                         norm ? norm + split : nullptr, base, base + split, nullptr, nullptr, nullptr,
+                                         k, nullptr, nullptr, as_ptr<T>(col_values), as_ptr<int64_t>(col_indices)});
+          tile_update_blocks(blocks);
+        };
+        if (is_double) run(double(0)); else run(float(0));
+      },
+      py::arg("dots"), py::arg("is_double"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("split"),
+      py::arg("metric"), py::arg("norms"), py::arg("base"), py::arg("exclude"), py::arg("k"), py::arg("row_values"),
+      py::arg("row_indices"), py::arg("col_values"), py::arg("col_indices"),
+      "One tile of a self-join (rows [base, base + rows) against columns [base, base + cols)), in one\n"
+      "parallel region: every tile row into its row list [rows, k] (columns stored as base + j; exclude as\n"
+      "knn_tile_update's), and every column j >= split (past the panel) into its column list\n"
+      "[cols - split, k] (rows stored as base + r). norms: squared norms of columns [base, base + cols)\n"
+      "(their first `rows` are the rows'). The same lists as knn_tile_update on [0, split) rows only,\n"
+      "then on [split, cols) both sides.");
+  m.def(
       "knn_tile_update_blocks",
       [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t ld, int metric, int64_t row_base,
          std::uintptr_t col_offsets, std::uintptr_t col_counts, std::uintptr_t col_bases, std::uintptr_t ks,

@@ -134,6 +134,7 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     if n == 0 or k == 0:
         return
     update = _core.kernel("knn_tile_update")
+    panel = _core.kernel("knn_self_join_panel")
     code = _core.METRIC_CODES[metric]
     double = _core.is_double(x)
     values, indices = lists
@@ -152,6 +153,15 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
             width = c1 - c0
             # Columns inside the panel: both (i, j) and (j, i) are in the tile, row side only.
             split = min(max(p1, c0), c1)
+            if c0 == p0:
+                # The panel's first tile in one region (issue 11: each region waits for its
+                # slowest thread): rows against every column, columns past the panel against rows.
+                panel(dots.data_ptr(), double, p1 - p0, width, width, split - c0, code, norm_ptr(c0), base + p0,
+                      _core.ptr(itself[p0:p1]) if itself is not None else 0, k,
+                      _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]),
+                      _core.ptr(values[split:c1]) if c1 > split else 0,
+                      _core.ptr(indices[split:c1]) if c1 > split else 0)
+                continue
             if split > c0:
                 update(dots.data_ptr(), double, p1 - p0, split - c0, width, code, norm_ptr(p0),
                        norm_ptr(c0), base + p0, base + c0, 0, 0,
