@@ -444,37 +444,13 @@ def dbscan_oracle(matrix: torch.Tensor, eps: float, min_samples: int) -> np.ndar
 
 def driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage_code: int,
                  tile_elements: int, depth: int):
-    """csrc/cpu/cluster.cpp's driver (``agglomerative_merge_f32``; the cpu launcher does not call it)
-    with torch callbacks. Returns (labels, GEMM passes, tiles requested)."""
-    import ctypes
-
-    _, cluster = torch.unique(labels, sorted=True, return_inverse=True)
-    num_clusters = int(cluster.max()) + 1
-    points = x[torch.argsort(cluster, stable=True)].float().contiguous()
-    counts = torch.bincount(cluster, minlength=num_clusters)
-    cluster_start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    sq_norms = (points * points).sum(1).contiguous()
-    sizes = counts.float().contiguous()
-    cluster = cluster.contiguous()
-    labels_out = torch.empty(x.shape[0], dtype=torch.int64)
-    held = []
-
-    def dots(r0, r1, c0):
-        held[:] = [(points[r0:r1] @ points[c0:].T).contiguous()]
-        tiles.append(1)
-        return held[0].data_ptr()
-
-    def in_place(function):
-        def apply(address, count):
-            function(torch.frombuffer((ctypes.c_float * count).from_address(address), dtype=torch.float32))
-        return apply
-
-    tiles = []
-    passes = core.agglomerative_merge_f32(
-        points.shape[0], num_clusters, cluster_start.data_ptr(), sq_norms.data_ptr(), sizes.data_ptr(), linkage_code,
-        3, 0.01, num_merges, 16, depth, tile_elements, cluster.data_ptr(), x.shape[0], labels_out.data_ptr(), dots,
-        in_place(torch.Tensor.sqrt_), in_place(torch.Tensor.exp_))
-    return labels_out, passes, len(tiles)
+    """csrc/cpu/cluster.cpp's driver (the cpu launcher does not call it) through
+    tests/ops/test_cpu_agg_kernels.py's harness. Returns (labels, GEMM passes, tiles requested)."""
+    from ops.test_cpu_agg_kernels import compiled_driver_merge
+    stats = {}
+    merged = compiled_driver_merge(core, x, labels, num_merges, linkage_code, 0.01, tile_elements, 3, depth,
+                                   stats=stats)
+    return merged, stats["passes"], stats["tiles"]
 
 
 @pytest.mark.parametrize("tile_elements", [1 << 16, 1 << 22])

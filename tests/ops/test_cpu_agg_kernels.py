@@ -225,9 +225,11 @@ def test_merge_float64_and_half_inputs(merge_available):
 
 
 def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merges: int, linkage_code: int,
-                          size_penalty: float, tile_elements: int, neighbours: int = 1, depth: int = 4) -> torch.Tensor:
+                          size_penalty: float, tile_elements: int, neighbours: int = 1, depth: int = 4,
+                          stats: dict | None = None) -> torch.Tensor:
     """One step of csrc/cpu/cluster.cpp's driver (``agglomerative_merge_f32``), which the cpu
-    launcher does not call, with torch callbacks for the GEMM, sqrt and exp."""
+    launcher does not call, with torch callbacks for the GEMM, sqrt and exp. ``stats``, when
+    given, receives the driver's GEMM passes (``"passes"``) and the tiles it asked for (``"tiles"``)."""
     import ctypes
 
     _, cluster = torch.unique(labels, sorted=True, return_inverse=True)
@@ -242,8 +244,11 @@ def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merge
     labels_out = torch.empty(x.shape[0], dtype=torch.int64)
     held = []
 
+    tiles = []
+
     def dots(r0, r1, c0):
         held[:] = [(points[r0:r1] @ points[c0:].T).contiguous()]
+        tiles.append(1)
         return held[0].data_ptr()
 
     def in_place(function):
@@ -252,11 +257,13 @@ def compiled_driver_merge(core, x: torch.Tensor, labels: torch.Tensor, num_merge
             function(torch.frombuffer(array, dtype=torch.float32))
         return apply
 
-    core.agglomerative_merge_f32(points.shape[0], num_clusters, cluster_start.data_ptr(), sq_norms.data_ptr(),
+    passes = core.agglomerative_merge_f32(points.shape[0], num_clusters, cluster_start.data_ptr(), sq_norms.data_ptr(),
                                  sizes.data_ptr(), linkage_code, neighbours, size_penalty, num_merges, 16, depth,
                                  tile_elements,
                                  cluster.data_ptr(), x.shape[0], labels_out.data_ptr(), dots,
                                  in_place(torch.Tensor.sqrt_), in_place(torch.Tensor.exp_))
+    if stats is not None:
+        stats.update(passes=passes, tiles=len(tiles))
     return labels_out
 
 
