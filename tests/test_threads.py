@@ -483,25 +483,26 @@ def test_merge_driver_regions_per_tile(core, tile_elements):
 
 
 def test_validation_reads_each_tensor_once():
-    # Every pass over a large CPU tensor is one of torch's parallel regions. The loss checks
-    # read features and weight once each (the scale check reuses their max|x|: 4 aminmax
-    # before), and the camera count comes from the range check's aminmax (a separate max pass
-    # before).
+    # Every pass over a large CPU tensor is one of torch's parallel regions. The loss op's
+    # checks read features and weight once each (the scale check is handed the max|x| that
+    # features_with_peak read: 4 aminmax before), and the camera count comes from the range
+    # check's aminmax (a separate max pass before).
     from fastassoc.ops import _checks
     generator = torch.Generator().manual_seed(33)
     features, weight = torch.randn(512, 64, generator=generator), torch.randn(2048, 64, generator=generator)
     with TorchCalls() as calls:
-        checked_features = _checks.features("features", features)
-        checked_weight = _checks.features("weight", weight)
-        assert _checks.logit_scale(30.0, checked_features, checked_weight) == 30.0
+        checked_features, features_peak = _checks.features_with_peak("features", features)
+        checked_weight, weight_peak = _checks.features_with_peak("weight", weight)
+        peaks = (features_peak, weight_peak)
+        assert _checks.logit_scale(30.0, checked_features, checked_weight, peaks=peaks) == 30.0
     assert calls.counts["aminmax"] == 2, dict(calls.counts)
     with pytest.raises(ValueError, match="scale=1e\\+37 makes the logits"):
-        _checks.logit_scale(1e37, checked_features, checked_weight)
-    # An in-place write since the check makes its max|x| stale: the scale check reads again.
+        _checks.logit_scale(1e37, checked_features, checked_weight, peaks=peaks)
+    # Without the peaks the scale check reads both tensors itself, and sees a changed one.
     checked_weight[7, 3] = 1e37
     with TorchCalls() as calls, pytest.raises(ValueError, match="makes the logits"):
         _checks.logit_scale(30.0, checked_features, checked_weight)
-    assert calls.counts["aminmax"] == 1, dict(calls.counts)
+    assert calls.counts["aminmax"] == 2, dict(calls.counts)
     cameras = torch.randint(0, 6, (5000,), generator=generator)
     cameras[17] = 9
     with TorchCalls() as calls:

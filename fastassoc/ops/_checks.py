@@ -16,7 +16,7 @@ What is checked, and where
   index ranges, offsets, CSR structure, the loss scale against the operands)
   are read by one reduction per tensor (``torch.aminmax`` for features, which
   costs what a ``sum`` does and allocates nothing), and each tensor once per
-  call: the loss scale check reuses the ``max|x|`` the features check found, the
+  call: the loss scale check is handed the ``max|x|`` the features check found, the
   camera count the range check's maximum (every pass over a large CPU tensor is a
   parallel region of torch's; on a shared CPU each costs, issue 11). On CPU tensors a failure
   raises ``ValueError`` at once, with the first offending position where it is
@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import weakref
 
 import torch
 
@@ -57,44 +56,6 @@ PRECISIONS = ("highest", "tf32")
 INT64_MAX = 2**63 - 1
 # Rows per float64 chunk of the exact (rare) row-norm checks: bounds their scratch memory.
 _NORM_CHUNK_ROWS = 1 << 14
-
-# max|x| of the tensors :func:`features` returned last, so that :func:`logit_scale`, which
-# runs right after it on the same tensors, need not read them again (each pass over a
-# large tensor is a parallel region of torch's: issue 11). Keyed by id, held by a weak
-# reference (a dead tensor's id can be reused) and the version counter (an in-place write
-# since makes the entry stale); a few entries only.
-_PEAKS: dict[int, tuple] = {}
-_PEAKS_KEPT = 8
-
-
-def _remember_peak(x: torch.Tensor, amax: torch.Tensor) -> None:
-    try:
-        version = x._version
-        reference = weakref.ref(x)
-    except (RuntimeError, TypeError):  # inference tensors have no version counter
-        return
-    _PEAKS.pop(id(x), None)
-    while len(_PEAKS) >= _PEAKS_KEPT:
-        try:  # the oldest entry; another thread may have dropped it meanwhile
-            _PEAKS.pop(next(iter(_PEAKS)), None)
-        except (StopIteration, RuntimeError):
-            break
-    _PEAKS[id(x)] = (reference, version, amax)
-
-
-def _known_peak(x: torch.Tensor) -> torch.Tensor | None:
-    """max|x| as :func:`features` computed it, if ``x`` is unchanged since; else None."""
-    entry = _PEAKS.get(id(x))
-    if entry is None:
-        return None
-    reference, version, amax = entry
-    try:
-        if reference() is x and x._version == version:
-            return amax
-    except RuntimeError:
-        pass
-    return None
-
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
@@ -238,6 +199,14 @@ def features(name: str, x, *, ndim: int = 2, allow_empty: bool = True) -> torch.
     common case. A non-contiguous input (an expanded view) is refused before its
     contiguous copy is allocated when that copy cannot fit in memory.
     """
+    return features_with_peak(name, x, ndim=ndim, allow_empty=allow_empty)[0]
+
+
+def features_with_peak(name: str, x, *, ndim: int = 2,
+                       allow_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`features` and the ``max|x|`` it read (0-d, compute dtype; None when empty), for
+    a later check of the same tensor (:func:`logit_scale`) that need not read it again: each
+    pass over a large tensor is a parallel region of torch's (issue 11)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {_describe(x)}")
     if x.layout != torch.strided:
@@ -254,17 +223,19 @@ def features(name: str, x, *, ndim: int = 2, allow_empty: bool = True) -> torch.
                    what=f"a contiguous copy of its shape {tuple(x.shape)} view",
                    hint="pass fewer rows, or materialise only the rows you need")
     x = x.contiguous()
+    amax = None
     if x.numel():
         amax = _abs_max(name, x)
         _squared_norms_fit(name, x, amax)
-        _remember_peak(x, amax)
-    return x
+    return x, amax
 
 
-def logit_scale(scale, features: torch.Tensor, weight: torch.Tensor) -> float:
+def logit_scale(scale, features: torch.Tensor, weight: torch.Tensor, *,
+                peaks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> float:
     """The loss scale ``s`` as a float, refused when ``s * f.w`` can overflow the compute dtype.
 
-    ``features`` [B, D] and ``weight`` [C, D] are already checked by :func:`features`.
+    ``features`` [B, D] and ``weight`` [C, D] are already checked by :func:`features`;
+    ``peaks``: their ``max|x|`` from :func:`features_with_peak` (read again when None).
     The logits ``z = s f_b.w_j`` and the loss terms ``lse - z`` (at most ``2 max|z|`` apart)
     must stay finite: ``2 |s| max_b |f_b| max_j |w_j| <= finfo.max`` (Cauchy-Schwarz).
     The common case is decided from ``max|f|`` and ``max|w|`` (``|f_b| <= sqrt(D) max|f|``).
@@ -280,8 +251,9 @@ def logit_scale(scale, features: torch.Tensor, weight: torch.Tensor) -> float:
     dim = features.shape[1]
     message = (f"scale={scale!r} makes the logits scale * features . weight overflow {type_name} for these "
                f"features and weight; lower scale or rescale the features (e.g. L2-normalise them)")
-    f_amax = _peak(features).to(torch.float64)
-    w_amax = _peak(weight).to(torch.float64)
+    f_known, w_known = peaks if peaks is not None else (None, None)
+    f_amax = (f_known if f_known is not None else _peak(features)).to(torch.float64)
+    w_amax = (w_known if w_known is not None else _peak(weight)).to(torch.float64)
     gain = max(abs(scale), 1.0)  # the kernels form f.w before scaling it
     if _deferred(features):
         torch._assert_async(f_amax * w_amax * (gain * dim * 2) <= limit, message)
@@ -297,10 +269,7 @@ def logit_scale(scale, features: torch.Tensor, weight: torch.Tensor) -> float:
 
 
 def _peak(x: torch.Tensor) -> torch.Tensor:
-    """max|x| (0-d): the one :func:`features` just computed, else one ``aminmax`` pass."""
-    known = _known_peak(x)
-    if known is not None:
-        return known
+    """max|x| (0-d), one ``aminmax`` pass."""
     low, high = torch.aminmax(x.detach().reshape(-1))
     return torch.maximum(-low, high)
 

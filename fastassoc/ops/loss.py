@@ -141,8 +141,8 @@ def _compute_dtype(features: Tensor) -> torch.dtype:
 
 def _validated(features, weight, crow, col, values, class_offsets, scale):
     """Every check of the op's inputs, values included (runs eagerly, never traced)."""
-    features = _checks.features("features", features)
-    weight = _checks.features("weight", weight)
+    features, features_peak = _checks.features_with_peak("features", features)
+    weight, weight_peak = _checks.features_with_peak("weight", weight)
     _checks.same_device(features=features, weight=weight)
     _checks.same_dtype(features=features, weight=weight)
     _checks.same_feature_dim(features=features, weight=weight)
@@ -156,7 +156,7 @@ def _validated(features, weight, crow, col, values, class_offsets, scale):
         class_offsets = _default_offsets(None, num_classes, device)
     else:
         class_offsets = _checks.offsets("class_offsets", class_offsets, total=num_classes, device=device)
-    scale = _checks.logit_scale(scale, features, weight)
+    scale = _checks.logit_scale(scale, features, weight, peaks=(features_peak, weight_peak))
     return features, weight, targets, class_offsets, scale
 
 
