@@ -122,8 +122,9 @@ struct TileArgs {
   int64_t k;
   T* row_values;            // [rows, k] or null
   int64_t* row_indices;
-  T* col_values;            // [cols, k] or null
+  T* col_values;            // [cols - col_first, k] or null: lists of columns col_first onwards
   int64_t* col_indices;
+  int64_t col_first = 0;    // columns before it update no column list (a self-join's diagonal block)
 };
 
 // Candidates are rare once the lists have filled, so gates are tested a block at a time
@@ -182,8 +183,8 @@ template <typename T>
 template <typename T>
 [[gnu::always_inline]] inline void process_column_slab(const TileArgs<T>& a, int64_t j0, int64_t j1, T* values,
                                                        T* gates) {
-  const int64_t k = a.k, width = j1 - j0;
-  for (int64_t j = 0; j < width; ++j) gates[j] = list_gate(a.col_values + flat_index(j0 + j, k, 0), k);
+  const int64_t k = a.k, width = j1 - j0, list0 = j0 - a.col_first;
+  for (int64_t j = 0; j < width; ++j) gates[j] = list_gate(a.col_values + flat_index(list0 + j, k, 0), k);
   for (int64_t r = 0; r < a.rows; ++r) {
     metric_values(a, r, j0, width, values);
     const int64_t row_id = a.row_ids ? a.row_ids[r] : a.row_base + r;
@@ -194,8 +195,8 @@ template <typename T>
       if (!hit) continue;
       for (int64_t j = b0; j < b1; ++j) {
         if (values[j] <= gates[j]) {
-          T* list_values = a.col_values + flat_index(j0 + j, k, 0);
-          list_push(list_values, a.col_indices + flat_index(j0 + j, k, 0), k, values[j], row_id);
+          T* list_values = a.col_values + flat_index(list0 + j, k, 0);
+          list_push(list_values, a.col_indices + flat_index(list0 + j, k, 0), k, values[j], row_id);
           gates[j] = list_gate(list_values, k);
         }
       }
@@ -235,13 +236,14 @@ void tile_update(const TileArgs<T>& a) {
   const int64_t k = a.k;
   if (a.rows <= 0 || a.cols <= 0 || k <= 0) return;
   const bool want_rows = a.row_values != nullptr;
-  const bool want_cols = a.col_values != nullptr;
+  const int64_t list_cols = a.cols - a.col_first;   // columns with lists
+  const bool want_cols = a.col_values != nullptr && list_cols > 0;
   const int num_threads = region_threads(a.rows * a.cols >= kParallelMinElements);
   const int64_t row_chunk = dynamic_chunk(a.rows, num_threads);
   // Slabs: at least two per thread where the tile is wide enough, whole scan blocks.
   const int64_t per_slab = std::min<int64_t>(
-      kColumnSlab, std::max<int64_t>(kScanBlock, (a.cols + 2 * num_threads - 1) / (2 * num_threads)));
-  const int64_t num_slabs = (a.cols + per_slab - 1) / per_slab;
+      kColumnSlab, std::max<int64_t>(kScanBlock, (list_cols + 2 * num_threads - 1) / (2 * num_threads)));
+  const int64_t num_slabs = (list_cols + per_slab - 1) / per_slab;
 
 #pragma omp parallel num_threads(num_threads)
   {
@@ -254,7 +256,7 @@ void tile_update(const TileArgs<T>& a) {
     if (want_cols) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t slab = 0; slab < num_slabs; ++slab) {
-        const int64_t j0 = slab * per_slab;
+        const int64_t j0 = a.col_first + slab * per_slab;
         process_column_slab_dispatch(a, j0, std::min(j0 + per_slab, a.cols), values.data(), gates.data());
       }
     }
@@ -279,7 +281,6 @@ void tile_update_blocks(const std::vector<TileArgs<T>>& blocks) {
   if (elements == 0) return;
   const int num_threads = region_threads(elements >= kParallelMinElements);
   std::vector<Item> row_items, col_items;
-  std::vector<int64_t> slab_widths(blocks.size(), 0);
   for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
     const auto& a = blocks[b];
     if (a.rows <= 0 || a.cols <= 0 || a.k <= 0) continue;
@@ -288,10 +289,11 @@ void tile_update_blocks(const std::vector<TileArgs<T>>& blocks) {
       for (int64_t r = 0; r < a.rows; r += chunk) row_items.push_back({b, r, std::min(r + chunk, a.rows)});
     }
     if (a.col_values) {
+      const int64_t list_cols = a.cols - a.col_first;
       const int64_t per_slab = std::min<int64_t>(
-          kColumnSlab, std::max<int64_t>(kScanBlock, (a.cols + 2 * num_threads - 1) / (2 * num_threads)));
-      slab_widths[b] = per_slab;
-      for (int64_t j = 0; j < a.cols; j += per_slab) col_items.push_back({b, j, std::min(j + per_slab, a.cols)});
+          kColumnSlab, std::max<int64_t>(kScanBlock, (list_cols + 2 * num_threads - 1) / (2 * num_threads)));
+      for (int64_t j = a.col_first; j < a.cols; j += per_slab)
+        col_items.push_back({b, j, std::min(j + per_slab, a.cols)});
     }
   }
   const int64_t num_row_items = static_cast<int64_t>(row_items.size());
@@ -397,8 +399,9 @@ void register_cpu_knn(py::module_& m) {
       [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t cols, int64_t ld, int metric,
          std::uintptr_t row_norms, std::uintptr_t col_norms, int64_t row_base, int64_t col_base,
          std::uintptr_t row_ids, std::uintptr_t col_ids, std::uintptr_t exclude, int64_t k, std::uintptr_t row_values, std::uintptr_t row_indices,
-         std::uintptr_t col_values, std::uintptr_t col_indices) {
-        require(rows >= 0 && cols >= 0 && k >= 0 && ld >= cols, "knn_tile_update: bad sizes");
+         std::uintptr_t col_values, std::uintptr_t col_indices, int64_t col_first) {
+        require(rows >= 0 && cols >= 0 && k >= 0 && ld >= cols && col_first >= 0 && col_first <= cols,
+                "knn_tile_update: bad sizes");
         require(metric == kSqEuclidean || metric == kCosine, "knn_tile_update: unknown metric code");
         require(metric != kSqEuclidean || (row_norms && col_norms), "knn_tile_update: sqeuclidean needs norms");
         require(row_values || col_values, "knn_tile_update: nothing to update");
@@ -410,7 +413,7 @@ void register_cpu_knn(py::module_& m) {
                         as_ptr<const int64_t>(row_ids), as_ptr<const int64_t>(col_ids),
                         as_ptr<const int64_t>(exclude), k,
                         as_ptr<T>(row_values), as_ptr<int64_t>(row_indices),
-                        as_ptr<T>(col_values), as_ptr<int64_t>(col_indices)};
+                        as_ptr<T>(col_values), as_ptr<int64_t>(col_indices), col_first};
           tile_update(a);
         };
         if (is_double) run(double(0)); else run(float(0));
@@ -419,6 +422,7 @@ void register_cpu_knn(py::module_& m) {
       py::arg("row_norms"), py::arg("col_norms"), py::arg("row_base"), py::arg("col_base"), py::arg("row_ids"),
       py::arg("col_ids"), py::arg("exclude"),
       py::arg("k"), py::arg("row_values"), py::arg("row_indices"), py::arg("col_values"), py::arg("col_indices"),
+      py::arg("col_first") = 0,
       "Merge one [rows x cols] tile of dot products (leading dimension ld) into per-row lists\n"
       "[rows, k] (the k smallest (value, column) pairs of each row; column = col_base + j) and,\n"
       "when col_values != 0, per-column lists [cols, k] (row = row_base + r). Lists hold values in\n"
@@ -426,45 +430,9 @@ void register_cpu_knn(py::module_& m) {
       "metric: 0 sqeuclidean (row_norms, col_norms: squared norms), 1 cosine (1 - dot).\n"
       "row_ids / col_ids (0 or int64 [rows] / [cols]): ids stored (and tie-broken on) instead of\n"
       "row_base + r / col_base + j. exclude (0 or int64 [rows]): the column col_base + j each row\n"
-      "must skip (-1 none). Row and column lists must not overlap in memory.");
-  m.def(
-      "knn_self_join_panel",
-      [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t cols, int64_t ld, int64_t split, int metric,
-         std::uintptr_t norms, int64_t base, std::uintptr_t exclude, int64_t k, std::uintptr_t row_values,
-         std::uintptr_t row_indices, std::uintptr_t col_values, std::uintptr_t col_indices) {
-        require(rows >= 0 && cols >= 0 && k >= 0 && ld >= cols && split >= 0 && split <= cols,
-                "knn_self_join_panel: bad sizes");
-        require(metric == kSqEuclidean || metric == kCosine, "knn_self_join_panel: unknown metric code");
-        require(metric != kSqEuclidean || norms, "knn_self_join_panel: sqeuclidean needs norms");
-        require(row_values && row_indices && (split == cols || (col_values && col_indices)),
-                "knn_self_join_panel: missing lists");
-        py::gil_scoped_release release;
-        auto run = [&](auto zero) {
-          using T = decltype(zero);
-          const T* norm = as_ptr<const T>(norms);
-          // The panel's rows against every column of the tile (row lists), and the columns past
-          // the panel (split onwards: their own lists) against the panel's rows, in one region.
-          std::vector<TileArgs<T>> blocks{
-              TileArgs<T>{as_ptr<const T>(dots), rows, cols, ld, metric, norm, norm, base, base, nullptr, nullptr,
-                          as_ptr<const int64_t>(exclude), k, as_ptr<T>(row_values), as_ptr<int64_t>(row_indices),
-                          nullptr, nullptr}};
-          if (split < cols)
-            blocks.push_back(TileArgs<T>{as_ptr<const T>(dots) + split, rows, cols - split, ld, metric, norm,
-                                         norm ? norm + split : nullptr, base, base + split, nullptr, nullptr, nullptr,
-                                         k, nullptr, nullptr, as_ptr<T>(col_values), as_ptr<int64_t>(col_indices)});
-          tile_update_blocks(blocks);
-        };
-        if (is_double) run(double(0)); else run(float(0));
-      },
-      py::arg("dots"), py::arg("is_double"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("split"),
-      py::arg("metric"), py::arg("norms"), py::arg("base"), py::arg("exclude"), py::arg("k"), py::arg("row_values"),
-      py::arg("row_indices"), py::arg("col_values"), py::arg("col_indices"),
-      "One tile of a self-join (rows [base, base + rows) against columns [base, base + cols)), in one\n"
-      "parallel region: every tile row into its row list [rows, k] (columns stored as base + j; exclude as\n"
-      "knn_tile_update's), and every column j >= split (past the panel) into its column list\n"
-      "[cols - split, k] (rows stored as base + r). norms: squared norms of columns [base, base + cols)\n"
-      "(their first `rows` are the rows'). The same lists as knn_tile_update on [0, split) rows only,\n"
-      "then on [split, cols) both sides.");
+      "must skip (-1 none). Row and column lists must not overlap in memory. col_first: columns\n"
+      "j < col_first update no column list (col_values then holds the lists of columns col_first\n"
+      "onwards: a self-join tile's diagonal block, whose pairs its rows' lists already see).");
   m.def(
       "knn_tile_update_blocks",
       [](std::uintptr_t dots, bool is_double, int64_t rows, int64_t ld, int metric, int64_t row_base,

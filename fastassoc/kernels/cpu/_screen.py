@@ -58,6 +58,8 @@ def slack(k: int) -> int:
     0.6 s of 3.4 s), 30 leave 0.03 % for 0.08 s more rescoring. For k <= 16 this is SLACK.
     """
     return max(SLACK, k)
+
+
 # Screening needs at least this many columns per kept list entry to pay for the rescoring.
 MIN_COLUMNS_PER_ENTRY = 8
 MIN_DIM = 32

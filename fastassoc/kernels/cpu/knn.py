@@ -134,7 +134,6 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     if n == 0 or k == 0:
         return
     update = _core.kernel("knn_tile_update")
-    panel = _core.kernel("knn_self_join_panel")
     code = _core.METRIC_CODES[metric]
     double = _core.is_double(x)
     values, indices = lists
@@ -143,7 +142,6 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     width_limit = max(1, limit // height)
     tiles = _core.DotTiles(height * min(n, width_limit), x.dtype)
     itself = torch.arange(base, base + n, dtype=torch.int64) if exclude_self else None
-    element = x.element_size()
     norm_ptr = (lambda start: _core.ptr(norms[start:]) if norms is not None else 0)  # noqa: E731
     for p0 in range(0, n, height):
         p1 = min(p0 + height, n)
@@ -151,29 +149,16 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
             c1 = min(c0 + width_limit, n)
             dots = tiles.mm(x[p0:p1], x[c0:c1])
             width = c1 - c0
-            # Columns inside the panel: both (i, j) and (j, i) are in the tile, row side only.
+            # One region per tile (issue 11: each region waits for its slowest thread). Every
+            # column updates the rows' lists; only columns past the panel update their own:
+            # for those this tile is the only place (i, j) and (j, i) meet, while (j, i) of a
+            # column inside the panel is a row of this panel's too.
             split = min(max(p1, c0), c1)
-            if c0 == p0:
-                # The panel's first tile in one region (issue 11: each region waits for its
-                # slowest thread): rows against every column, columns past the panel against rows.
-                panel(dots.data_ptr(), double, p1 - p0, width, width, split - c0, code, norm_ptr(c0), base + p0,
-                      _core.ptr(itself[p0:p1]) if itself is not None else 0, k,
-                      _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]),
-                      _core.ptr(values[split:c1]) if c1 > split else 0,
-                      _core.ptr(indices[split:c1]) if c1 > split else 0)
-                continue
-            if split > c0:
-                update(dots.data_ptr(), double, p1 - p0, split - c0, width, code, norm_ptr(p0),
-                       norm_ptr(c0), base + p0, base + c0, 0, 0,
-                       _core.ptr(itself[p0:p1]) if itself is not None else 0, k,
-                       _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]), 0, 0)
-            # Columns past the panel: this tile is the only place (i, j) and (j, i) meet.
-            if c1 > split:
-                offset = split - c0
-                update(dots.data_ptr() + offset * element, double, p1 - p0, c1 - split, width, code,
-                       norm_ptr(p0), norm_ptr(split), base + p0, base + split, 0, 0, 0, k,
-                       _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]),
-                       _core.ptr(values[split:c1]), _core.ptr(indices[split:c1]))
+            update(dots.data_ptr(), double, p1 - p0, width, width, code, norm_ptr(p0), norm_ptr(c0),
+                   base + p0, base + c0, 0, 0, _core.ptr(itself[p0:p1]) if itself is not None else 0, k,
+                   _core.ptr(values[p0:p1]), _core.ptr(indices[p0:p1]),
+                   _core.ptr(values[split:c1]) if c1 > split else 0,
+                   _core.ptr(indices[split:c1]) if c1 > split else 0, col_first=split - c0)
 
 
 def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor], *,
