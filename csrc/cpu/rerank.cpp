@@ -72,9 +72,6 @@ enum Weighting : int { kSpcl = 0, kZhong = 1 };
 constexpr int64_t kParallelMin = 1 << 15;
 // Rows per dynamically scheduled piece of the Jaccard pass (rows differ a lot in work).
 constexpr int64_t kJaccardBlock = 16;
-// Bytes of member rows the weights' dot products keep hot at a time (see screen_rescore's
-// kRescoreBlockBytes in screen.cpp, measured on the same box).
-constexpr int64_t kDotBlockBytes = int64_t(4) << 20;
 
 inline int64_t flat_index(int64_t row, int64_t stride, int64_t col) { return row * stride + col; }
 
@@ -207,7 +204,8 @@ Compressed<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t hal
   RowsByChunk<std::pair<int64_t, T>> weighted(n, chunk), expanded(n, chunk);
   // Expanded sets, flattened, with the dot products of their weights in bucketed order.
   RowsByChunk<int64_t> expanded_sets(n, chunk);
-  std::vector<int64_t> set_offsets, set_members, dot_starts, dot_order, dot_rows;
+  std::vector<int64_t> set_offsets, set_members, set_rows;
+  BlockOrder dot_blocks;
   std::vector<T> member_dots;
   std::vector<int64_t> offsets;
   std::vector<std::pair<int64_t, T>> entries;
@@ -257,42 +255,23 @@ Compressed<T> encode(const int64_t* ranks, int64_t n, int64_t width, int64_t hal
         expanded_sets.counts[i] = static_cast<int64_t>(members.size());
       }
     });
-    // The member rows are random rows of x: in row order each dot product reads one from
-    // memory (~0.3 s at W-jaccard). Bucketed by blocks of member rows that fit the cache
-    // (a counting sort, rows ascending within a bucket) they are read once per block, as in
-    // screen_rescore; every dot is still computed on its own, so the bits do not change.
+    // The member rows are random rows of x: their dot products are cache-blocked (common.h,
+    // order_by_block), as screen_rescore's.
 #pragma omp single
     errors.run([&] {
       if (errors.failed()) return;
       expanded_sets.flatten(set_offsets, set_members);
       const int64_t count = static_cast<int64_t>(set_members.size());
       member_dots.resize(count);
-      const int64_t block_rows = std::max<int64_t>(1, kDotBlockBytes / std::max<int64_t>(1, dim * sizeof(T)));
-      const int64_t num_blocks = (n + block_rows - 1) / block_rows;
-      dot_starts.assign(num_blocks + 1, 0);
-      for (int64_t e = 0; e < count; ++e) ++dot_starts[set_members[e] / block_rows + 1];
-      for (int64_t b = 0; b < num_blocks; ++b) dot_starts[b + 1] += dot_starts[b];
-      dot_order.resize(count);
-      dot_rows.resize(count);
-      std::vector<int64_t> fill(dot_starts.begin(), dot_starts.end() - 1);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t e = set_offsets[i]; e < set_offsets[i + 1]; ++e) {
-          const int64_t at = fill[set_members[e] / block_rows]++;
-          dot_order[at] = e;
-          dot_rows[at] = i;
-        }
-      }
+      set_rows.resize(count);
+      for (int64_t i = 0; i < n; ++i)
+        std::fill(set_rows.begin() + set_offsets[i], set_rows.begin() + set_offsets[i + 1], i);
+      dot_blocks = order_by_block(count, n, cache_block_rows(dim * static_cast<int64_t>(sizeof(T))),
+                                  [&](int64_t e) { return set_members[e]; });
     });
-    const int64_t num_dot_blocks = static_cast<int64_t>(dot_starts.size()) - 1;
-    const int64_t dot_chunk = dynamic_chunk(static_cast<int64_t>(dot_order.size()) / std::max<int64_t>(1, num_dot_blocks) + 1, team);
-    for (int64_t b = 0; b < num_dot_blocks; ++b) {
-      // nowait: a thread done with its share of one block starts the next.
-#pragma omp for schedule(dynamic, dot_chunk) nowait
-      for (int64_t at = dot_starts[b]; at < dot_starts[b + 1]; ++at) {
-        const int64_t e = dot_order[at];
-        member_dots[e] = row_dot<T>(x + flat_index(dot_rows[at], dim, 0), x + flat_index(set_members[e], dim, 0), dim);
-      }
-    }
+    for_each_by_block(dot_blocks, team, [&](int64_t e) {
+      member_dots[e] = row_dot<T>(x + flat_index(set_rows[e], dim, 0), x + flat_index(set_members[e], dim, 0), dim);
+    });
 #pragma omp barrier
     // Weights over E(i): SpCL's softmax of -(2 - 2 x_i . x_m), or Zhong's exp(-d^2 / max d^2).
 #pragma omp for schedule(dynamic, 1)

@@ -26,7 +26,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 #include <pybind11/pybind11.h>
 
@@ -140,11 +139,6 @@ enum Metric : int { kSqEuclidean = 0, kCosine = 1 };
 // Below this many elements (row x dim products) a loop runs on one thread: about 50 us of
 // work, less than a fork/join risks when another process holds one of the cores.
 constexpr int64_t kParallelMinWork = 1 << 17;
-
-// Bytes of column rows screen_rescore keeps hot at a time: a share of a typical L3. On the
-// 2-core EPYC dev box (2 MiB L2, 32 MiB L3; W-jaccard lists, 34 candidates per row) 1 MiB
-// took 0.70 s, 2-4 MiB 0.22-0.23 s, 8 MiB 0.27 s, 32 MiB 0.40 s, unblocked 0.49 s.
-constexpr int64_t kRescoreBlockBytes = int64_t(4) << 20;
 
 // The tile kernels' formula on an exact float32 inner product.
 inline float distance(int metric, float dot, float row_norm, float col_norm) {
@@ -297,7 +291,7 @@ void register_cpu_screen(py::module_& m) {
           out[at] = distance(metric, dot, row_norms ? row_norms[r] : 0.0f, col_norms ? col_norms[c] : 0.0f);
         };
         const int threads = region_threads(entries * dim >= kParallelMinWork);
-        const int64_t block_cols = std::max<int64_t>(1, kRescoreBlockBytes / std::max<int64_t>(1, dim * 4));
+        const int64_t block_cols = cache_block_rows(dim * 4);
         if (num_cols <= block_cols || entries < 2 * num_cols / block_cols) {
           // The columns fit the cache (or too few entries to sort): rows in order.
           const int64_t chunk = dynamic_chunk(entries, threads);
@@ -305,33 +299,13 @@ void register_cpu_screen(py::module_& m) {
           for (int64_t at = 0; at < entries; ++at) score(at);
           return;
         }
-        // Each candidate is a random column row (dim floats), so rows in order read one column
-        // row from memory per entry: the pass is bound by memory traffic (~0.5 s at W-jaccard).
-        // Entries bucketed by column block (a counting sort, rows ascending within a bucket)
-        // read each block once into the cache, and each row once per block it has candidates
-        // in. Every entry is still computed on its own, so the results are the same bits.
-        const int64_t num_blocks = (num_cols + block_cols - 1) / block_cols;
-        std::vector<int64_t> starts(num_blocks + 1, 0);
-        for (int64_t at = 0; at < entries; ++at) {
+        // Candidates are random column rows: cache-blocked (common.h, order_by_block).
+        const BlockOrder blocks = order_by_block(entries, num_cols, block_cols, [&](int64_t at) {
           const int64_t j = indices[at];
-          ++starts[(j < 0 ? 0 : (j - col_base) / block_cols) + 1];
-        }
-        for (int64_t b = 0; b < num_blocks; ++b) starts[b + 1] += starts[b];
-        std::vector<int64_t> order(entries);
-        {
-          std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
-          for (int64_t at = 0; at < entries; ++at) {
-            const int64_t j = indices[at];
-            order[fill[j < 0 ? 0 : (j - col_base) / block_cols]++] = at;
-          }
-        }
-        const int64_t chunk = dynamic_chunk(entries / num_blocks + 1, threads);
+          return j < 0 ? int64_t(0) : j - col_base;
+        });
 #pragma omp parallel num_threads(threads)
-        for (int64_t b = 0; b < num_blocks; ++b) {
-          // nowait: a thread done with its share of one block starts the next.
-#pragma omp for schedule(dynamic, chunk) nowait
-          for (int64_t e = starts[b]; e < starts[b + 1]; ++e) score(order[e]);
-        }
+        for_each_by_block(blocks, threads, score);
       },
       py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("num_rows"), py::arg("num_cols"), py::arg("indices"),
       py::arg("width"), py::arg("col_base"), py::arg("metric"), py::arg("row_norms"), py::arg("col_norms"),
