@@ -3,8 +3,9 @@
 // The distance ops spend almost all their time in the GEMM. On CPUs with int8 dot-product
 // instructions (AVX-512 VNNI, AMX) an int8 GEMM with int32 accumulation runs 4-5x faster
 // than the float32 one, and its result is exact for the quantised rows. Python quantises
-// each row symmetrically (x_hat = scale * q, q in [-127, 127]), computes the int32 tile
-// with torch._int_mm, and the kernels here
+// each row symmetrically (x_hat = scale * q, q in [-L, L]: L = 127, or 64 for the column
+// operand where the int8 GEMM is exact only for that, see _screen.int8_column_levels),
+// computes the int32 tile with torch._int_mm, and the kernels here
 //
 //   screen_int_tile_to_float  turn the int32 tile into approximate inner products in
 //                             place (I * row_scale * col_scale, float32), so the ordinary
@@ -182,8 +183,9 @@ void register_cpu_screen(py::module_& m) {
   m.def(
       "screen_quantize",
       [](std::uintptr_t rows_ptr, int64_t num_rows, int64_t dim, std::uintptr_t q_ptr, std::uintptr_t scale_ptr,
-         std::uintptr_t norm_ptr, std::uintptr_t norm_hat_ptr, std::uintptr_t err_ptr) {
+         std::uintptr_t norm_ptr, std::uintptr_t norm_hat_ptr, std::uintptr_t err_ptr, int levels) {
         require(num_rows >= 0 && dim >= 0, "screen_quantize: negative size");
+        require(levels >= 1 && levels <= 127, "screen_quantize: levels must be in [1, 127]");
         const float* x = as_ptr<const float>(rows_ptr);
         int8_t* q = as_ptr<int8_t>(q_ptr);
         float* scales = as_ptr<float>(scale_ptr);
@@ -205,13 +207,14 @@ void register_cpu_screen(py::module_& m) {
             peak = std::max(peak, std::fabs(row[i]));
           }
           finite = finite && row_finite;
-          const float scale = peak / 127.0f;
+          const float scale = peak / static_cast<float>(levels);
           const double s = scale;
+          const double top = levels;
           double norm = 0.0, norm_hat = 0.0, error = 0.0;
           for (int64_t i = 0; i < dim; ++i) {
             const double value = row[i];
             double level = scale > 0.0f ? std::nearbyint(value / s) : 0.0;
-            level = std::min(127.0, std::max(-127.0, level));
+            level = std::min(top, std::max(-top, level));
             out[i] = static_cast<int8_t>(level);
             const double approx = level * s;  // exact: 8-bit level times a float32 scale
             norm += value * value;
@@ -226,9 +229,9 @@ void register_cpu_screen(py::module_& m) {
         return finite;
       },
       py::arg("rows"), py::arg("num_rows"), py::arg("dim"), py::arg("q"), py::arg("scale"), py::arg("norm"),
-      py::arg("norm_hat"), py::arg("err"),
-      "Symmetric int8 quantisation of float32 rows: scale = max|x| / 127 (float32), q = round(x / scale) in "
-      "[-127, 127], and in float64 |x|, |scale q| and |scale q - x| per row. Returns False when an input is "
+      py::arg("norm_hat"), py::arg("err"), py::arg("levels") = 127,
+      "Symmetric int8 quantisation of float32 rows: scale = max|x| / levels (float32), q = round(x / scale) in "
+      "[-levels, levels], and in float64 |x|, |scale q| and |scale q - x| per row. Returns False when an input is "
       "not finite (the outputs are then meaningless).");
 
   m.def(

@@ -13,9 +13,16 @@ NumPy oracles:
 * screened evaluation recomputes negatives in a true match's error band, and only those;
 * the screened merging step (exact neighbour lists, proven head of the pair order) is used
   and equals the reference;
-* non-finite inputs and the mode switch.
+* non-finite inputs and the mode switch;
+* int8 screening only where torch._int_mm is exact (the probe's decision against a model of
+  oneDNN's saturating kernels, and the int8 tests rerun under ``DNNL_MAX_CPU_ISA=AVX2``),
+  and "auto" only where oneDNN may use the fast instructions.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,16 +77,25 @@ def approx_distances(quantized_rows, quantized_cols, rows, cols, metric: str) ->
     return ((rn[:, None] + cn[None, :]) - 2.0 * dots).clamp_min(0).double().numpy()
 
 
+def require_int8_levels(levels: int) -> None:
+    """Skip where this process's int8 GEMM is not exact for columns in [-levels, levels]
+    (test_int8_probe_matches_the_gemm_in_use checks that decision)."""
+    if _screen.int8_column_levels() < levels:
+        pytest.skip(f"torch._int_mm is exact here for columns up to {_screen.int8_column_levels()} only")
+
+
 # ----------------------------------------------------------------------------- quantisation
 
+@pytest.mark.parametrize("column_levels", [127, 64])
 @pytest.mark.parametrize("dim", [1, 3, 64])
-def test_int8_quantisation_matches_numpy(dim):
+def test_int8_quantisation_matches_numpy(dim, column_levels):
     x = stress_rows(0, 40, dim)
-    q = _screen.QRows.quantize(x)
+    q = _screen.QRows.quantize(x, column_levels)
     xn = x.numpy().astype(np.float64)
-    scale = (np.abs(xn).max(1) / 127.0).astype(np.float32).astype(np.float64)
+    scale = (np.abs(xn).max(1) / column_levels).astype(np.float32).astype(np.float64)
     safe = np.where(scale > 0, scale, 1.0)
-    levels = np.clip(np.rint(xn / safe[:, None]), -127, 127)
+    levels = np.clip(np.rint(xn / safe[:, None]), -column_levels, column_levels)
+    assert q.levels == column_levels
     assert q.shape == (40, dim)
     np.testing.assert_array_equal(q.q.numpy()[:, :dim].astype(np.float64), levels)
     assert not q.q.numpy()[:, dim:].any(), "padding columns must be zero"
@@ -101,6 +117,8 @@ def test_bf16_rounding_matches_torch():
 
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 def test_non_finite_rows_are_not_screened(kind):
+    if kind == "int8":
+        require_int8_levels(1)
     x = stress_rows(2, 10, 8)
     x[4, 3] = float("nan") if kind == "int8" else float("inf")
     cls = _screen.QRows if kind == "int8" else _screen.BRows
@@ -109,13 +127,16 @@ def test_non_finite_rows_are_not_screened(kind):
 
 # ----------------------------------------------------------------------------- bounds
 
+@pytest.mark.parametrize("column_levels", [127, 64])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
 @pytest.mark.parametrize("dim", [2, 16, 300])
-def test_int8_bound_covers_every_pair(metric, dim):
+def test_int8_bound_covers_every_pair(metric, dim, column_levels):
+    # Rows are always the first operand (full range); columns as wide as the GEMM allows.
+    require_int8_levels(column_levels)
     rows, cols = stress_rows(3, 30, dim), stress_rows(4, 50, dim)
     if metric == "cosine":
         rows, cols = unit(rows), unit(cols)
-    qr, qc = _screen.QRows.quantize(rows), _screen.QRows.quantize(cols)
+    qr, qc = _screen.QRows.quantize(rows, 127), _screen.QRows.quantize(cols, column_levels)
     error = np.abs(approx_distances(qr, qc, rows, cols, metric) - exact_distances(rows, cols, metric))
     bound = _screen.row_bounds(qr, qc, metric, _core.squared_norms(rows, "sqeuclidean"),
                                _core.squared_norms(cols, "sqeuclidean")).numpy()
@@ -138,6 +159,8 @@ def test_lower_bound_outside_the_list_holds_for_every_pair(kind, metric, dim):
         approx = approx_distances(rows, cols, rows, cols, metric)
         qr, qc = _screen.FRows(rows), _screen.FRows(cols)
     else:
+        if kind == "int8":
+            require_int8_levels(1)
         cls = _screen.QRows if kind == "int8" else _screen.BRows
         qr, qc = cls.quantize(rows), cls.quantize(cols)
         approx = approx_distances(qr, qc, rows, cols, metric)
@@ -333,6 +356,7 @@ def test_screened_merge_equals_reference_and_is_used(monkeypatch, linkage):
 
 @pytest.mark.parametrize("noise", [0.05, 1.0])
 def test_screened_evaluation_recomputes_only_the_error_band(noise):
+    require_int8_levels(1)
     g = torch.Generator().manual_seed(11)
     centres = torch.randn(30, 128, generator=g)
     qp, gp = torch.randint(0, 30, (120,), generator=g), torch.randint(-1, 30, (900,), generator=g)
@@ -358,6 +382,26 @@ def test_screened_evaluation_recomputes_only_the_error_band(noise):
         assert recomputed == 0
     else:
         assert 0 < recomputed < negatives / 4
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_screened_evaluation_of_saturating_rows_equals_reference(metric):
+    # Binary-like codes (each coordinate near 0 or near the row's peak) put most int8 levels
+    # at the extremes, where oneDNN's kernels without VNNI saturate their int16 pair sums
+    # (under DNNL_MAX_CPU_ISA=AVX2 full-range columns gave mAP off by 0.36): screening must
+    # still give the reference's figures, or not screen at all.
+    g = torch.Generator().manual_seed(15)
+    centres = (torch.rand(30, 96, generator=g) < 0.5).float()
+    qp, gp = torch.randint(0, 30, (100,), generator=g), torch.randint(-1, 30, (700,), generator=g)
+    q = (centres[qp] - (torch.rand(100, 96, generator=g) < 0.25).float()).abs()
+    gal = (centres[gp.clamp_min(0)] - (torch.rand(700, 96, generator=g) < 0.25).float()).abs()
+    q, gal = q + 0.01 * torch.rand(100, 96, generator=g), gal + 0.01 * torch.rand(700, 96, generator=g)
+    qc, gc = torch.randint(0, 4, (100,), generator=g), torch.randint(0, 4, (700,), generator=g)
+    expected = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric=metric, backend="reference")
+    with _screen.forced("always"):
+        got = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, metric=metric, backend="cpu")
+    assert torch.equal(got.cmc, expected.cmc)
+    assert got.mAP == pytest.approx(expected.mAP, abs=1e-12) and got.mINP == pytest.approx(expected.mINP, abs=1e-12)
 
 
 def test_auto_evaluation_ranks_float32_tiles_as_the_reference(monkeypatch):
@@ -397,3 +441,154 @@ def test_mode_switch_is_validated(monkeypatch):
     with _screen.forced("always"):
         assert _screen.worthwhile(torch.randn(3, 2), 1, 5)
         assert not _screen.worthwhile(torch.randn(3, 2, dtype=torch.float64), 1, 5)
+
+
+# ----------------------------------------------------------------------------- int8 GEMM exactness
+
+def exact_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # float64 products and sums of int8 values are exact integers below 2^53.
+    return torch.from_numpy((a.numpy().astype(np.float64) @ b.numpy().astype(np.float64)).astype(np.int32))
+
+
+def pair_saturating_int_mm(a: torch.Tensor, b: torch.Tensor, shifted: str = "a") -> torch.Tensor:
+    """A model of an int8 GEMM without VNNI (vpmaddubsw): the ``shifted`` operand made
+    unsigned (+128), adjacent products along k summed in int16 with saturation, the pair
+    sums added in int32 and the shift's contribution (128 x the other operand's sums) taken off."""
+    if shifted == "b":
+        return pair_saturating_int_mm(b.T, a.T).T
+    unsigned, signed = a.numpy().astype(np.int64) + 128, b.numpy().astype(np.int64)
+    if unsigned.shape[1] % 2:
+        unsigned = np.pad(unsigned, ((0, 0), (0, 1)), constant_values=128)
+        signed = np.pad(signed, ((0, 1), (0, 0)))
+    total = np.zeros((unsigned.shape[0], signed.shape[1]), dtype=np.int64)
+    for p in range(0, unsigned.shape[1], 2):
+        pair = unsigned[:, p, None] * signed[None, p] + unsigned[:, p + 1, None] * signed[None, p + 1]
+        total += np.clip(pair, -32768, 32767)
+    return torch.from_numpy((total - 128 * signed.sum(0)[None]).astype(np.int32))
+
+
+def wrong_for_single_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    result = exact_int_mm(a, b)
+    return result + 1 if a.shape[0] == 1 else result
+
+
+def raises(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("_int_mm: not implemented for this CPU")
+
+
+@pytest.mark.parametrize("int_mm, levels", [
+    (exact_int_mm, 127),                                       # VNNI / AMX: exact
+    (pair_saturating_int_mm, 64),                              # AVX2: exact for 7-bit columns only
+    (lambda a, b: pair_saturating_int_mm(a, b, "b"), 0),       # the shift on the columns: never exact
+    (wrong_for_single_rows, 0),                                # one kernel (GEMV) wrong: no int8
+    (raises, 0),
+])
+def test_int8_probe_decision(int_mm, levels):
+    # The model is exact for columns in [-64, 64] and wrong for full range: check it first.
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-127, 128, (9, 41), generator=g, dtype=torch.int8)
+    a[0] = 127
+    b = torch.randint(-64, 65, (41, 5), generator=g, dtype=torch.int8)
+    b[:, 0] = 64
+    assert torch.equal(pair_saturating_int_mm(a, b), exact_int_mm(a, b))
+    full = torch.full((4, 10), 127, dtype=torch.int8)
+    assert not torch.equal(pair_saturating_int_mm(full, full.T.contiguous()), exact_int_mm(full, full.T.contiguous()))
+    # Small shapes keep the NumPy models fast; single rows and columns, odd depths, one block.
+    assert _screen.probe_int_mm(int_mm, ((1, 30, 7), (7, 30, 1), (9, 37, 5), (40, 130, 24))) == levels
+
+
+def test_int8_probe_matches_the_gemm_in_use():
+    # The process's own decision, against products the probe did not try (other shapes and data).
+    levels = _screen.int8_column_levels()
+    expected = os.environ.get("FASTASSOC_TEST_INT8_LEVELS")
+    if expected is not None:    # set by test_int8_screening_is_exact_under_onednn_avx2_kernels
+        assert levels == int(expected)
+    g = torch.Generator().manual_seed(4)
+    if levels:
+        for m, depth, n in [(45, 333, 29), (2, 1999, 130), (300, 96, 7)]:
+            a = torch.randint(-127, 128, (m, depth), generator=g, dtype=torch.int8)
+            a[0] = 127
+            b = torch.randint(-levels, levels + 1, (depth, n), generator=g, dtype=torch.int8)
+            b[:, 0] = levels
+            assert torch.equal(torch._int_mm(a, b), exact_int_mm(a, b)), (m, depth, n)
+    if levels < 127:     # not needlessly narrow: the next wider range is wrong somewhere
+        wider = 127 if levels == 64 else 64
+        a, b = torch.full((48, 256), 127, dtype=torch.int8), torch.full((256, 40), wider, dtype=torch.int8)
+        assert not torch.equal(torch._int_mm(a, b), exact_int_mm(a, b))
+
+
+def test_no_int8_screening_where_the_gemm_is_not_exact(monkeypatch):
+    monkeypatch.setattr(_screen, "int8_column_levels", lambda: 0)
+    quantized = []
+    monkeypatch.setattr(_screen.QRows, "quantize", classmethod(lambda cls, *a, **k: quantized.append(1)))
+    g = torch.Generator().manual_seed(16)
+    q, gal = torch.randn(50, 64, generator=g), torch.randn(400, 64, generator=g)
+    qp, gp = torch.randint(0, 10, (50,), generator=g), torch.randint(0, 10, (400,), generator=g)
+    qc, gc = torch.zeros(50, dtype=torch.int64), torch.ones(400, dtype=torch.int64)
+    with _screen.forced("always"):
+        assert not _screen.worthwhile(q, 400, 1, "int8")
+        assert _screen.worthwhile(q, 400, 1, "bf16")
+        got = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, backend="cpu")
+    expected = fastassoc.evaluate_ranking(q, gal, qp, gp, qc, gc, backend="reference")
+    assert not quantized
+    assert torch.equal(got.cmc, expected.cmc) and got.mAP == pytest.approx(expected.mAP, abs=1e-12)
+
+
+def test_int8_rows_refuse_columns_the_gemm_is_not_exact_for(monkeypatch):
+    require_int8_levels(64)
+    x = stress_rows(17, 6, 32)
+    rows, cols = _screen.QRows.quantize(x, 127), _screen.QRows.quantize(x, 127)
+    monkeypatch.setattr(_screen, "int8_column_levels", lambda: 64)
+    with pytest.raises(RuntimeError, match="exact here only for"):
+        rows.gram_into(cols, torch.empty(6, 6))
+    rows.gram_into(_screen.QRows.quantize(x), torch.empty(6, 6))     # default: the probed 64
+    monkeypatch.setattr(_screen, "int8_column_levels", lambda: 0)
+    with pytest.raises(RuntimeError, match="not exact on this CPU"):
+        _screen.QRows.quantize(x)
+
+
+@pytest.mark.parametrize("onednn, dnnl, flags, int8, bf16", [
+    (None, None, {"avx2", "avx512_vnni", "avx512_bf16"}, True, True),
+    (None, "AVX2", {"avx2", "avx512_vnni", "avx512_bf16"}, False, False),
+    (None, "AVX512_CORE_VNNI", {"avx2", "avx512_vnni", "avx512_bf16"}, True, False),
+    (None, "avx512_core_bf16", {"avx2", "avx512_vnni", "avx512_bf16"}, True, True),
+    ("AVX2", "ALL", {"avx2", "avx512_vnni", "avx512_bf16"}, False, False),     # ONEDNN_ first
+    ("", "AVX2", {"avx2", "avx512_vnni", "avx512_bf16"}, False, False),        # empty: DNNL_
+    ("DEFAULT", "AVX2", {"avx2", "avx512_vnni", "avx512_bf16"}, True, True),
+    (None, "AVX10_2_512", {"avx2", "avx512_vnni", "avx512_bf16"}, True, True),  # newer than our table
+    (None, "AVX2_VNNI", {"avx2", "avx_vnni", "avx512_vnni", "avx512_bf16"}, True, False),
+    (None, "AVX2_VNNI", {"avx2", "avx512_vnni", "avx512_bf16"}, False, False),  # AVX2_VNNI uses avx_vnni
+    (None, "AVX512_CORE_BF16", {"avx2", "amx_int8", "amx_bf16"}, False, False),
+    (None, "AVX512_CORE_AMX", {"avx2", "amx_int8", "amx_bf16"}, True, True),
+    (None, None, {"avx2", "fma"}, False, False),
+])
+def test_auto_counts_a_gemm_fast_only_where_onednn_may_use_it(monkeypatch, onednn, dnnl, flags, int8, bf16):
+    # Expected values from oneDNN's CPU dispatcher documentation (dnnl_cpu_isa_t masks).
+    for name, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("DNNL_MAX_CPU_ISA", dnnl)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_screen, "_cpu_flags", lambda: frozenset(flags))
+    assert (_screen.fast_gemm("int8"), _screen.fast_gemm("bf16")) == (int8, bf16)
+    with _screen.forced("auto"):
+        assert _screen.worthwhile(torch.randn(10, 64), 10_000, 5, "bf16") == bf16
+
+
+@pytest.mark.skipif(_backend.compiled_core() is None or "avx2" not in _screen._cpu_flags(),
+                    reason="DNNL_MAX_CPU_ISA=AVX2 selects oneDNN's AVX2 kernels on x86 CPUs with AVX2 only")
+def test_int8_screening_is_exact_under_onednn_avx2_kernels():
+    # oneDNN's int8 GEMM on AVX2-only CPUs (no VNNI) saturates int16 pair sums; the cap, read
+    # when the process starts, makes this CPU run those kernels. The int8 tests run there.
+    env = dict(os.environ, DNNL_MAX_CPU_ISA="AVX2", FASTASSOC_TEST_INT8_LEVELS="64")
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    tests = ["test_int8_probe_matches_the_gemm_in_use", "test_int8_quantisation_matches_numpy",
+             "test_int8_bound_covers_every_pair", "test_lower_bound_outside_the_list_holds_for_every_pair",
+             "test_screened_evaluation_recomputes_only_the_error_band",
+             "test_screened_evaluation_of_saturating_rows_equals_reference",
+             "test_int8_rows_refuse_columns_the_gemm_is_not_exact_for"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                             *[f"{__file__}::{name}" for name in tests]],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" in result.stdout   # the 127-column cases skip there

@@ -6,8 +6,12 @@ instructions, and its integer result is exact for the quantised rows. Screening 
 *propose* and exact arithmetic to *decide*, so results stay those of the exact op:
 
 1. Each row is quantised symmetrically, ``x_hat = s * q`` with ``q = round(x / s)`` in
-   [-127, 127] and ``s = max|x| / 127`` (:class:`QRows`). Its norms ``|x|``, ``|x_hat|`` and
-   the error norm ``|x - x_hat|`` are kept in float64.
+   [-L, L] and ``s = max|x| / L`` (:class:`QRows`). Its norms ``|x|``, ``|x_hat|`` and
+   the error norm ``|x - x_hat|`` are kept in float64. ``L`` is 127 where the int8 GEMM
+   is exact for full-range operands, 64 for the column operand where it is exact only
+   for that (oneDNN's AVX2 / AVX-512 kernels without VNNI saturate int16 pair sums), and
+   where neither holds there is no int8 screening: a once-per-process probe decides
+   (:func:`int8_column_levels`).
 2. Tiles of ``q_rows @ q_cols.T`` come from ``torch._int_mm`` and are turned into approximate
    inner products in place (``fastassoc._C.screen_int_tile_to_float``); the ordinary tile
    kernels then select on them with a wider list (``k + SLACK`` entries).
@@ -30,7 +34,9 @@ values, dimension >= 32, enough columns per row that the GEMM dominates the resc
 ``FASTASSOC_CPU_SCREEN=off|auto|always`` (or :func:`forced`) chooses; tests run both paths.
 ``evaluate_ranking`` screens with int8 only under ``always`` (its error band is too wide to
 pay at W-eval); its default path ranks float32 GEMM tiles with the same exact rescoring
-(``fastassoc/kernels/cpu/evaluation.py``).
+(``fastassoc/kernels/cpu/evaluation.py``). "auto" counts a GEMM as fast only where the CPU
+has the instructions and oneDNN may use them (``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``
+can cap it: :func:`fast_gemm`).
 """
 from __future__ import annotations
 
@@ -106,20 +112,105 @@ def _cpu_flags() -> frozenset:
     return frozenset()
 
 
-# CPU features that make each screening GEMM faster than float32 (oneDNN kernels).
-_FAST_GEMM_FLAGS = {"int8": {"avx512_vnni", "avx_vnni", "amx_int8"}, "bf16": {"avx512_bf16", "amx_bf16"}}
+# CPU features that make each screening GEMM faster than float32 (oneDNN kernels), each with
+# the oneDNN ISA (dnnl_cpu_isa_t bit mask, below) whose kernels use it.
+_FAST_GEMM_FLAGS = {"int8": {"avx512_vnni": 0x67, "avx_vnni": 0xF, "amx_int8": 0xFEF},
+                    "bf16": {"avx512_bf16": 0xE7, "amx_bf16": 0xFEF}}
+# oneDNN's documented values of ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA (CPU dispatcher control)
+# as dnnl_cpu_isa_t bit masks: an ISA's kernels run under a cap only when its bits are a
+# subset of the cap's (the ISAs are partially ordered: AVX2_VNNI is not below AVX512_CORE).
+_ONEDNN_ISA_MASKS = {
+    "SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F, "AVX512_CORE": 0x27,
+    "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7, "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF,
+    "AVX10_1_512_AMX": 0xFEF, "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
+    "AVX512_CORE_AMX_FP16": 0x1FEF,
+}
+
+
+def onednn_isa_cap() -> int | None:
+    """The ISA cap oneDNN runs under (a ``dnnl_cpu_isa_t`` mask), None when uncapped.
+
+    oneDNN reads ``ONEDNN_MAX_CPU_ISA``, else (unset or empty) ``DNNL_MAX_CPU_ISA``, once,
+    case-insensitively; ``ALL``, ``DEFAULT`` and names it does not know leave it uncapped
+    (names newer than this table are newer ISAs, above every one it lists). Capped below
+    AVX512_CORE_BF16 on a bf16 CPU, torch's bf16 GEMM runs emulated, 8x slower than float32.
+    """
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip() or os.environ.get("DNNL_MAX_CPU_ISA", "").strip()
+    return _ONEDNN_ISA_MASKS.get(value.upper())
+
+
+def fast_gemm(kind: str) -> bool:
+    """Whether this CPU runs ``kind`` ("int8" or "bf16") GEMMs faster than float32: one of
+    the instructions in ``_FAST_GEMM_FLAGS``, with oneDNN allowed to use it."""
+    cap, flags = onednn_isa_cap(), _cpu_flags()
+    return any(flag in flags and (cap is None or mask & cap == mask) for flag, mask in _FAST_GEMM_FLAGS[kind].items())
 
 
 def worthwhile(x: torch.Tensor, num_cols: int, width: int, kind: str = "int8") -> bool:
     """Whether to screen rows ``x`` (prepared, compute dtype) against ``num_cols`` columns
-    with lists of ``width`` entries, using ``kind`` ("int8" or "bf16") GEMMs."""
+    with lists of ``width`` entries, using ``kind`` ("int8" or "bf16") GEMMs.
+
+    int8 needs an exact ``torch._int_mm`` (:func:`int8_column_levels`), even under "always",
+    and int32 sums that cannot overflow.
+    """
     chosen = mode()
     if chosen == "off" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] == 0:
         return False
     if chosen == "auto" and (x.shape[1] < MIN_DIM or num_cols < MIN_COLUMNS_PER_ENTRY * max(width, 1)
-                             or not (_FAST_GEMM_FLAGS[kind] & _cpu_flags())):
+                             or not fast_gemm(kind)):
         return False
-    return True
+    return kind != "int8" or 0 < x.shape[1] * 127 * int8_column_levels() < 2 ** 31
+
+
+# (rows, depth, columns) of the probe's products: single rows and columns (oneDNN's GEMV
+# kernels), depths off every vector width, a blocked GEMM.
+_PROBE_SHAPES = ((1, 260, 33), (33, 260, 1), (7, 37, 5), (67, 1030, 48), (256, 2048, 64))
+
+
+def probe_int_mm(int_mm=torch._int_mm, shapes=_PROBE_SHAPES) -> int:
+    """The widest column range ``L`` (127 or 64; 0: neither) for which ``int_mm(a, b)`` of
+    int8 ``a`` [m, k] in [-127, 127] and ``b`` [k, n] in [-L, L] gave the exact product on
+    every probe.
+
+    oneDNN's int8 GEMM on CPUs without VNNI (AVX2, AVX-512 without VNNI) shifts ``a`` to
+    unsigned and adds adjacent u8 x s8 products in int16 with saturation (vpmaddubsw):
+    255 * 127 * 2 overflows int16, 255 * 64 * 2 does not. The probes put the extreme
+    operands (both signs, equal and alternating along k, so every pair of products is
+    extreme) and random ones through the kernels this process uses on each of ``shapes``
+    ((m, k, n) triples); the int32 results must equal float64 products (exact: every sum is
+    an integer below 2^31). A kernel that raises counts as inexact.
+    """
+    generator = torch.Generator().manual_seed(0)
+    for levels in (127, 64):
+        exact = True
+        for m, depth, n in shapes:
+            signs = 1 - 2 * (torch.arange(depth) % 2)
+            a_patterns = [torch.full((m, depth), 127), torch.full((m, depth), -127), (127 * signs).expand(m, depth),
+                          torch.randint(-127, 128, (m, depth), generator=generator)]
+            b_patterns = [torch.full((depth, n), levels), torch.full((depth, n), -levels),
+                          (levels * signs).unsqueeze(1).expand(depth, n),
+                          (-levels * signs).unsqueeze(1).expand(depth, n),
+                          torch.randint(-levels, levels + 1, (depth, n), generator=generator)]
+            for a in a_patterns:
+                a = a.to(torch.int8).contiguous()
+                for b in b_patterns:
+                    b = b.to(torch.int8).contiguous()
+                    try:
+                        got = int_mm(a, b)
+                    except (RuntimeError, NotImplementedError):
+                        return 0
+                    exact = exact and torch.equal(got.double(), a.double() @ b.double())
+        if exact:
+            return levels
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def int8_column_levels() -> int:
+    """Levels ``L`` of the column (second) operand that make ``torch._int_mm`` exact here:
+    127, 64, or 0 (no int8 screening). Probed once per process, at the first int8 use
+    (:func:`probe_int_mm`, a few milliseconds); the row operand always uses [-127, 127]."""
+    return probe_int_mm()
 
 
 class QRows:
@@ -132,31 +223,46 @@ class QRows:
 
     dtype = torch.float32
 
-    def __init__(self, q, scale, norm, norm_hat, err):
+    def __init__(self, q, scale, norm, norm_hat, err, levels: int = 127):
         self.q, self.scale, self.norm, self.norm_hat, self.err = q, scale, norm, norm_hat, err
+        self.levels = levels
         self.shape = (q.shape[0], q.shape[1])
 
     @classmethod
-    def quantize(cls, x: torch.Tensor) -> "QRows | None":
-        """Quantise float32 rows ``x`` [n, D] (contiguous); None if ``x`` is not finite."""
+    def quantize(cls, x: torch.Tensor, levels: int | None = None) -> "QRows | None":
+        """Quantise float32 rows ``x`` [n, D] (contiguous) to ``q`` in [-levels, levels]; None
+        if ``x`` is not finite.
+
+        ``levels`` defaults to :func:`int8_column_levels`, which makes the rows exact as
+        either operand of this process's int8 GEMM; 127 suits rows used only as the first.
+        The error norms are those of the actual levels, so the bounds need nothing else.
+        """
+        if levels is None:
+            levels = int8_column_levels()
+        if not 1 <= levels <= 127:
+            raise RuntimeError(f"int8 screening with levels={levels}: torch._int_mm is not exact on this CPU "
+                               "(see _screen.int8_column_levels); screen only where worthwhile() says so")
         n, dim = x.shape
         q = torch.empty(n, dim, dtype=torch.int8)
         scale = torch.empty(n, dtype=torch.float32)
         norm, norm_hat, err = (torch.empty(n, dtype=torch.float64) for _ in range(3))
         # Finiteness is checked in the kernel's pass: torch.isfinite(x) held 1.7x x in temporaries.
+        # 127 is implied (also by a core built before ``levels`` existed).
+        extra = (levels,) if levels != 127 else ()
         if n and not _core.kernel("screen_quantize")(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(scale),
-                                                     _core.ptr(norm), _core.ptr(norm_hat), _core.ptr(err)):
+                                                     _core.ptr(norm), _core.ptr(norm_hat), _core.ptr(err), *extra):
             return None
         if dim < _MIN_INT_MM_DEPTH:
             # torch._int_mm on CPU returns wrong sums for an inner dimension of 1 (torch 2.14);
             # zero columns change no inner product.
             q = torch.nn.functional.pad(q, (0, _MIN_INT_MM_DEPTH - dim)).contiguous()
-        result = cls(q, scale, norm, norm_hat, err)
+        result = cls(q, scale, norm, norm_hat, err, levels)
         result.shape = (n, dim)
         return result
 
     def __getitem__(self, item: slice) -> "QRows":
-        part = QRows(self.q[item], self.scale[item], self.norm[item], self.norm_hat[item], self.err[item])
+        part = QRows(self.q[item], self.scale[item], self.norm[item], self.norm_hat[item], self.err[item],
+                     self.levels)
         part.shape = (part.q.shape[0], self.shape[1])
         return part
 
@@ -164,7 +270,14 @@ class QRows:
         return 4
 
     def gram_into(self, cols: "QRows", out: torch.Tensor) -> torch.Tensor:
-        """Approximate ``x_hat @ y_hat.T`` (float32) written into ``out`` [rows, cols]."""
+        """Approximate ``x_hat @ y_hat.T`` (float32) written into ``out`` [rows, cols].
+
+        Refuses columns wider than the GEMM is exact for (:func:`int8_column_levels`).
+        """
+        if not 0 < cols.levels <= int8_column_levels():
+            raise RuntimeError(f"int8 screening: columns quantised to [-{cols.levels}, {cols.levels}], but "
+                               f"torch._int_mm is exact here only for [-{int8_column_levels()}, "
+                               f"{int8_column_levels()}] (_screen.int8_column_levels)")
         counts = out.view(torch.int32)
         torch._int_mm(self.q, cols.q.T, out=counts)
         _core.kernel("screen_int_tile_to_float")(out.data_ptr(), out.shape[0], out.shape[1], out.shape[1],
