@@ -273,8 +273,14 @@ def crowded_rows(n: int, dim: int) -> torch.Tensor:
     return (centre + spread * unit(torch.randn(n, dim, generator=g))).contiguous()
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
-def test_fallback_rows_are_exact_and_path_independent(monkeypatch, metric):
+def test_fallback_rows_are_exact_and_path_independent(monkeypatch, metric, kind):
+    # int8: what knn.self_join_screen would pick for an int8-screened self-join (not by
+    # default: bench/bench_avx2_rerank.py), with columns as wide as the GEMM is exact for.
+    if kind == "int8":
+        require_int8_levels(1)
+        monkeypatch.setattr(knn, "self_join_screen", lambda rows, n, width: "int8")
     x = crowded_rows(400, 512)
     norms = _core.squared_norms(x, "sqeuclidean") if metric == "sqeuclidean" else None
     k = 5
@@ -312,7 +318,11 @@ def test_fallback_rows_are_exact_and_path_independent(monkeypatch, metric):
     assert torch.equal(all_fallback[1], lists[1]) and torch.equal(all_fallback[0], lists[0])
 
 
-def test_screened_soft_labels_and_anchors_equal_reference_on_separated_data():
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_screened_soft_labels_and_anchors_equal_reference_on_separated_data(monkeypatch, kind):
+    if kind == "int8":
+        require_int8_levels(1)
+        monkeypatch.setattr(knn, "self_join_screen", lambda rows, n, width: "int8")
     g = torch.Generator().manual_seed(10)
     centres = unit(torch.randn(40, 256, generator=g))
     ids = torch.randint(0, 40, (600,), generator=g)
@@ -324,6 +334,35 @@ def test_screened_soft_labels_and_anchors_equal_reference_on_separated_data():
     assert torch.equal(got.crow_indices(), expected.crow_indices())
     assert torch.equal(got.col_indices(), expected.col_indices())
     torch.testing.assert_close(got.values(), expected.values(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["separated", "crowded"])
+def test_int8_self_join_runs_where_its_pilot_certifies(monkeypatch, data):
+    # A CPU with AVX2 alone (no bf16, no VNNI): "auto" may propose with int8, but only after a
+    # pilot of rows certifies; separated identities do (k = 1 is inside the identity), rows
+    # crowded closer than the int8 error do not. The neighbours equal the reference's either way.
+    require_int8_levels(1)
+    monkeypatch.setattr(_screen, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if data == "separated":
+        g = torch.Generator().manual_seed(18)
+        centres = unit(torch.randn(40, 256, generator=g))
+        x = (centres[torch.randint(0, 40, (600,), generator=g)] + 0.05 * torch.randn(600, 256, generator=g))
+    else:
+        x = crowded_rows(600, 256)
+    pilots, proposals = [], []
+    pilot, join = knn._int8_pilot_certifies, knn.self_join_topk
+    monkeypatch.setattr(knn, "_int8_pilot_certifies", lambda *a, **k: pilots.append(pilot(*a, **k)) or pilots[-1])
+    monkeypatch.setattr(knn, "self_join_topk",
+                        lambda rows, *a, **k: proposals.append(type(rows)) or join(rows, *a, **k))
+    exclude = torch.arange(600)
+    expected = fastassoc.topk_anchors(x, x, 1, exclude=exclude, backend="reference")
+    with _screen.forced("auto"):
+        got = fastassoc.topk_anchors(x, x, 1, exclude=exclude, backend="cpu")
+    assert pilots == [data == "separated"]
+    assert proposals == [_screen.QRows if data == "separated" else torch.Tensor]
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
 
 
 @pytest.mark.parametrize("linkage", ["tssl", "centroid", "buc"])
@@ -586,7 +625,10 @@ def test_int8_screening_is_exact_under_onednn_avx2_kernels():
              "test_int8_bound_covers_every_pair", "test_lower_bound_outside_the_list_holds_for_every_pair",
              "test_screened_evaluation_recomputes_only_the_error_band",
              "test_screened_evaluation_of_saturating_rows_equals_reference",
-             "test_int8_rows_refuse_columns_the_gemm_is_not_exact_for"]
+             "test_int8_rows_refuse_columns_the_gemm_is_not_exact_for",
+             "test_fallback_rows_are_exact_and_path_independent",
+             "test_screened_soft_labels_and_anchors_equal_reference_on_separated_data",
+             "test_int8_self_join_runs_where_its_pilot_certifies"]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                              *[f"{__file__}::{name}" for name in tests]],
                             env=env, capture_output=True, text=True, timeout=600)
