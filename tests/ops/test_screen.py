@@ -336,35 +336,6 @@ def test_screened_soft_labels_and_anchors_equal_reference_on_separated_data(monk
     torch.testing.assert_close(got.values(), expected.values(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("data", ["separated", "crowded"])
-def test_int8_self_join_runs_where_its_pilot_certifies(monkeypatch, data):
-    # A CPU with AVX2 alone (no bf16, no VNNI): "auto" may propose with int8, but only after a
-    # pilot of rows certifies; separated identities do (k = 1 is inside the identity), rows
-    # crowded closer than the int8 error do not. The neighbours equal the reference's either way.
-    require_int8_levels(1)
-    monkeypatch.setattr(_screen, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    if data == "separated":
-        g = torch.Generator().manual_seed(18)
-        centres = unit(torch.randn(40, 256, generator=g))
-        x = (centres[torch.randint(0, 40, (600,), generator=g)] + 0.05 * torch.randn(600, 256, generator=g))
-    else:
-        x = crowded_rows(600, 256)
-    pilots, proposals = [], []
-    pilot, join = knn._int8_pilot_certifies, knn.self_join_topk
-    monkeypatch.setattr(knn, "_int8_pilot_certifies", lambda *a, **k: pilots.append(pilot(*a, **k)) or pilots[-1])
-    monkeypatch.setattr(knn, "self_join_topk",
-                        lambda rows, *a, **k: proposals.append(type(rows)) or join(rows, *a, **k))
-    exclude = torch.arange(600)
-    expected = fastassoc.topk_anchors(x, x, 1, exclude=exclude, backend="reference")
-    with _screen.forced("auto"):
-        got = fastassoc.topk_anchors(x, x, 1, exclude=exclude, backend="cpu")
-    assert pilots == [data == "separated"]
-    assert proposals == [_screen.QRows if data == "separated" else torch.Tensor]
-    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
-
-
 @pytest.mark.parametrize("linkage", ["tssl", "centroid", "buc"])
 def test_screened_merge_equals_reference_and_is_used(monkeypatch, linkage):
     from fastassoc.kernels.cpu import cluster
@@ -627,8 +598,7 @@ def test_int8_screening_is_exact_under_onednn_avx2_kernels():
              "test_screened_evaluation_of_saturating_rows_equals_reference",
              "test_int8_rows_refuse_columns_the_gemm_is_not_exact_for",
              "test_fallback_rows_are_exact_and_path_independent",
-             "test_screened_soft_labels_and_anchors_equal_reference_on_separated_data",
-             "test_int8_self_join_runs_where_its_pilot_certifies"]
+             "test_screened_soft_labels_and_anchors_equal_reference_on_separated_data"]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                              *[f"{__file__}::{name}" for name in tests]],
                             env=env, capture_output=True, text=True, timeout=600)

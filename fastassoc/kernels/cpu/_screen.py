@@ -116,10 +116,6 @@ def _cpu_flags() -> frozenset:
 # the oneDNN ISA (dnnl_cpu_isa_t bit mask, below) whose kernels use it.
 _FAST_GEMM_FLAGS = {"int8": {"avx512_vnni": 0x67, "avx_vnni": 0xF, "amx_int8": 0xFEF},
                     "bf16": {"avx512_bf16": 0xE7, "amx_bf16": 0xFEF}}
-# oneDNN's AVX2 int8 kernels (vpmaddubsw, exact for 64-level columns) ran at 2x the float32
-# GEMM under DNNL_MAX_CPU_ISA=AVX2 on Zen 4 (372 against 184 GFLOP/s, 2 threads): fast
-# enough where lists certify (knn.self_join_screen), not for the 4-5x that int8 alone means.
-_FAST_GEMM_FLAGS["int8_avx2"] = dict(_FAST_GEMM_FLAGS["int8"], avx2=0x7)
 # oneDNN's documented values of ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA (CPU dispatcher control)
 # as dnnl_cpu_isa_t bit masks: an ISA's kernels run under a cap only when its bits are a
 # subset of the cap's (the ISAs are partially ordered: AVX2_VNNI is not below AVX512_CORE).
@@ -144,16 +140,15 @@ def onednn_isa_cap() -> int | None:
 
 
 def fast_gemm(kind: str) -> bool:
-    """Whether this CPU runs ``kind`` ("int8", "bf16"; "int8_avx2": int8 at least 2x float32)
-    GEMMs faster than float32: one of the instructions in ``_FAST_GEMM_FLAGS``, with oneDNN
-    allowed to use it."""
+    """Whether this CPU runs ``kind`` ("int8" or "bf16") GEMMs faster than float32: one of
+    the instructions in ``_FAST_GEMM_FLAGS``, with oneDNN allowed to use it."""
     cap, flags = onednn_isa_cap(), _cpu_flags()
     return any(flag in flags and (cap is None or mask & cap == mask) for flag, mask in _FAST_GEMM_FLAGS[kind].items())
 
 
 def worthwhile(x: torch.Tensor, num_cols: int, width: int, kind: str = "int8") -> bool:
     """Whether to screen rows ``x`` (prepared, compute dtype) against ``num_cols`` columns
-    with lists of ``width`` entries, using ``kind`` ("int8", "int8_avx2" or "bf16") GEMMs.
+    with lists of ``width`` entries, using ``kind`` ("int8" or "bf16") GEMMs.
 
     int8 needs an exact ``torch._int_mm`` (:func:`int8_column_levels`), even under "always",
     and int32 sums that cannot overflow.
@@ -164,7 +159,7 @@ def worthwhile(x: torch.Tensor, num_cols: int, width: int, kind: str = "int8") -
     if chosen == "auto" and (x.shape[1] < MIN_DIM or num_cols < MIN_COLUMNS_PER_ENTRY * max(width, 1)
                              or not fast_gemm(kind)):
         return False
-    return not kind.startswith("int8") or 0 < x.shape[1] * 127 * int8_column_levels() < 2 ** 31
+    return kind != "int8" or 0 < x.shape[1] * 127 * int8_column_levels() < 2 ** 31
 
 
 # (rows, depth, columns) of the probe's products: single rows and columns (oneDNN's GEMV

@@ -161,54 +161,24 @@ def self_join_topk(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
                    _core.ptr(indices[split:c1]) if c1 > split else 0, col_first=split - c0)
 
 
-# int8 self-joins (where the bf16 GEMM is not fast): a pilot of this many rows, spread over
-# the rows, must have at least INT8_PILOT_CERTIFIED of them certified by the int8 bound.
-INT8_PILOT_ROWS = 64
-INT8_PILOT_CERTIFIED = 0.85
-
-
 def self_join_screen(x: torch.Tensor, n: int, width: int) -> str | None:
-    """The screening GEMM a self-join of ``x`` [n, D] with lists of ``width`` may use: "bf16",
-    "int8" (subject to :func:`_int8_pilot_certifies` under "auto") or None (float32).
+    """The screening GEMM of a self-join of ``x`` [n, D] with lists of ``width``: "bf16" where
+    :func:`._screen.worthwhile` allows it, else None (float32 proposals).
 
-    bf16 where :func:`._screen.worthwhile` allows it. Else int8 where its GEMM is exact and
-    faster than float32 (``_screen`` kind "int8_avx2": VNNI, or AVX2 with 64-level columns),
-    but kNN lists often end in the bulk of the distances, where the int8 error bound
+    :func:`topk_self_join` also takes "int8" (``_screen.QRows``, columns as wide as this
+    process's int8 GEMM is exact for), which bench/bench_avx2_rerank.py forces to weigh it
+    where bf16 is not fast (AVX2-only CPUs: int8 at 2x float32 with 64-level columns). Not
+    chosen here: kNN lists often end in the bulk of the distances, where the int8 error bound
     (Cauchy-Schwarz on the rows' quantisation errors, about 0.04 in cosine at 64 levels) is
-    wider than the bulk: measured with bench/bench_avx2_rerank.py under an emulated AVX2 CPU,
-    int8 proposals left 99.5 % of W-jaccard's rows uncertified (1.8x slower than float32),
-    65 % at W-soft (2.0x), 36 % at W-merge (1.03x), 99.6 % at W-rank k = 10 (2.6x), and
-    7 % at W-rank k = 1 (2.0x faster). Hence the pilot.
+    wider than the bulk. Measured under an emulated AVX2 CPU (DNNL_MAX_CPU_ISA=AVX2, Zen 4,
+    2 threads, float32 = 1): int8 left 99.5 % of W-jaccard's rows uncertified (1.8x), 65 %
+    of W-soft's (1.7x), 36 % of W-merge's (1.04x), 99.6 % of W-rank k = 10's (2.2x) and 7 %
+    of W-rank k = 1's (0.91x); a 64-row pilot that chose int8 only where >= 85 % certified
+    came to 0.99x at W-rank k = 1 and 1.13-1.15x where it declined (commit f798771).
     """
     if _screen.worthwhile(x, n, width, "bf16"):
         return "bf16"
-    if _screen.worthwhile(x, n, width, "int8_avx2"):
-        return "int8"
     return None
-
-
-def _int8_pilot_certifies(x: torch.Tensor, quantized: _screen.QRows, metric: str, k: int, width: int, *,
-                          norms: torch.Tensor | None, base: int, exclude_self: bool, available: int) -> bool:
-    """Whether the int8 bound certifies at least :data:`INT8_PILOT_CERTIFIED` of
-    :data:`INT8_PILOT_ROWS` rows spread over ``x``: their lists against every row, as the
-    screened self-join would keep, rescore and certify them. Costs about
-    ``INT8_PILOT_ROWS / n`` of the int8 self-join; a row the pilot finds uncertified would
-    cost a full float32 row search in the fallback (twice its share of the self-join)."""
-    n = x.shape[0]
-    sample = torch.arange(min(n, INT8_PILOT_ROWS)) * n // min(n, INT8_PILOT_ROWS)
-    rows = quantized[sample]
-    row_norms = norms[sample].contiguous() if norms is not None else None
-    approx_values, candidates = new_lists(sample.numel(), width, torch.float32)
-    block_topk(_core.DotTiles.for_blocks([(sample.numel(), n)], torch.float32), rows, quantized, metric, width,
-               row_norms=row_norms, col_norms=norms, col_base=base, exclude=sample + base if exclude_self else None,
-               row_lists=(approx_values, candidates))
-    sort_lists(approx_values, candidates)
-    exact = _screen.rescore_pruned(x[sample].contiguous(), x, candidates, approx_values, rows, quantized, metric, k,
-                                   col_base=base, row_norms=row_norms, col_norms=norms)
-    kth = exact.kthvalue(k, dim=1).values
-    lower = _screen.lower_outside(rows, quantized, metric, approx_values[:, -1], row_norms, norms)
-    certified = _screen.certify(approx_values, kth, lower, available)
-    return float(certified.double().mean()) >= INT8_PILOT_CERTIFIED
 
 
 def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tensor, torch.Tensor], *,
@@ -232,10 +202,6 @@ def topk_self_join(x: torch.Tensor, metric: str, k: int, lists: tuple[torch.Tens
     if kind is not None:
         # None for non-finite inputs; int8 columns as wide as this process's GEMM is exact for.
         quantized = _screen.BRows.quantize(x) if kind == "bf16" else _screen.QRows.quantize(x)
-    if (kind == "int8" and quantized is not None and _screen.mode() == "auto"
-            and not _int8_pilot_certifies(x, quantized, metric, k, width, norms=norms, base=base,
-                                          exclude_self=exclude_self, available=available)):
-        quantized = None
     if quantized is None:
         # float32 GEMM proposals, refined to exact distances (see refine_lists).
         proposals = new_lists(n, proposal_width(k, available), x.dtype)
