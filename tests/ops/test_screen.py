@@ -449,7 +449,8 @@ def test_mode_switch_is_validated(monkeypatch):
     monkeypatch.setenv("FASTASSOC_CPU_SCREEN", "off")
     assert not _screen.worthwhile(torch.randn(100, 64), 10_000, 5)
     with _screen.forced("always"):
-        assert _screen.worthwhile(torch.randn(3, 2), 1, 5)
+        assert _screen.worthwhile(torch.randn(3, 2), 1, 5, "bf16")
+        assert _screen.worthwhile(torch.randn(3, 2), 1, 5) == bool(_screen.int8_column_levels())
         assert not _screen.worthwhile(torch.randn(3, 2, dtype=torch.float64), 1, 5)
 
 
