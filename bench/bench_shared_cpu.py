@@ -28,6 +28,10 @@ loaded timings; ``extra_info`` holds quiet/loaded medians, both slowdowns and
 ``slowdown_vs_mm`` (op slowdown / mm slowdown; target <= 1.5). Nothing is asserted about
 time: on a shared box the figures are noisy, so they are recorded, not enforced.
 
+The compiled core's wait policy (``fastassoc._C.set_wait_policy``, default ``auto``;
+``FASTASSOC_WAIT_POLICY=active`` measures torch's plain spinning) is in the header and
+``extra_info``, with how often its throttle engaged during the case.
+
 Before timing, each fastassoc provider's result is checked equal to the reference's (a
 benchmark of a wrong answer is worthless). The table also gives the parallel regions the
 compiled core forked per call (``fastassoc._C.parallel_regions``; torch's own regions
@@ -230,6 +234,19 @@ def core_regions(run) -> int | None:
     return counter() - before
 
 
+def wait_policy() -> str:
+    """The compiled core's wait policy (``fastassoc._C.set_wait_policy``; ``FASTASSOC_WAIT_POLICY``)."""
+    from fastassoc import _backend
+    core = _backend.compiled_core()
+    return core.wait_policy() if core is not None and hasattr(core, "wait_policy") else ""
+
+
+def _throttle_engagements() -> int:
+    from fastassoc import _backend
+    core = _backend.compiled_core()
+    return core.throttle_engagements() if core is not None and hasattr(core, "throttle_engagements") else 0
+
+
 def gemm_runner(case: str):
     """The bare ``torch.mm`` of the case's main shape, into a preallocated output."""
     m, n, d = _data(case)["gemm"]
@@ -273,6 +290,7 @@ def measure(case: str, provider: str, rounds: int = ROUNDS, repeats: int = REPEA
     run(), gemm()          # warm-up: thread pools, scratch buffers, page faults
     regions = core_regions(run) if provider == "cpu" else None
     load_before = os.getloadavg()[0]
+    engagements_before = _throttle_engagements()
     times = {(what, state): [] for what in ("op", "mm") for state in ("quiet", "loaded")}
     with Competitor() as competitor:
         for _ in range(rounds):
@@ -286,6 +304,7 @@ def measure(case: str, provider: str, rounds: int = ROUNDS, repeats: int = REPEA
                     if on_loaded_round is not None:
                         on_loaded_round(run)
                     competitor.off()
+    engagements_after = _throttle_engagements()
     medians = {f"{what}_{state}_s": statistics.median(values) for (what, state), values in times.items()}
     op_slowdown = medians["op_loaded_s"] / medians["op_quiet_s"]
     mm_slowdown = medians["mm_loaded_s"] / medians["mm_quiet_s"]
@@ -294,6 +313,7 @@ def measure(case: str, provider: str, rounds: int = ROUNDS, repeats: int = REPEA
                 meets_target=bool(op_slowdown <= TARGET * mm_slowdown), gemm_shape="x".join(map(str, _data(case)["gemm"])),
                 torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT", ""), core_regions_per_call=regions,
+                fastassoc_wait_policy=wait_policy(), throttle_engagements=engagements_after - engagements_before,
                 load_before=load_before, load_after=os.getloadavg()[0])
 
 
@@ -336,7 +356,8 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--providers"]:
         only, argv = set(argv[1].split(",")), argv[2:]
     cases = argv or list(CASES)
-    print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
+    print(f"torch threads {torch.get_num_threads()}, fastassoc wait policy {wait_policy()!r}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '')!r}, scale {SCALE}, "
           f"{ROUNDS} rounds x {REPEATS} samples of >= {SAMPLE_SECONDS} s per state, load average {os.getloadavg()[0]:.2f}")
     if markdown:

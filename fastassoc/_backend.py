@@ -97,9 +97,9 @@ def compiled_core():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules["fastassoc._C"] = module
-        return module
+        return _with_wait_policy(module)
     try:
-        return importlib.import_module("fastassoc._C")
+        return _with_wait_policy(importlib.import_module("fastassoc._C"))
     except ImportError as error:
         # Once per process (this function is cached): a pure-Python install, made where no
         # C++ compiler worked, or a core that no longer loads. `auto` then runs the slow
@@ -110,6 +110,20 @@ def compiled_core():
             "and a C++17 compiler, then `pip install --force-reinstall --no-deps --no-cache-dir fastassoc` "
             "(`python -m fastassoc` shows what is built).", RuntimeWarning, stacklevel=2)
         return None
+
+
+WAIT_POLICIES = ("auto", "active", "passive")
+
+
+def _with_wait_policy(module):
+    """Apply ``FASTASSOC_WAIT_POLICY`` (see ``fastassoc._C.set_wait_policy``) to a freshly loaded core."""
+    value = os.environ.get("FASTASSOC_WAIT_POLICY")
+    if value is not None and hasattr(module, "set_wait_policy"):
+        policy = value.strip().lower()
+        if policy not in WAIT_POLICIES:
+            raise ValueError(f"FASTASSOC_WAIT_POLICY must be one of {WAIT_POLICIES}, got {value!r}")
+        module.set_wait_policy(policy)
+    return module
 
 
 @functools.lru_cache(maxsize=None)

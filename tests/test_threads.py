@@ -509,3 +509,165 @@ def test_validation_reads_each_tensor_once():
         ids, count = _checks.camera_ids("cameras", cameras, num_rows=5000)
     assert count == 10 and torch.equal(ids, cameras)
     assert calls.counts["aminmax"] == 1 and calls.counts["max"] == 0, dict(calls.counts)
+
+
+# ----------------------------------------------------------------------------- waiting
+# The wait policy (csrc/cpu/core.cpp, "Waiting"): while a holder thread keeps an extra,
+# sleeping OpenMP pool, the process has more OpenMP threads than CPUs and libgomp throttles
+# every worker's spinning (its documented GOMP_SPINCOUNT rule). Observed here through the CPU
+# time torch's worker burns after its regions while the calling thread sleeps.
+
+def _worker_cpu_seconds() -> float:
+    """CPU time of this process's threads other than the main one."""
+    import os
+    main, ticks = os.getpid(), 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == main:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:        # the thread ended meanwhile
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _burn_after_regions(rounds: int = 30) -> float:
+    """Worker CPU seconds over ``rounds`` parallel torch GEMMs, each followed by a 20 ms sleep."""
+    import time
+    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(3))
+    a @ a
+    time.sleep(0.05)
+    before = _worker_cpu_seconds()
+    for _ in range(rounds):
+        a @ a
+        time.sleep(0.02)
+    return _worker_cpu_seconds() - before
+
+
+def _wait_until(predicate, seconds: float = 10.0, poke=None) -> bool:
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if poke is not None:
+            poke()
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def policy(core):
+    """The core with its wait policy restored (and the throttle released) afterwards."""
+    previous = core.wait_policy()
+    yield core
+    core.set_wait_policy("active")
+    _wait_until(lambda: not core.spin_throttled())
+    core.set_wait_policy(previous)
+
+
+needs_two_cpus = pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2,
+                                    reason="spinning workers need a second CPU")
+
+
+def test_wait_policy_rejects_unknown_names(policy, monkeypatch):
+    with pytest.raises(ValueError, match="policy must be 'auto', 'active' or 'passive', got 'lazy'"):
+        policy.set_wait_policy("lazy")
+    assert policy.wait_policy() in _backend.WAIT_POLICIES
+    monkeypatch.setenv("FASTASSOC_WAIT_POLICY", "sometimes")
+    with pytest.raises(ValueError, match="FASTASSOC_WAIT_POLICY must be one of .*'sometimes'"):
+        _backend._with_wait_policy(policy)
+    monkeypatch.setenv("FASTASSOC_WAIT_POLICY", " Passive ")
+    _backend._with_wait_policy(policy)
+    assert policy.wait_policy() == "passive"
+
+
+@needs_two_cpus
+def test_passive_policy_stops_workers_spinning_and_active_restores_it(policy):
+    torch.set_num_threads(2)
+    policy.set_wait_policy("active")
+    assert _wait_until(lambda: not policy.spin_throttled())
+    spinning = _burn_after_regions()
+    policy.set_wait_policy("passive")
+    small_topk()                     # engaged on a kernel entry
+    assert _wait_until(lambda: policy.spin_throttled() and policy.throttle_pool_threads() >= 2)
+    throttled = _burn_after_regions()
+    # Unthrottled, the worker spins ~5 ms (GOMP_SPINCOUNT) after each of the 30 GEMMs.
+    assert spinning >= 0.05, spinning
+    assert throttled <= 0.5 * spinning, (throttled, spinning)
+    policy.set_wait_policy("active")
+    assert _wait_until(lambda: not policy.spin_throttled())
+    assert _burn_after_regions() >= 0.05
+
+
+@needs_two_cpus
+def test_auto_policy_engages_while_another_process_competes_then_releases(policy):
+    import subprocess
+    import sys
+    torch.set_num_threads(2)
+    policy.set_wait_policy("auto")
+    engagements = policy.throttle_engagements()
+    competitors = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                   for _ in range(max(1, len(__import__("os").sched_getaffinity(0)) - 1))]
+    try:
+        assert _wait_until(policy.spin_throttled, 20.0, poke=small_topk), "not engaged under contention"
+    finally:
+        for competitor in competitors:
+            competitor.kill()
+            competitor.wait()
+    assert policy.throttle_engagements() > engagements
+    assert _wait_until(lambda: not policy.spin_throttled(), 20.0), "still throttled after the competitor ended"
+
+
+def test_results_do_not_depend_on_the_wait_policy(policy):
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 24, generator=generator)
+    cameras = torch.randint(0, 3, (300,), generator=generator)
+    results = []
+    for name in ("active", "passive"):
+        policy.set_wait_policy(name)
+        values, indices = fastassoc.topk_anchors(x[:50], x, k=5, backend="cpu")
+        labels = fastassoc.knn_soft_labels(x, cameras, 4, backend="cpu")
+        results.append((values, indices, labels))
+    assert policy.spin_throttled()
+    (v1, i1, l1), (v2, i2, l2) = results
+    assert torch.equal(v1, v2) and torch.equal(i1, i2)
+    assert all(torch.equal(a, b) for a, b in zip(_flat(l1), _flat(l2)))
+
+
+def _flat(value):
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_csr:
+            return [value.crow_indices(), value.col_indices(), value.values()]
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _flat(item)]
+    return [leaf for name in dataclasses.fields(value) for leaf in _flat(getattr(value, name.name))]
+
+
+def _child_topk(queue):
+    # As torch's DataLoader workers do: libgomp's pool does not survive fork(), and a region of
+    # more than one thread in the child waits for the parent's workers forever (torch's own
+    # GEMMs included), so forked workers run one thread.
+    torch.set_num_threads(1)
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(4))
+    values, indices = fastassoc.topk_anchors(x, x, k=3, backend="cpu")
+    queue.put(indices[:, 0].tolist())
+
+
+def test_forked_child_of_a_throttled_process_runs_kernels(policy):
+    # Data-loader workers fork from training processes; the holder thread does not survive
+    # fork(), and the child's kernels must neither wait for it nor for its pool.
+    import multiprocessing
+    policy.set_wait_policy("passive")
+    small_topk()
+    assert _wait_until(policy.spin_throttled)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_topk, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, child.exitcode
+    assert queue.get(timeout=5) == list(range(200))
