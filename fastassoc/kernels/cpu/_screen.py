@@ -164,7 +164,7 @@ def worthwhile(x: torch.Tensor, num_cols: int, width: int, kind: str = "int8") -
 
 # (rows, depth, columns) of the probe's products: single rows and columns (oneDNN's GEMV
 # kernels), depths off every vector width, a blocked GEMM.
-_PROBE_SHAPES = ((1, 260, 33), (33, 260, 1), (7, 37, 5), (67, 1030, 48), (256, 2048, 64))
+_PROBE_SHAPES = ((1, 260, 33), (33, 260, 1), (7, 37, 5), (67, 1030, 48), (128, 2048, 64))
 
 
 def probe_int_mm(int_mm=torch._int_mm, shapes=_PROBE_SHAPES) -> int:
@@ -177,32 +177,39 @@ def probe_int_mm(int_mm=torch._int_mm, shapes=_PROBE_SHAPES) -> int:
     255 * 127 * 2 overflows int16, 255 * 64 * 2 does not. The probes put the extreme
     operands (both signs, equal and alternating along k, so every pair of products is
     extreme) and random ones through the kernels this process uses on each of ``shapes``
-    ((m, k, n) triples); the int32 results must equal float64 products (exact: every sum is
-    an integer below 2^31). A kernel that raises counts as inexact.
+    ((m, k, n) triples), with ``b`` row-major and column-major (as :meth:`QRows.gram_into`
+    passes it); the int32 results must equal float64 products (exact: every sum is an
+    integer below 2^31). A kernel that raises counts as inexact.
     """
     generator = torch.Generator().manual_seed(0)
-    for levels in (127, 64):
-        exact = True
-        for m, depth, n in shapes:
-            signs = 1 - 2 * (torch.arange(depth) % 2)
-            a_patterns = [torch.full((m, depth), 127), torch.full((m, depth), -127), (127 * signs).expand(m, depth),
-                          torch.randint(-127, 128, (m, depth), generator=generator)]
-            b_patterns = [torch.full((depth, n), levels), torch.full((depth, n), -levels),
-                          (levels * signs).unsqueeze(1).expand(depth, n),
-                          (-levels * signs).unsqueeze(1).expand(depth, n),
-                          torch.randint(-levels, levels + 1, (depth, n), generator=generator)]
-            for a in a_patterns:
-                a = a.to(torch.int8).contiguous()
-                for b in b_patterns:
-                    b = b.to(torch.int8).contiguous()
-                    try:
-                        got = int_mm(a, b)
-                    except (RuntimeError, NotImplementedError):
-                        return 0
-                    exact = exact and torch.equal(got.double(), a.double() @ b.double())
-        if exact:
-            return levels
+    try:
+        for levels in (127, 64):
+            if all(_exact_products(int_mm, levels, shape, generator) for shape in shapes):
+                return levels
+    except (RuntimeError, NotImplementedError):
+        pass
     return 0
+
+
+def _exact_products(int_mm, levels: int, shape: tuple[int, int, int], generator: torch.Generator) -> bool:
+    """Whether ``int_mm`` gave exact products of every probe pattern of ``shape`` (see
+    :func:`probe_int_mm`), stopping at the first that it did not."""
+    m, depth, n = shape
+    signs = 1 - 2 * (torch.arange(depth) % 2)
+    a_patterns = [torch.full((m, depth), 127), torch.full((m, depth), -127), (127 * signs).expand(m, depth),
+                  torch.randint(-127, 128, (m, depth), generator=generator)]
+    b_patterns = [torch.full((depth, n), levels), torch.full((depth, n), -levels),
+                  (levels * signs).unsqueeze(1).expand(depth, n), (-levels * signs).unsqueeze(1).expand(depth, n),
+                  torch.randint(-levels, levels + 1, (depth, n), generator=generator)]
+    for a in a_patterns:
+        a = a.to(torch.int8).contiguous()
+        for b in b_patterns:
+            b = b.to(torch.int8).contiguous()
+            # Row-major b, and b as the screening passes it (the transpose of row-major columns).
+            for layout in (b, b.T.contiguous().T):
+                if not torch.equal(int_mm(a, layout).double(), a.double() @ b.double()):
+                    return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
