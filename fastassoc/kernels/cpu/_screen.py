@@ -216,7 +216,7 @@ def _exact_products(int_mm, levels: int, shape: tuple[int, int, int], generator:
 def int8_column_levels() -> int:
     """Levels ``L`` of the column (second) operand that make ``torch._int_mm`` exact here:
     127, 64, or 0 (no int8 screening). Probed once per process, at the first int8 use
-    (:func:`probe_int_mm`, a few milliseconds); the row operand always uses [-127, 127]."""
+    (:func:`probe_int_mm`, about 60 ms); the row operand always uses [-127, 127]."""
     return probe_int_mm()
 
 
