@@ -256,8 +256,13 @@ class QRows:
         # Finiteness is checked in the kernel's pass: torch.isfinite(x) held 1.7x x in temporaries.
         # 127 is implied (also by a core built before ``levels`` existed).
         extra = (levels,) if levels != 127 else ()
-        if n and not _core.kernel("screen_quantize")(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(scale),
-                                                     _core.ptr(norm), _core.ptr(norm_hat), _core.ptr(err), *extra):
+        quantize = _core.kernel("screen_quantize")
+        if extra and "levels" not in (quantize.__doc__ or ""):
+            raise RuntimeError(f"the compiled core's screen_quantize has no levels argument (levels={levels} "
+                               "needed here): it was built from older sources; rebuild it (`make build`) or use "
+                               "FASTASSOC_CPU_SCREEN=off")
+        if n and not quantize(_core.ptr(x), n, dim, _core.ptr(q), _core.ptr(scale), _core.ptr(norm),
+                              _core.ptr(norm_hat), _core.ptr(err), *extra):
             return None
         if dim < _MIN_INT_MM_DEPTH:
             # torch._int_mm on CPU returns wrong sums for an inner dimension of 1 (torch 2.14);
