@@ -612,13 +612,19 @@ def test_auto_policy_engages_while_another_process_competes_then_releases(policy
     competitors = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                    for _ in range(max(1, len(__import__("os").sched_getaffinity(0)) - 1))]
     try:
+        assert _wait_until(policy.cpus_contended, 20.0), "the probe does not see the competitors"
         assert _wait_until(policy.spin_throttled, 20.0, poke=small_topk), "not engaged under contention"
     finally:
         for competitor in competitors:
             competitor.kill()
             competitor.wait()
     assert policy.throttle_engagements() > engagements
-    assert _wait_until(lambda: not policy.spin_throttled(), 20.0), "still throttled after the competitor ended"
+    if not _wait_until(lambda: not policy.spin_throttled(), 20.0):
+        # Released only after 0.25 s without contention: on a box that other work keeps busy
+        # (the probe says so) that moment does not come, and there is nothing to check.
+        if policy.cpus_contended():
+            pytest.skip("other processes keep this machine's CPUs contended")
+        raise AssertionError("still throttled after the competitor ended on a quiet CPU")
 
 
 def test_results_do_not_depend_on_the_wait_policy(policy):

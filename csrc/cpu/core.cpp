@@ -332,6 +332,9 @@ void register_core(py::module_& m) {
         "instead of spinning for about GOMP_SPINCOUNT iterations).");
   m.def("throttle_engagements", []() { return g_engagements.load(std::memory_order_relaxed); },
         "How many times the throttle was engaged in this process (a counter for tests).");
+  m.def("cpus_contended", []() { return cpus_contended(kernel_threads()); },
+        "The policy's probe: whether other running tasks and a team of get_num_threads() threads "
+        "need more CPUs than this process may use (always False where /proc is missing).");
   m.def("throttle_pool_threads", []() { return g_holder_team.load(std::memory_order_relaxed); },
         "Threads of the last holder's region (its pool plus itself; 0 before the first).");
   m.def(
