@@ -30,18 +30,20 @@ Run: ``nice -n 19 .venv/bin/python bench/bench_avx2_rerank.py --emulate-avx2 [--
 (``FASTASSOC_BENCH_SCALE=small`` for a quick pass).
 
 Figures (2026-12-06, AMD EPYC family 25 model 17, 2 threads, the box shared with another
-job, ``--emulate-avx2``; seconds, minimum of 3 rounds, W-jaccard of 1):
+job, ``--emulate-avx2 --rounds 3``; seconds, minimum of 3 rounds):
 
 ==============  ======  ======  ==================  ===========
 workload        f32     int8    int8 uncertified    int8 / f32
 ==============  ======  ======  ==================  ===========
-W-jaccard       4.32    7.82    99.5 %              1.81
-W-rank k = 1    0.124   0.113   6.9 %               0.91
-W-rank k = 10   0.145   0.322   99.6 %              2.23
-W-soft          0.135   0.231   65.3 %              1.72
-W-merge (tssl)  2.59    2.69    35.7 %              1.04
+W-jaccard       3.15    6.27    99.5 %              1.99
+W-rank k = 1    0.128   0.117   6.9 %               0.91
+W-rank k = 10   0.149   0.339   99.6 %              2.28
+W-soft          0.139   0.237   65.3 %              1.71
+W-merge (tssl)  2.44    2.80    35.7 %              1.15
 ==============  ======  ======  ==================  ===========
 
+At W-jaccard the int8 self-join itself (proposals, rescoring) took 1.55 s against the
+float32 one's 2.52 s, and the fallback of the uncertified rows 4.20 s on top.
 Only W-rank k = 1 keeps its lists inside the identities, away from the bulk of the
 distances where the int8 bound is wider than the bulk; a 64-row pilot choosing int8 only
 where it certified >= 85 % gave 0.99x there and 1.13-1.15x where it declined. So the library

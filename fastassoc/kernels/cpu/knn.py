@@ -182,8 +182,8 @@ def self_join_screen(x: torch.Tensor, n: int, width: int) -> str | None:
     chosen here: kNN lists often end in the bulk of the distances, where the int8 error bound
     (Cauchy-Schwarz on the rows' quantisation errors, about 0.04 in cosine at 64 levels) is
     wider than the bulk. Measured under an emulated AVX2 CPU (DNNL_MAX_CPU_ISA=AVX2, Zen 4,
-    2 threads, float32 = 1): int8 left 99.5 % of W-jaccard's rows uncertified (1.8x), 65 %
-    of W-soft's (1.7x), 36 % of W-merge's (1.04x), 99.6 % of W-rank k = 10's (2.2x) and 7 %
+    2 threads, float32 = 1): int8 left 99.5 % of W-jaccard's rows uncertified (2.0x), 65 %
+    of W-soft's (1.7x), 36 % of W-merge's (1.15x), 99.6 % of W-rank k = 10's (2.3x) and 7 %
     of W-rank k = 1's (0.91x); a 64-row pilot that chose int8 only where >= 85 % certified
     came to 0.99x at W-rank k = 1 and 1.13-1.15x where it declined (commit f798771).
     """
