@@ -84,7 +84,9 @@ def evaluate_ranking_cpu(query: torch.Tensor, gallery: torch.Tensor, query_pids:
         # Screened only when forced: see the module docstring (auto must equal the reference).
         if (_screen.mode() == "always" and _screen.worthwhile(queries, num_gallery, 1)
                 and _screen.worthwhile(gallery_rows, num_query, 1)):
-            quantized = _screen.QRows.quantize(queries), _screen.QRows.quantize(gallery_rows)
+            # Queries are torch._int_mm's first operand (full range is exact wherever int8 screening
+            # runs); the gallery gets the levels the probe allows (_screen.int8_column_levels).
+            quantized = _screen.QRows.quantize(queries, 127), _screen.QRows.quantize(gallery_rows)
             if quantized[0] is not None and quantized[1] is not None:
                 _rank_screened(queries, gallery_rows, *quantized, query_norms, gallery_norms, query_pids.contiguous(),
                                gallery_pids.contiguous(), query_cameras.contiguous(), gallery_cameras.contiguous(),
