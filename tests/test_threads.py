@@ -620,7 +620,7 @@ def test_auto_policy_engages_while_another_process_competes_then_releases(policy
             competitor.wait()
     assert policy.throttle_engagements() > engagements
     if not _wait_until(lambda: not policy.spin_throttled(), 20.0):
-        # Released only after 0.25 s without contention: on a box that other work keeps busy
+        # Released only after 0.1 s without contention: on a box that other work keeps busy
         # (the probe says so) that moment does not come, and there is nothing to check.
         if policy.cpus_contended():
             pytest.skip("other processes keep this machine's CPUs contended")

@@ -62,7 +62,7 @@ enum class WaitPolicy : int { kAuto = 0, kActive = 1, kPassive = 2 };
 constexpr const char* kPolicyNames[] = {"auto", "active", "passive"};
 constexpr auto kProbeInterval = std::chrono::milliseconds(20);
 constexpr auto kHoldInterval = std::chrono::milliseconds(25);
-constexpr int kQuietProbes = 10;           // 0.25 s without contention releases the throttle
+constexpr int kQuietProbes = 4;            // 0.1 s without contention releases the throttle
 constexpr int kContendedProbesToEngage = 2;
 
 std::atomic<int> g_wait_policy{static_cast<int>(WaitPolicy::kAuto)};
