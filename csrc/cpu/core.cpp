@@ -144,7 +144,7 @@ int own_running_threads() {
   return others > 0 && others + team > cpus;
 }
 
-void hold_throttle(Throttle* throttle, int pool_threads) {
+void hold_throttle(Throttle* throttle, int pool_threads, int team) {
 #ifdef _OPENMP
   // One region from this thread gives it a pool of pool_threads - 1 workers, docked (asleep)
   // until this thread exits and libgomp frees the pool; meanwhile they count as the process's
@@ -165,7 +165,7 @@ void hold_throttle(Throttle* throttle, int pool_threads) {
     if (throttle->release) break;
     if (static_cast<WaitPolicy>(g_wait_policy.load()) != WaitPolicy::kAuto) continue;
     lock.unlock();
-    const bool busy = cpus_contended(kernel_threads());
+    const bool busy = cpus_contended(team);   // the team of the kernel entry that engaged it
     lock.lock();
     quiet = busy ? 0 : quiet + 1;
     if (quiet >= kQuietProbes) break;
@@ -184,7 +184,7 @@ void hold_throttle(Throttle* throttle, int pool_threads) {
   throttle->held = true;
   throttle->release = false;
   try {
-    std::thread(hold_throttle, throttle, pool_threads).detach();
+    std::thread(hold_throttle, throttle, pool_threads, team).detach();
     g_engagements.fetch_add(1, std::memory_order_relaxed);
   } catch (const std::system_error&) {
     throttle->held = false;     // no thread to be had: keep spinning rather than fail a kernel

@@ -332,13 +332,30 @@ void register_cpu_screen(py::module_& m) {
         const float* col_norms = as_ptr<const float>(col_norms_ptr);
         float* out = as_ptr<float>(out_ptr);
         py::gil_scoped_release release;
-        const int threads = region_threads(count * dim >= kParallelMinWork);
-        const int64_t chunk = dynamic_chunk(count, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
-        for (int64_t e = 0; e < count; ++e) {
+        auto score = [&](int64_t e) {
           const float dot = static_cast<float>(screen_dot(x + ri[e] * dim, y + ci[e] * dim, dim));
           out[e] = distance(metric, dot, row_norms ? row_norms[ri[e]] : 0.0f, col_norms ? col_norms[ci[e]] : 0.0f);
+        };
+        const int threads = region_threads(count * dim >= kParallelMinWork);
+        int64_t num_cols = 0;
+        bool negative = false;
+        for (int64_t e = 0; e < count; ++e) {
+          num_cols = std::max(num_cols, ci[e] + 1);
+          negative = negative || ci[e] < 0 || ri[e] < 0;
         }
+        if (negative) throw std::invalid_argument("screen_exact_distance: a pair index is negative");
+        const int64_t block_cols = cache_block_rows(dim * 4);
+        if (num_cols <= block_cols || count < 2 * num_cols / block_cols) {
+          const int64_t chunk = dynamic_chunk(count, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
+          for (int64_t e = 0; e < count; ++e) score(e);
+          return;
+        }
+        // Pairs of a refinement come row by row with random columns: cache-blocked by column,
+        // as screen_rescore (refine_lists' W-jaccard pairs: 0.24 s unblocked).
+        const BlockOrder blocks = order_by_block(count, num_cols, block_cols, [&](int64_t e) { return ci[e]; });
+#pragma omp parallel num_threads(threads)
+        for_each_by_block(blocks, threads, score);
       },
       py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("row_index"), py::arg("col_index"), py::arg("count"),
       py::arg("metric"), py::arg("row_norms"), py::arg("col_norms"), py::arg("out"),
