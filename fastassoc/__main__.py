@@ -107,6 +107,8 @@ def report() -> dict:
         has_openmp = getattr(core, "has_openmp", None)
         core_info["openmp"] = (core_info["build"]["openmp"] if core_info["build"] is not None
                                else bool(has_openmp()) if has_openmp is not None else None)
+        wait_policy = getattr(core, "wait_policy", None)
+        core_info["wait_policy"] = wait_policy() if wait_policy is not None else None
     elif load_error:
         core_info["error"] = load_error
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
@@ -151,6 +153,9 @@ def format_report(info: dict) -> str:
             openmp = {True: "yes", False: "no (kernels run on one thread)", None: "unknown"}[core["openmp"]]
             lines.append(f"  OpenMP: {openmp}")
             lines.append(f"  CUDA kernels: {'yes' if core['cuda'] else 'no'}")
+    if core.get("wait_policy"):
+        lines.append(f"  wait policy: {core['wait_policy']} (FASTASSOC_WAIT_POLICY or fastassoc._C.set_wait_policy: "
+                     "auto, passive, active; README, In a training loop)")
     backend_names = list(next(iter(info["backends"].values()), {}))   # BACKENDS order
     width = max(len(op) for op in info["backends"])
     lines.append("")
@@ -182,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.require if name not in _backend.BACKENDS]
     if unknown:
         parser.error(f"--require must name one of {', '.join(_backend.BACKENDS)}; got {', '.join(unknown)}")
+    policy = os.environ.get("FASTASSOC_WAIT_POLICY")
+    if policy is not None and policy.strip().lower() not in _backend.WAIT_POLICIES:
+        parser.error(f"FASTASSOC_WAIT_POLICY must be one of {', '.join(_backend.WAIT_POLICIES)}; got {policy!r} "
+                     "(every op would raise the same)")
     info = report()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     missing = []

@@ -258,3 +258,21 @@ def test_cpu_features_are_read_from_cpuinfo():
     assert fastassoc_main.cpu_features(x86) == ["sse4_2", "avx2", "fma", "avx512f", "avx512_vnni"]
     assert fastassoc_main.cpu_features(arm) == ["asimd", "asimddp", "sve", "i8mm"]
     assert fastassoc_main.cpu_features("") == []
+
+
+def test_report_names_the_wait_policy_and_rejects_an_unknown_one(monkeypatch, capsys):
+    core = _backend.compiled_core()
+    if core is None or not hasattr(core, "wait_policy"):
+        pytest.skip("the compiled core is not built")
+    previous = core.wait_policy()
+    try:
+        core.set_wait_policy("passive")
+        assert fastassoc_main.report()["core"]["wait_policy"] == "passive"
+        assert "wait policy: passive" in fastassoc_main.format_report(fastassoc_main.report())
+    finally:
+        core.set_wait_policy(previous)
+    monkeypatch.setenv("FASTASSOC_WAIT_POLICY", "sometimes")
+    with pytest.raises(SystemExit) as stop:
+        fastassoc_main.main([])
+    assert stop.value.code == 2
+    assert "FASTASSOC_WAIT_POLICY must be one of auto, active, passive; got 'sometimes'" in capsys.readouterr().err
