@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.require if name not in _backend.BACKENDS]
     if unknown:
         parser.error(f"--require must name one of {', '.join(_backend.BACKENDS)}; got {', '.join(unknown)}")
-    policy = os.environ.get("FASTASSOC_WAIT_POLICY")
-    if policy is not None and policy.strip().lower() not in _backend.WAIT_POLICIES:
-        parser.error(f"FASTASSOC_WAIT_POLICY must be one of {', '.join(_backend.WAIT_POLICIES)}; got {policy!r} "
-                     "(every op would raise the same)")
+    try:
+        _backend.wait_policy_from_env()
+    except ValueError as error:
+        parser.error(f"{error} (every op would raise the same)")
     info = report()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     missing = []

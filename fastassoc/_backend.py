@@ -115,14 +115,24 @@ def compiled_core():
 WAIT_POLICIES = ("auto", "active", "passive")
 
 
-def _with_wait_policy(module):
-    """Apply ``FASTASSOC_WAIT_POLICY`` (see ``fastassoc._C.set_wait_policy``) to a freshly loaded core."""
+def wait_policy_from_env() -> str | None:
+    """``FASTASSOC_WAIT_POLICY`` normalised (see ``fastassoc._C.set_wait_policy``); None when unset,
+    ValueError naming the variable when it holds no known policy."""
     value = os.environ.get("FASTASSOC_WAIT_POLICY")
-    if value is not None and hasattr(module, "set_wait_policy"):
-        policy = value.strip().lower()
-        if policy not in WAIT_POLICIES:
-            raise ValueError(f"FASTASSOC_WAIT_POLICY must be one of {WAIT_POLICIES}, got {value!r}")
-        module.set_wait_policy(policy)
+    if value is None:
+        return None
+    policy = value.strip().lower()
+    if policy not in WAIT_POLICIES:
+        raise ValueError(f"FASTASSOC_WAIT_POLICY must be one of {', '.join(WAIT_POLICIES)}; got {value!r}")
+    return policy
+
+
+def _with_wait_policy(module):
+    """Apply ``FASTASSOC_WAIT_POLICY`` to a freshly loaded core."""
+    if hasattr(module, "set_wait_policy"):
+        policy = wait_policy_from_env()
+        if policy is not None:
+            module.set_wait_policy(policy)
     return module
 
 

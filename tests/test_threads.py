@@ -197,6 +197,8 @@ def loss_problem():
 
 def flatten(value):
     if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_csr:
+            return [value.crow_indices(), value.col_indices(), value.values()]
         return [value]
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in flatten(item)]
@@ -640,17 +642,7 @@ def test_results_do_not_depend_on_the_wait_policy(policy):
     assert policy.spin_throttled()
     (v1, i1, l1), (v2, i2, l2) = results
     assert torch.equal(v1, v2) and torch.equal(i1, i2)
-    assert all(torch.equal(a, b) for a, b in zip(_flat(l1), _flat(l2)))
-
-
-def _flat(value):
-    if isinstance(value, torch.Tensor):
-        if value.layout == torch.sparse_csr:
-            return [value.crow_indices(), value.col_indices(), value.values()]
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [leaf for item in value for leaf in _flat(item)]
-    return [leaf for name in dataclasses.fields(value) for leaf in _flat(getattr(value, name.name))]
+    assert all(torch.equal(a, b) for a, b in zip(flatten(l1), flatten(l2), strict=True))
 
 
 def _child_topk(queue):

@@ -98,7 +98,7 @@ int usable_cpus() {
 }
 
 // Running tasks of the whole system (/proc/loadavg's fourth field, "running/total"); -1 if unknown.
-int system_running_tasks() {
+[[maybe_unused]] int system_running_tasks() {
   std::FILE* file = std::fopen("/proc/loadavg", "r");
   if (file == nullptr) return -1;
   double one, five, fifteen;
@@ -109,7 +109,7 @@ int system_running_tasks() {
 }
 
 // This process's threads in state R (running or runnable).
-int own_running_threads() {
+[[maybe_unused]] int own_running_threads() {
   DIR* tasks = opendir("/proc/self/task");
   if (tasks == nullptr) return 1;
   int running = 0;
@@ -131,10 +131,7 @@ int own_running_threads() {
 
 // Whether other running tasks and a team of `team` threads need more CPUs than this process has.
 [[maybe_unused]] bool cpus_contended(int team) {
-#ifndef __linux__
-  (void)team;
-  return false;   // no /proc to read: "auto" keeps torch's spinning
-#endif
+#ifdef __linux__
   const int cpus = usable_cpus();
   const int running = system_running_tasks();
   if (running < 0) return false;
@@ -143,6 +140,10 @@ int own_running_threads() {
   if (running - 1 + team <= cpus) return false;
   const int others = std::max(0, running - own_running_threads());
   return others > 0 && others + team > cpus;
+#else
+  (void)team;
+  return false;   // no /proc to read: "auto" keeps torch's spinning
+#endif
 }
 
 void hold_throttle(Throttle* throttle, int pool_threads, int team) {
